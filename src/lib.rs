@@ -1,0 +1,19 @@
+//! # cowdisk
+//!
+//! A copy-on-write overlay for virtual disks, for disk-cloning tools: open a
+//! source disk, wrap it in an [`overlay::Overlay`], insert, move, write,
+//! delete and discard sectors freely without ever writing the source, then
+//! read the result page by page to write a compact clone.
+//!
+//! The crate is also shipped as `libcowdisk.so` with a C ABI that is a
+//! drop-in replacement for the legacy `cow.h`/`vddr.h` module; see the
+//! generated `include/cowdisk.h`.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod disk;
+pub mod error;
+pub mod formats;
+
+pub use disk::{Disk, DriveType, MemDisk, SectorStatus, SECTOR_SIZE};
+pub use error::{Error, Result};
