@@ -7,6 +7,7 @@ use std::path::Path;
 use crate::disk::Disk;
 use crate::error::{Error, Result};
 
+pub mod mapped;
 pub mod raw;
 
 /// How a source image may be opened.
@@ -24,8 +25,9 @@ pub struct FormatProbe {
     /// True when the file's content looks like this format. Must not fail
     /// loudly: a probe that cannot read the header says "no".
     pub probe: fn(&File) -> bool,
-    /// Opens the image read-only.
-    pub open: fn(&Path, &OpenOptions) -> Result<Box<dyn Disk>>,
+    /// Opens the image read-only; the `usize` is its depth in a parent
+    /// chain (0 for the image the caller named), passed on to `open_parent`.
+    pub open_at_depth: fn(&Path, &OpenOptions, usize) -> Result<Box<dyn Disk>>,
 }
 
 /// The built-in formats in probe order. `raw` comes last: it accepts any
@@ -34,25 +36,82 @@ pub fn builtin_formats() -> &'static [FormatProbe] {
     &[FormatProbe {
         name: "raw",
         probe: raw::probe,
-        open: raw::open_boxed,
+        open_at_depth: raw::open_boxed,
     }]
 }
 
 /// Opens an image read-only, choosing the format by its content.
 pub fn open_path(path: &Path, options: &OpenOptions) -> Result<Box<dyn Disk>> {
+    open_path_at_depth(path, options, 0)
+}
+
+/// Opens a file for reading only, with an error naming the path.
+pub fn open_read_only(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| Error::Open(format!("{}: {e}", path.display())))
+}
+
+/// The deepest parent/backing chain any format follows: a loop or an
+/// absurd chain ends in a clear error, not a stack overflow.
+pub const MAX_CHAIN_DEPTH: usize = 32;
+
+/// Opens the parent (backing) image that `child` names as `named`, applying
+/// the caller's rules: refused unless `options.follow_parent_paths`, a
+/// relative name is taken relative to the child's folder, and the chain
+/// depth is capped at [`MAX_CHAIN_DEPTH`]. `depth` is the child's depth
+/// (0 for the image the caller opened).
+pub fn open_parent(
+    child: &Path,
+    named: &str,
+    options: &OpenOptions,
+    depth: usize,
+) -> Result<Box<dyn Disk>> {
+    if !options.follow_parent_paths {
+        return Err(Error::Open(format!(
+            "{}: needs its parent image '{named}'; following parent paths named \
+             inside an image is off (enable it with the follow-parent-paths open \
+             flag, or supply the parent yourself)",
+            child.display()
+        )));
+    }
+    if depth + 1 >= MAX_CHAIN_DEPTH {
+        return Err(Error::Unsupported(format!(
+            "{}: parent chain deeper than {MAX_CHAIN_DEPTH} images (a loop?)",
+            child.display()
+        )));
+    }
+    let named_path = Path::new(named);
+    let path = if named_path.is_absolute() {
+        named_path.to_path_buf()
+    } else {
+        child
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(named_path)
+    };
+    if !path.exists() {
+        return Err(Error::Open(format!(
+            "{}: parent image '{}' not found",
+            child.display(),
+            path.display()
+        )));
+    }
+    open_path_at_depth(&path, options, depth + 1)
+}
+
+/// `open_path` for an image that is `depth` links down a parent chain.
+pub fn open_path_at_depth(
+    path: &Path,
+    options: &OpenOptions,
+    depth: usize,
+) -> Result<Box<dyn Disk>> {
     let file = open_read_only(path)?;
     for format in builtin_formats() {
         if (format.probe)(&file) {
-            return (format.open)(path, options);
+            return (format.open_at_depth)(path, options, depth);
         }
     }
     Err(Error::Unsupported(format!(
         "{}: not an image format this library reads",
         path.display()
     )))
-}
-
-/// Opens a file for reading only, with an error naming the path.
-pub fn open_read_only(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| Error::Open(format!("{}: {e}", path.display())))
 }

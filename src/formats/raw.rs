@@ -60,7 +60,7 @@ pub fn probe(_file: &File) -> bool {
 }
 
 /// `open` for the format table.
-pub fn open_boxed(path: &Path, _options: &OpenOptions) -> Result<Box<dyn Disk>> {
+pub fn open_boxed(path: &Path, _options: &OpenOptions, _depth: usize) -> Result<Box<dyn Disk>> {
     Ok(Box::new(RawDisk::open(path)?))
 }
 
