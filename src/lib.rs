@@ -14,6 +14,8 @@
 pub mod disk;
 pub mod error;
 pub mod formats;
+pub mod overlay;
 
 pub use disk::{Disk, DriveType, MemDisk, SectorStatus, SECTOR_SIZE};
 pub use error::{Error, Result};
+pub use overlay::{Overlay, OverlayOptions};
