@@ -10,11 +10,14 @@
 //! generated `include/cowdisk.h`.
 
 #![deny(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_code)]
 
 pub mod disk;
 pub mod error;
 pub mod formats;
 pub mod overlay;
+
+pub mod ffi;
 
 pub use disk::{Disk, DriveType, MemDisk, SectorStatus, SECTOR_SIZE};
 pub use error::{Error, Result};

@@ -103,12 +103,18 @@ impl Overlay {
         store: Box<dyn Storage>,
         options: OverlayOptions,
     ) -> Result<Overlay> {
-        options.validate()?;
+        Overlay::check_source(source.as_ref(), &options)?;
+        Ok(Overlay::assemble(source, store, options))
+    }
+
+    /// Builds an overlay whose source and options `check_source` accepted.
+    pub(crate) fn assemble(
+        source: Box<dyn Disk>,
+        store: Box<dyn Storage>,
+        options: OverlayOptions,
+    ) -> Overlay {
         let sectors = source.sector_count();
-        sectors.checked_mul(SECTOR_BYTES).ok_or_else(|| {
-            Error::InvalidArgument(format!("source of {sectors} sectors exceeds 2^64 bytes"))
-        })?;
-        Ok(Overlay {
+        Overlay {
             source,
             map: ExtentMap::with_extent(Extent {
                 len: sectors,
@@ -119,7 +125,19 @@ impl Overlay {
             space: SpaceMap::new(),
             store_file_len: 0,
             options,
-        })
+        }
+    }
+
+    /// Checks that an overlay with `options` can be built over `source`;
+    /// `with_storage` fails exactly when this does, so a caller can check
+    /// before giving the source away.
+    pub fn check_source(source: &dyn Disk, options: &OverlayOptions) -> Result<()> {
+        options.validate()?;
+        let sectors = source.sector_count();
+        sectors.checked_mul(SECTOR_BYTES).ok_or_else(|| {
+            Error::InvalidArgument(format!("source of {sectors} sectors exceeds 2^64 bytes"))
+        })?;
+        Ok(())
     }
 
     /// The options the overlay was made with.

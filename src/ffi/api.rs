@@ -1,0 +1,631 @@
+//! The exported functions. Each body runs inside `guard`, which catches
+//! panics and sets the calling thread's last error (0 on success).
+#![allow(non_snake_case)]
+
+use std::ffi::{CStr, OsStr};
+use std::os::raw::{c_char, c_int, c_void};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use super::handle::{self, Object};
+use super::source::CallerDisk;
+use super::types::*;
+use super::{guard, guard_or, last_error_code, last_error_text, non_null};
+use crate::disk::{check_range, Disk, SectorStatus, SECTOR_SIZE};
+use crate::error::{describe, Error, Result};
+use crate::formats::{self, OpenOptions};
+use crate::overlay::extents::{Extent, ExtentKind};
+use crate::overlay::space::FileStorage;
+use crate::overlay::{Overlay, OverlayOptions, DEFAULT_GRANULARITY};
+
+/// Largest SPBshift accepted by ReadPage and GetDriveBlockCount: pages of
+/// up to 2^24 sectors (8 GiB). The legacy tool uses 11 (1 MiB pages).
+const MAX_PAGE_SHIFT: u32 = 24;
+
+const TRUE: c_int = 1;
+
+fn status_code(status: SectorStatus) -> c_int {
+    status.legacy_code() as c_int
+}
+
+fn page_sectors(shift: u32) -> Result<u64> {
+    if shift > MAX_PAGE_SHIFT {
+        return Err(Error::InvalidArgument(format!(
+            "SPBshift {shift}: pages of more than 2^{MAX_PAGE_SHIFT} sectors are not supported"
+        )));
+    }
+    Ok(1u64 << shift)
+}
+
+fn hcow(h: HCOW) -> HVDDR {
+    h.cast::<VDDR>()
+}
+
+// ---------------------------------------------------------------------------
+// Errors and version
+
+/// Returns the calling thread's last error code (COW_ERR_NONE after a call
+/// that succeeded). Does not change the last error.
+#[no_mangle]
+pub extern "C" fn COW_GetLastError() -> u32 {
+    last_error_code()
+}
+
+/// Returns a description of error code `code`; for COW_LAST_ERROR
+/// (0xFFFFFFFF) the detailed text of the calling thread's last error (with
+/// file, offset and OS reason where known). The text belongs to the
+/// library: do not modify or free it. A fixed description stays valid for
+/// the program's life; the detailed text until the thread's next call into
+/// the library. Does not change the last error.
+#[no_mangle]
+pub extern "C" fn COW_GetErrorString(code: u32) -> *mut c_char {
+    let text: *const c_char = if code == COW_LAST_ERROR {
+        last_error_text()
+    } else {
+        static_description(code)
+    };
+    text.cast_mut()
+}
+
+fn static_description(code: u32) -> *const c_char {
+    // Fixed NUL-terminated copies of error::describe, built once.
+    use std::sync::OnceLock;
+    static TEXTS: OnceLock<Vec<(u32, std::ffi::CString)>> = OnceLock::new();
+    let texts = TEXTS.get_or_init(|| {
+        (0..=0x13u32)
+            .map(|i| if i == 0 { 0 } else { 0x60000 + i })
+            .chain(std::iter::once(u32::MAX - 1))
+            .map(|c| (c, std::ffi::CString::new(describe(c)).unwrap_or_default()))
+            .collect()
+    });
+    let entry = texts
+        .iter()
+        .find(|(c, _)| *c == code)
+        .unwrap_or(&texts[texts.len() - 1]);
+    entry.1.as_ptr()
+}
+
+/// Same as COW_GetLastError (one error state per thread serves both names).
+#[no_mangle]
+pub extern "C" fn VDDR_GetLastError() -> u32 {
+    last_error_code()
+}
+
+/// Same as COW_GetErrorString.
+#[no_mangle]
+pub extern "C" fn VDDR_GetErrorString(code: u32) -> *mut c_char {
+    COW_GetErrorString(code)
+}
+
+/// Returns the library version as (major << 16) | (minor << 8) | patch.
+#[no_mangle]
+pub extern "C" fn COW_GetVersion() -> u32 {
+    guard(|| {
+        let part = |s: &str| s.parse::<u32>().unwrap_or(0) & 0xFF;
+        Ok(part(env!("CARGO_PKG_VERSION_MAJOR")) << 16
+            | part(env!("CARGO_PKG_VERSION_MINOR")) << 8
+            | part(env!("CARGO_PKG_VERSION_PATCH")))
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Opening disks and creating overlays
+
+/// Opens a disk image read-only as an HVDDR, choosing the reader by the
+/// file's content. `iChain` is the legacy snapshot-chain index; this
+/// library opens the image as named and ignores it. Parent/backing paths
+/// named inside an image are not followed (see VDDR_OpenEx). Returns NULL
+/// on failure (COW_GetLastError: COW_ERR_OPEN, COW_ERR_CORRUPT,
+/// COW_ERR_UNSUPPORTED, ...). Close the handle with COW_Close (or its
+/// Close method) unless an overlay adopts it.
+#[no_mangle]
+pub unsafe extern "C" fn VDDR_Open(path: *const c_char, iChain: u32) -> HVDDR {
+    let _ = iChain;
+    // SAFETY: forwarded contract.
+    unsafe { VDDR_OpenEx(path, 0) }
+}
+
+/// Opens a disk image read-only like VDDR_Open, with COW_OPEN_* `flags`
+/// (COW_OPEN_FOLLOW_PARENTS allows opening parent images named inside the
+/// file). Unknown flags fail with COW_ERR_INVALID_ARG.
+#[no_mangle]
+pub unsafe extern "C" fn VDDR_OpenEx(path: *const c_char, flags: u32) -> HVDDR {
+    guard(|| {
+        non_null(path, "path")?;
+        if flags & !COW_OPEN_FOLLOW_PARENTS != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "unknown open flags {flags:#x}"
+            )));
+        }
+        // SAFETY: non-NULL; the caller passes a NUL-terminated string.
+        let bytes = unsafe { CStr::from_ptr(path) }.to_bytes();
+        let path = Path::new(OsStr::from_bytes(bytes));
+        let options = OpenOptions {
+            follow_parent_paths: flags & COW_OPEN_FOLLOW_PARENTS != 0,
+        };
+        let disk = formats::open_path(path, &options)?;
+        Ok(handle::register(Object::Disk(disk)))
+    })
+}
+
+/// Fills `options` with the defaults (struct_size set, granularity 2048,
+/// no flags, anonymous store). Returns TRUE, or FALSE if `options` is NULL.
+#[no_mangle]
+pub unsafe extern "C" fn COW_InitOptions(options: *mut COW_OPTIONS) -> c_int {
+    guard(|| {
+        non_null(options, "options")?;
+        // SAFETY: non-NULL and points to a COW_OPTIONS per the contract.
+        unsafe {
+            options.write(COW_OPTIONS {
+                struct_size: std::mem::size_of::<COW_OPTIONS>() as u32,
+                granularity: COW_DEFAULT_GRANULARITY,
+                flags: 0,
+                store_path: std::ptr::null(),
+            })
+        };
+        Ok(TRUE)
+    })
+}
+
+/// Creates a copy-on-write overlay over `src` with the legacy defaults
+/// (granularity 2048 sectors, anonymous store removed on close). The
+/// overlay starts as one extent mapping the whole source. On success the
+/// overlay owns `src` (closing the overlay closes it; do not use or close
+/// `src` afterwards) and the result, an HVDDR, may be cast to HCOW for the
+/// edit methods. On failure returns NULL and the caller still owns `src`.
+/// `src` may be a handle of this library or the caller's own object whose
+/// first member is a VDDR table (it needs GetDriveSize and ReadSectors; it
+/// is called from whichever thread uses the overlay, one call at a time).
+#[no_mangle]
+pub unsafe extern "C" fn COW_CreateCowOverlay(src: HVDDR) -> HVDDR {
+    // SAFETY: forwarded contract.
+    unsafe { COW_CreateCowOverlayEx(src, std::ptr::null()) }
+}
+
+/// COW_CreateCowOverlay with options (NULL = defaults). Fails with
+/// COW_ERR_INVALID_ARG for a struct_size smaller than the first version of
+/// COW_OPTIONS, a granularity that is not a power of two in 8..65536, or
+/// unknown flags; with COW_ERR_UNSUPPORTED for a store_path (persistent
+/// stores are not available yet). Ownership as COW_CreateCowOverlay.
+#[no_mangle]
+pub unsafe extern "C" fn COW_CreateCowOverlayEx(src: HVDDR, options: *const COW_OPTIONS) -> HVDDR {
+    guard(|| {
+        if src.is_null() {
+            return Err(Error::InvalidHandle("the source handle is NULL".into()));
+        }
+        // SAFETY: NULL or a COW_OPTIONS of at least struct_size bytes.
+        let overlay_options = unsafe { read_options(options) }?;
+        let store = FileStorage::anonymous()?;
+        let overlay = if handle::is_ours(src) {
+            handle::adopt(src, |mut object| {
+                match Overlay::check_source(object.disk(), &overlay_options) {
+                    Ok(()) => Ok(Overlay::assemble(
+                        object.into_disk(),
+                        Box::new(store),
+                        overlay_options,
+                    )),
+                    Err(e) => Err((object, e)),
+                }
+            })?
+        } else {
+            // SAFETY: not ours and not NULL: per the contract, the caller's
+            // own object starting with a VDDR table.
+            let caller = unsafe { CallerDisk::new(src) }?;
+            if let Err(e) = Overlay::check_source(&caller, &overlay_options) {
+                caller.release();
+                return Err(e);
+            }
+            Overlay::assemble(Box::new(caller), Box::new(store), overlay_options)
+        };
+        Ok(handle::register(Object::Overlay(Box::new(overlay))))
+    })
+}
+
+/// Reads a caller's COW_OPTIONS, honouring its struct_size.
+unsafe fn read_options(options: *const COW_OPTIONS) -> Result<OverlayOptions> {
+    if options.is_null() {
+        return Ok(OverlayOptions::default());
+    }
+    // The first version's fields; a later, larger struct starts with them.
+    // SAFETY: the caller passes at least struct_size readable bytes; we read
+    // the u32 first and the rest only when struct_size covers it.
+    let size = unsafe { std::ptr::addr_of!((*options).struct_size).read_unaligned() };
+    if (size as usize) < std::mem::size_of::<COW_OPTIONS>() {
+        return Err(Error::InvalidArgument(format!(
+            "COW_OPTIONS.struct_size {size} is smaller than the {} bytes of its first version \
+             (call COW_InitOptions first)",
+            std::mem::size_of::<COW_OPTIONS>()
+        )));
+    }
+    // SAFETY: struct_size covers the whole first version.
+    let o = unsafe { options.read_unaligned() };
+    if o.flags & !COW_OPT_DETECT_ZEROS != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "unknown COW_OPTIONS flags {:#x}",
+            o.flags & !COW_OPT_DETECT_ZEROS
+        )));
+    }
+    if !o.store_path.is_null() {
+        return Err(Error::Unsupported(
+            "persistent overlay stores (COW_OPTIONS.store_path) are not available in this version"
+                .into(),
+        ));
+    }
+    let result = OverlayOptions {
+        granularity: if o.granularity == 0 {
+            DEFAULT_GRANULARITY
+        } else {
+            u64::from(o.granularity)
+        },
+        detect_zeros: o.flags & COW_OPT_DETECT_ZEROS != 0,
+    };
+    result.validate()?;
+    Ok(result)
+}
+
+// ---------------------------------------------------------------------------
+// Disk methods (the VDDR table), valid on every handle
+
+/// Returns the drive type (VDD_TYPE_*); an overlay is VDD_TYPE_COW.
+/// VDD_TYPE_INVALID for a bad handle.
+#[no_mangle]
+pub unsafe extern "C" fn COW_GetDriveType(h: HVDDR) -> u32 {
+    guard_or(VDD_TYPE_INVALID, || {
+        handle::with_object(h, |o| Ok(o.disk().drive_type() as u32))
+    })
+}
+
+/// Stores the drive size in bytes in `*bytes`. Returns TRUE, or FALSE for a
+/// bad handle or NULL `bytes`.
+#[no_mangle]
+pub unsafe extern "C" fn COW_GetDriveSize(h: HVDDR, bytes: *mut u64) -> c_int {
+    guard(|| {
+        let size = handle::with_object(h, |o| Ok(o.disk().byte_size()))?;
+        non_null(bytes, "bytes")?;
+        // SAFETY: non-NULL out pointer.
+        unsafe { bytes.write(size) };
+        Ok(TRUE)
+    })
+}
+
+fn block_count(h: HVDDR, shift: u32) -> Result<u64> {
+    let per_page = page_sectors(shift)?;
+    let sectors = handle::with_object(h, |o| Ok(o.disk().sector_count()))?;
+    Ok(sectors.div_ceil(per_page))
+}
+
+/// Returns the number of pages of 2^SPBshift sectors the drive spans,
+/// rounding up. 0 with COW_ERR_INVALID_ARG when the count exceeds 32 bits
+/// (use COW_GetDriveBlockCount64) or SPBshift > 24.
+#[no_mangle]
+pub unsafe extern "C" fn COW_GetDriveBlockCount(h: HVDDR, SPBshift: u32) -> u32 {
+    guard(|| {
+        let count = block_count(h, SPBshift)?;
+        u32::try_from(count).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "{count} pages do not fit 32 bits; use COW_GetDriveBlockCount64"
+            ))
+        })
+    })
+}
+
+/// 64-bit COW_GetDriveBlockCount: stores the page count in `*count`.
+#[no_mangle]
+pub unsafe extern "C" fn COW_GetDriveBlockCount64(
+    h: HVDDR,
+    SPBshift: u32,
+    count: *mut u64,
+) -> c_int {
+    guard(|| {
+        let n = block_count(h, SPBshift)?;
+        non_null(count, "count")?;
+        // SAFETY: non-NULL out pointer.
+        unsafe { count.write(n) };
+        Ok(TRUE)
+    })
+}
+
+/// Returns the status of sectors LBA_start..=LBA_end (inclusive) from
+/// metadata, without reading data (unless the overlay was made with
+/// COW_OPT_DETECT_ZEROS): VDDR_RSLT_NORMAL if any sector holds data, else
+/// BLANKPAGE if any is known zero, else NOTALLOC. A range running past the
+/// end of the drive is clipped to it (so the last partial page can be
+/// asked). VDDR_RSLT_FAIL with COW_ERR_INVBLOCK if LBA_start is past the
+/// end or LBA_end < LBA_start.
+#[no_mangle]
+pub unsafe extern "C" fn COW_BlockStatus(h: HVDDR, LBA_start: u64, LBA_end: u64) -> u32 {
+    guard(|| {
+        handle::with_object(h, |o| {
+            let disk = o.disk();
+            let size = disk.sector_count();
+            if LBA_start >= size || LBA_end < LBA_start {
+                return Err(Error::InvalidBlock(format!(
+                    "BlockStatus of sectors {LBA_start}..={LBA_end} on a drive of {size} sectors"
+                )));
+            }
+            let end = LBA_end.min(size - 1);
+            Ok(disk
+                .block_status(LBA_start, end - LBA_start + 1)?
+                .legacy_code())
+        })
+    })
+}
+
+/// Stores the drive's UUID in `*uuid`. An overlay reports its source's.
+/// FALSE with COW_ERR_UNSUPPORTED (and `*uuid` zeroed) for a disk without
+/// one, such as a raw image.
+#[no_mangle]
+pub unsafe extern "C" fn COW_GetDriveUUID(h: HVDDR, uuid: *mut S_UUID) -> c_int {
+    guard(|| {
+        let found = handle::with_object(h, |o| Ok(o.disk().uuid()))?;
+        non_null(uuid, "uuid")?;
+        // SAFETY: non-NULL out pointer.
+        unsafe {
+            uuid.write(S_UUID {
+                bytes: found.unwrap_or_default(),
+            })
+        };
+        match found {
+            Some(_) => Ok(TRUE),
+            None => Err(Error::Unsupported("this disk has no UUID".into())),
+        }
+    })
+}
+
+/// TRUE if the disk is a differencing image or snapshot (an overlay
+/// answers for its source). FALSE otherwise or on error (check
+/// COW_GetLastError to tell the two apart).
+#[no_mangle]
+pub unsafe extern "C" fn COW_IsSnapshot(h: HVDDR) -> c_int {
+    guard(|| handle::with_object(h, |o| Ok(c_int::from(o.disk().is_snapshot()))))
+}
+
+/// Reads page `iPage` of 2^SPBshift sectors into `buf`, which must hold a
+/// whole page. The last page may run past the end of the drive: that part
+/// is zero-filled. Returns VDDR_RSLT_NORMAL, BLANKPAGE or NOTALLOC (parts
+/// that are not NORMAL are zero-filled), or VDDR_RSLT_FAIL (0) with
+/// COW_ERR_INVBLOCK for a page past the end, COW_ERR_INVALID_ARG for
+/// SPBshift > 24 or a NULL `buf`, or a read error.
+#[no_mangle]
+pub unsafe extern "C" fn COW_ReadPage(
+    h: HVDDR,
+    buf: *mut c_void,
+    iPage: u32,
+    SPBshift: u32,
+) -> c_int {
+    guard(|| {
+        let per_page = page_sectors(SPBshift)?;
+        handle::with_object(h, |o| {
+            let disk = o.disk();
+            let size = disk.sector_count();
+            let start = u64::from(iPage) * per_page;
+            if start >= size {
+                return Err(Error::InvalidBlock(format!(
+                    "page {iPage} of 2^{SPBshift} sectors starts past the end of a drive of {size} sectors"
+                )));
+            }
+            non_null(buf, "buf")?;
+            let inside = (size - start).min(per_page);
+            // SAFETY: the caller's buffer holds a whole page.
+            let page = unsafe {
+                std::slice::from_raw_parts_mut(buf.cast::<u8>(), per_page as usize * SECTOR_SIZE)
+            };
+            let (head, tail) = page.split_at_mut(inside as usize * SECTOR_SIZE);
+            tail.fill(0);
+            Ok(status_code(disk.read_sectors(start, head)?))
+        })
+    })
+}
+
+/// Reads `nSectors` sectors from `LBA` into `buf` (nSectors * 512 bytes).
+/// Returns VDDR_RSLT_NORMAL if any sector read is data, else BLANKPAGE or
+/// NOTALLOC (non-data parts zero-filled); VDDR_RSLT_FAIL (0) with
+/// COW_ERR_INVBLOCK, touching nothing, when the range is not wholly inside
+/// the drive.
+#[no_mangle]
+pub unsafe extern "C" fn COW_ReadSectors(
+    h: HVDDR,
+    buf: *mut c_void,
+    LBA: u64,
+    nSectors: u32,
+) -> c_int {
+    guard(|| {
+        handle::with_object(h, |o| {
+            let disk = o.disk();
+            let n = u64::from(nSectors);
+            check_range(LBA, n, disk.sector_count())?;
+            if n == 0 {
+                return Ok(status_code(SectorStatus::NotAlloc));
+            }
+            non_null(buf, "buf")?;
+            // SAFETY: the caller's buffer holds nSectors sectors.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(buf.cast::<u8>(), nSectors as usize * SECTOR_SIZE)
+            };
+            Ok(status_code(disk.read_sectors(LBA, bytes)?))
+        })
+    })
+}
+
+/// Closes a handle: an overlay drops its store and closes its source; a
+/// disk closes its files. Always returns NULL (assign it to the handle).
+/// A bad handle sets COW_ERR_INVHANDLE.
+#[no_mangle]
+pub unsafe extern "C" fn COW_Close(h: HVDDR) -> HVDDR {
+    guard(|| {
+        handle::close(h)?;
+        Ok(std::ptr::null_mut())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Overlay methods (the COWOVL table); COW_ERR_NOT_OVERLAY on other disks
+
+fn with_overlay<T>(h: HCOW, f: impl FnOnce(&mut Overlay) -> Result<T>) -> Result<T> {
+    handle::with_object(hcow(h), |o| f(o.overlay()?))
+}
+
+/// Inserts `nSectors` unallocated sectors before `LBA` (LBA == drive size
+/// appends); the drive grows. They read as zeros with VDDR_RSLT_NOTALLOC.
+/// Works at any time, also after writes and at LBA 0. Returns TRUE, or
+/// FALSE with COW_ERR_INVBLOCK when LBA is past the end.
+#[no_mangle]
+pub unsafe extern "C" fn COW_InsertSectors(h: HCOW, LBA: u64, nSectors: u32) -> c_int {
+    guard(|| with_overlay(h, |ov| ov.insert(LBA, u64::from(nSectors)).map(|_| TRUE)))
+}
+
+/// COW_InsertSectors with a 64-bit count.
+#[no_mangle]
+pub unsafe extern "C" fn COW_InsertSectorsEx(h: HCOW, LBA: u64, nSectors: u64) -> c_int {
+    guard(|| with_overlay(h, |ov| ov.insert(LBA, nSectors).map(|_| TRUE)))
+}
+
+/// Cuts sectors [LBA_from, LBA_from + nSectors) and pastes them so they
+/// start at what was sector LBA_to before the cut (LBA_to == drive size
+/// moves them to the end). No data is copied. Returns TRUE; FALSE with
+/// COW_ERR_INVALIDMOVE when LBA_from <= LBA_to <= LBA_from + nSectors, or
+/// COW_ERR_INVBLOCK when a range is outside the drive.
+#[no_mangle]
+pub unsafe extern "C" fn COW_MoveSectors(
+    h: HCOW,
+    LBA_from: u64,
+    LBA_to: u64,
+    nSectors: u32,
+) -> c_int {
+    guard(|| {
+        with_overlay(h, |ov| {
+            ov.move_sectors(LBA_from, LBA_to, u64::from(nSectors))
+                .map(|_| TRUE)
+        })
+    })
+}
+
+/// COW_MoveSectors with a 64-bit count.
+#[no_mangle]
+pub unsafe extern "C" fn COW_MoveSectorsEx(
+    h: HCOW,
+    LBA_from: u64,
+    LBA_to: u64,
+    nSectors: u64,
+) -> c_int {
+    guard(|| {
+        with_overlay(h, |ov| {
+            ov.move_sectors(LBA_from, LBA_to, nSectors).map(|_| TRUE)
+        })
+    })
+}
+
+/// Writes `nSectors` sectors from `buffer` at `LBA`, copy-on-write: the
+/// source is never written. Each COW unit (the granularity, aligned in
+/// virtual sectors) the write touches becomes allocated data in the store,
+/// keeping what it showed before outside the written sectors. Returns TRUE,
+/// or FALSE with COW_ERR_INVBLOCK (nothing written) when the range is not
+/// wholly inside the drive, or a write error.
+#[no_mangle]
+pub unsafe extern "C" fn COW_WriteSectors(
+    h: HCOW,
+    buffer: *mut c_void,
+    LBA: u64,
+    nSectors: u32,
+) -> c_int {
+    guard(|| {
+        with_overlay(h, |ov| {
+            check_range(LBA, u64::from(nSectors), ov.sector_count())?;
+            if nSectors == 0 {
+                return Ok(TRUE);
+            }
+            non_null(buffer, "buffer")?;
+            // SAFETY: the caller's buffer holds nSectors sectors.
+            let data = unsafe {
+                std::slice::from_raw_parts(buffer.cast::<u8>(), nSectors as usize * SECTOR_SIZE)
+            };
+            ov.write(LBA, data).map(|_| TRUE)
+        })
+    })
+}
+
+/// Removes sectors [LBA, LBA + nSectors); the drive shrinks and the store
+/// space they used is freed for reuse. Returns TRUE, or FALSE with
+/// COW_ERR_INVBLOCK when the range is not wholly inside the drive.
+#[no_mangle]
+pub unsafe extern "C" fn COW_DeleteSectors(h: HCOW, LBA: u64, nSectors: u64) -> c_int {
+    guard(|| with_overlay(h, |ov| ov.delete(LBA, nSectors).map(|_| TRUE)))
+}
+
+/// Makes sectors [LBA, LBA + nSectors) unallocated: they read as zeros with
+/// VDDR_RSLT_NOTALLOC and their store space is freed. Returns TRUE, or
+/// FALSE with COW_ERR_INVBLOCK when the range is not wholly inside.
+#[no_mangle]
+pub unsafe extern "C" fn COW_DiscardSectors(h: HCOW, LBA: u64, nSectors: u64) -> c_int {
+    guard(|| with_overlay(h, |ov| ov.discard(LBA, nSectors).map(|_| TRUE)))
+}
+
+// ---------------------------------------------------------------------------
+// Inspecting an overlay's extent map
+
+fn c_extent(start: u64, e: Extent) -> COW_EXTENT {
+    COW_EXTENT {
+        start,
+        length: e.len,
+        position: e.base,
+        kind: match e.kind {
+            ExtentKind::None => COW_EXTENT_NONE,
+            ExtentKind::Source => COW_EXTENT_SOURCE,
+            ExtentKind::Store => COW_EXTENT_STORE,
+        },
+        reserved: 0,
+    }
+}
+
+/// Stores the number of extents of the overlay's map in `*count`.
+#[no_mangle]
+pub unsafe extern "C" fn COW_GetExtentCount(h: HCOW, count: *mut u64) -> c_int {
+    guard(|| {
+        let n = with_overlay(h, |ov| Ok(ov.extents().extent_count()))?;
+        non_null(count, "count")?;
+        // SAFETY: non-NULL out pointer.
+        unsafe { count.write(n) };
+        Ok(TRUE)
+    })
+}
+
+/// Stores extent number `index` (0-based, in drive order) in `*extent`.
+/// O(log n). FALSE with COW_ERR_INVALID_ARG when index >= the count.
+#[no_mangle]
+pub unsafe extern "C" fn COW_GetExtent(h: HCOW, index: u64, extent: *mut COW_EXTENT) -> c_int {
+    guard(|| {
+        let found = with_overlay(h, |ov| {
+            ov.extents().nth(index).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "extent index {index} of {}",
+                    ov.extents().extent_count()
+                ))
+            })
+        })?;
+        non_null(extent, "extent")?;
+        // SAFETY: non-NULL out pointer.
+        unsafe { extent.write(c_extent(found.0, found.1)) };
+        Ok(TRUE)
+    })
+}
+
+/// Stores the extent containing sector `LBA` in `*extent` (walk the map by
+/// starting at 0 and stepping to start + length). FALSE with
+/// COW_ERR_INVBLOCK when LBA is past the end.
+#[no_mangle]
+pub unsafe extern "C" fn COW_GetExtentAt(h: HCOW, LBA: u64, extent: *mut COW_EXTENT) -> c_int {
+    guard(|| {
+        let found = with_overlay(h, |ov| {
+            ov.extents().find(LBA).ok_or_else(|| {
+                Error::InvalidBlock(format!(
+                    "sector {LBA} is past the end of a drive of {} sectors",
+                    ov.extents().len()
+                ))
+            })
+        })?;
+        non_null(extent, "extent")?;
+        // SAFETY: non-NULL out pointer.
+        unsafe { extent.write(c_extent(found.0, found.1)) };
+        Ok(TRUE)
+    })
+}

@@ -1,0 +1,164 @@
+//! The C ABI: every `extern "C"` function of the library, and nothing else.
+//!
+//! - one panic boundary ([`guard`]) around every exported body;
+//! - the calling thread's last error, set by every call;
+//! - handles: each open disk is a heap object starting with the method
+//!   table, registered by address; a handle is looked up in the registry
+//!   before anything is dereferenced, so NULL, closed and foreign handles
+//!   are errors, never crashes. Calls on one handle are serialised by a
+//!   lock inside it.
+#![allow(unsafe_code)]
+#![allow(clippy::missing_safety_doc)]
+
+pub mod api;
+mod handle;
+mod source;
+pub mod types;
+
+use std::cell::RefCell;
+use std::ffi::CString;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::error::{code, Error, Result};
+
+thread_local! {
+    static LAST_ERROR: RefCell<(u32, CString)> = RefCell::new((0, CString::default()));
+}
+
+fn set_last_error(code: u32, message: &str) {
+    // Interior NULs would cut the C string short; show them instead.
+    let text = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
+    LAST_ERROR.with(|cell| *cell.borrow_mut() = (code, text));
+}
+
+/// The calling thread's last error code.
+pub(crate) fn last_error_code() -> u32 {
+    LAST_ERROR.with(|cell| cell.borrow().0)
+}
+
+/// A pointer to the calling thread's last error text, valid until the
+/// thread's next call into the library.
+pub(crate) fn last_error_text() -> *const std::os::raw::c_char {
+    LAST_ERROR.with(|cell| {
+        let cell = cell.borrow();
+        if cell.0 == code::NONE {
+            c"no error".as_ptr()
+        } else {
+            cell.1.as_ptr()
+        }
+    })
+}
+
+/// What an exported function returns when it fails or panics.
+pub(crate) trait Fallback {
+    fn fallback() -> Self;
+}
+
+impl Fallback for std::os::raw::c_int {
+    fn fallback() -> Self {
+        0 // FALSE, or VDDR_RSLT_FAIL
+    }
+}
+
+impl Fallback for u32 {
+    fn fallback() -> Self {
+        0 // VDDR_RSLT_FAIL, or a count of 0
+    }
+}
+
+impl<T> Fallback for *mut T {
+    fn fallback() -> Self {
+        std::ptr::null_mut()
+    }
+}
+
+/// Runs an exported function's body: catches panics, records the last
+/// error (cleared on success) and returns the type's fallback on failure.
+pub(crate) fn guard<T: Fallback>(body: impl FnOnce() -> Result<T>) -> T {
+    guard_or(T::fallback(), body)
+}
+
+/// `guard` with an explicit fallback value.
+pub(crate) fn guard_or<T>(fallback: T, body: impl FnOnce() -> Result<T>) -> T {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(value)) => {
+            set_last_error(code::NONE, "");
+            value
+        }
+        Ok(Err(error)) => {
+            set_last_error(error.code(), &error.to_string());
+            fallback
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let error = Error::Internal(format!("caught a panic: {what}"));
+            set_last_error(error.code(), &error.to_string());
+            fallback
+        }
+    }
+}
+
+/// Checks a pointer argument is not NULL.
+pub(crate) fn non_null<T>(ptr: *const T, name: &str) -> Result<()> {
+    if ptr.is_null() {
+        return Err(Error::InvalidArgument(format!("{name} is NULL")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn c_error_codes_equal_the_core_codes() {
+        use types::*;
+        let pairs = [
+            (COW_ERR_NONE, code::NONE),
+            (COW_ERR_INVHANDLE, code::INVHANDLE),
+            (COW_ERR_OUTOFMEM, code::OUTOFMEM),
+            (COW_ERR_INVBLOCK, code::INVBLOCK),
+            (COW_ERR_SEEK, code::SEEK),
+            (COW_ERR_READ, code::READ),
+            (COW_ERR_INVALIDMOVE, code::INVALIDMOVE),
+            (COW_ERR_WRITE, code::WRITE),
+            (COW_ERR_INVALID_ARG, code::INVALID_ARG),
+            (COW_ERR_CORRUPT, code::CORRUPT),
+            (COW_ERR_UNSUPPORTED, code::UNSUPPORTED),
+            (COW_ERR_SOURCE_MISMATCH, code::SOURCE_MISMATCH),
+            (COW_ERR_READ_ONLY, code::READ_ONLY),
+            (COW_ERR_NO_SPACE, code::NO_SPACE),
+            (COW_ERR_OPEN, code::OPEN),
+            (COW_ERR_BLOCK_FREE, code::BLOCK_FREE),
+            (COW_ERR_CANCELLED, code::CANCELLED),
+            (COW_ERR_LOCKED, code::LOCKED),
+            (COW_ERR_INTERNAL, code::INTERNAL),
+            (COW_ERR_NOT_OVERLAY, code::NOT_OVERLAY),
+        ];
+        for (c, core) in pairs {
+            assert_eq!(c, core);
+        }
+    }
+
+    #[test]
+    fn c_drive_types_equal_the_core_types() {
+        use crate::disk::DriveType;
+        use types::*;
+        assert_eq!(VDD_TYPE_VDI, DriveType::Vdi as u32);
+        assert_eq!(VDD_TYPE_RAW, DriveType::Raw as u32);
+        assert_eq!(VDD_TYPE_PARALLELS, DriveType::Parallels as u32);
+        assert_eq!(VDD_TYPE_COW, DriveType::Cow as u32);
+        assert_eq!(VDD_TYPE_CUSTOM, DriveType::Custom as u32);
+    }
+
+    #[test]
+    fn a_panic_becomes_an_internal_error() {
+        let r: u32 = guard(|| -> Result<u32> { panic!("boom") });
+        assert_eq!(r, 0);
+        assert_eq!(last_error_code(), code::INTERNAL);
+    }
+}

@@ -1,0 +1,159 @@
+//! C types and constants of the ABI. cbindgen reads this file (and
+//! `api.rs`) to generate `include/cowdisk.h`; nothing else is exported.
+#![allow(non_snake_case, non_camel_case_types)]
+
+use std::os::raw::{c_char, c_int, c_void};
+
+/// Result of a page or sector read and of BlockStatus: the read failed
+/// (COW_GetLastError() says why).
+pub const VDDR_RSLT_FAIL: u32 = 0;
+/// Read ok; the range holds data.
+pub const VDDR_RSLT_NORMAL: u32 = 1;
+/// Read ok; the range is known to read as zeros.
+pub const VDDR_RSLT_BLANKPAGE: u32 = 2;
+/// Read ok; never allocated (zeros) - a clone need not store it.
+pub const VDDR_RSLT_NOTALLOC: u32 = 3;
+
+/// Drive types returned by GetDriveType (legacy values 0..6, then ours).
+pub const VDD_TYPE_VDI: u32 = 0;
+pub const VDD_TYPE_VHD: u32 = 1;
+pub const VDD_TYPE_VMDK: u32 = 2;
+pub const VDD_TYPE_RAW: u32 = 3;
+pub const VDD_TYPE_PART_RAW: u32 = 4;
+pub const VDD_TYPE_PARALLELS: u32 = 5;
+/// A copy-on-write overlay.
+pub const VDD_TYPE_COW: u32 = 6;
+pub const VDD_TYPE_QCOW2: u32 = 7;
+pub const VDD_TYPE_VHDX: u32 = 8;
+pub const VDD_TYPE_UMLCOW: u32 = 9;
+pub const VDD_TYPE_VCI: u32 = 10;
+/// A disk served by a caller-registered backend.
+pub const VDD_TYPE_CUSTOM: u32 = 11;
+/// Returned by GetDriveType for an invalid handle.
+pub const VDD_TYPE_INVALID: u32 = 0xFFFFFFFF;
+
+/// Error codes (COW_GetLastError). The first seven are the legacy values.
+pub const COW_ERR_NONE: u32 = 0;
+pub const COW_ERR_INVHANDLE: u32 = 0x60001;
+pub const COW_ERR_OUTOFMEM: u32 = 0x60002;
+/// A sector range not wholly inside the drive.
+pub const COW_ERR_INVBLOCK: u32 = 0x60003;
+pub const COW_ERR_SEEK: u32 = 0x60004;
+pub const COW_ERR_READ: u32 = 0x60005;
+/// MoveSectors with from <= to <= from + n.
+pub const COW_ERR_INVALIDMOVE: u32 = 0x60006;
+pub const COW_ERR_WRITE: u32 = 0x60007;
+pub const COW_ERR_INVALID_ARG: u32 = 0x60008;
+/// An image or store whose structures are damaged.
+pub const COW_ERR_CORRUPT: u32 = 0x60009;
+/// An image format or feature this library does not handle.
+pub const COW_ERR_UNSUPPORTED: u32 = 0x6000A;
+/// The source is not the disk an overlay store was made on.
+pub const COW_ERR_SOURCE_MISMATCH: u32 = 0x6000B;
+pub const COW_ERR_READ_ONLY: u32 = 0x6000C;
+pub const COW_ERR_NO_SPACE: u32 = 0x6000D;
+/// A file could not be opened (missing, no permission, ...).
+pub const COW_ERR_OPEN: u32 = 0x6000E;
+/// A backend does not hold the block asked for (reads as NOTALLOC).
+pub const COW_ERR_BLOCK_FREE: u32 = 0x6000F;
+/// A progress callback asked to stop.
+pub const COW_ERR_CANCELLED: u32 = 0x60010;
+/// The file is in use by another writer.
+pub const COW_ERR_LOCKED: u32 = 0x60011;
+/// A bug inside the library (a caught panic); the message says where.
+pub const COW_ERR_INTERNAL: u32 = 0x60012;
+/// An overlay-only function called on a handle that is not an overlay.
+pub const COW_ERR_NOT_OVERLAY: u32 = 0x60013;
+
+/// Pass to COW_GetErrorString for the detailed text of the calling
+/// thread's last error.
+pub const COW_LAST_ERROR: u32 = 0xFFFFFFFF;
+
+/// The legacy COW granularity: 2048 sectors (1 MiB).
+pub const COW_DEFAULT_GRANULARITY: u32 = 2048;
+/// COW_OPTIONS.flags: report data that reads as all zeros as
+/// VDDR_RSLT_BLANKPAGE (BlockStatus then reads the data to find out).
+pub const COW_OPT_DETECT_ZEROS: u64 = 1;
+
+/// VDDR_OpenEx flags: follow parent/backing file paths named inside an
+/// image (off by default: such a path is untrusted input).
+pub const COW_OPEN_FOLLOW_PARENTS: u32 = 1;
+
+/// COW_EXTENT.kind: inserted or discarded space (reads zero, NOTALLOC).
+pub const COW_EXTENT_NONE: u32 = 0;
+/// COW_EXTENT.kind: a range of the source disk.
+pub const COW_EXTENT_SOURCE: u32 = 1;
+/// COW_EXTENT.kind: a range of the overlay store.
+pub const COW_EXTENT_STORE: u32 = 2;
+
+/// A 16-byte UUID, in the byte order the image format stores it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct S_UUID {
+    pub bytes: [u8; 16],
+}
+
+/// Handle of any open disk (a struct whose first member is a VDDR table).
+pub type HVDDR = *mut VDDR;
+/// Handle of an overlay (a struct whose first member is a COWOVL table).
+pub type HCOW = *mut COWOVL;
+
+/// The disk method table, in the legacy layout. Every open disk - ours or
+/// a caller's own legacy reader object - starts with it. What follows the
+/// table is private to whoever made the object.
+#[repr(C)]
+pub struct VDDR {
+    pub GetDriveType: Option<unsafe extern "C" fn(HVDDR) -> u32>,
+    pub GetDriveSize: Option<unsafe extern "C" fn(HVDDR, *mut u64) -> c_int>,
+    pub GetDriveBlockCount: Option<unsafe extern "C" fn(HVDDR, u32) -> u32>,
+    pub BlockStatus: Option<unsafe extern "C" fn(HVDDR, u64, u64) -> u32>,
+    pub GetDriveUUID: Option<unsafe extern "C" fn(HVDDR, *mut S_UUID) -> c_int>,
+    pub IsSnapshot: Option<unsafe extern "C" fn(HVDDR) -> c_int>,
+    pub ReadPage: Option<unsafe extern "C" fn(HVDDR, *mut c_void, u32, u32) -> c_int>,
+    pub ReadSectors: Option<unsafe extern "C" fn(HVDDR, *mut c_void, u64, u32) -> c_int>,
+    pub Close: Option<unsafe extern "C" fn(HVDDR) -> HVDDR>,
+}
+
+/// The overlay object: the inherited disk methods, the legacy three edit
+/// methods, then the methods appended by this library (only ever appended).
+#[repr(C)]
+pub struct COWOVL {
+    pub vddr: VDDR,
+    pub InsertSectors: Option<unsafe extern "C" fn(HCOW, u64, u32) -> c_int>,
+    pub MoveSectors: Option<unsafe extern "C" fn(HCOW, u64, u64, u32) -> c_int>,
+    pub WriteSectors: Option<unsafe extern "C" fn(HCOW, *mut c_void, u64, u32) -> c_int>,
+    pub DeleteSectors: Option<unsafe extern "C" fn(HCOW, u64, u64) -> c_int>,
+    pub DiscardSectors: Option<unsafe extern "C" fn(HCOW, u64, u64) -> c_int>,
+}
+
+/// Options of COW_CreateCowOverlayEx. Fill with COW_InitOptions first, then
+/// change what you need; `struct_size` lets later versions grow it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct COW_OPTIONS {
+    /// sizeof(COW_OPTIONS) as the caller compiled it.
+    pub struct_size: u32,
+    /// COW unit in sectors: a power of two from 8 to 65536; 0 = 2048.
+    pub granularity: u32,
+    /// COW_OPT_* flags.
+    pub flags: u64,
+    /// Path of a persistent store file; NULL = an anonymous temporary store
+    /// removed on close (the legacy behaviour, and for now the only one).
+    pub store_path: *const c_char,
+}
+
+/// One extent of an overlay's map (COW_GetExtent, COW_GetExtentAt).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct COW_EXTENT {
+    /// First virtual sector of the extent.
+    pub start: u64,
+    /// Length in sectors.
+    pub length: u64,
+    /// For SOURCE: first sector in the source; for STORE: first sector in
+    /// the store; 0 for NONE.
+    pub position: u64,
+    /// COW_EXTENT_NONE, COW_EXTENT_SOURCE or COW_EXTENT_STORE.
+    pub kind: u32,
+    pub reserved: u32,
+}
