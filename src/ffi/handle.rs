@@ -1,6 +1,6 @@
 //! Handles: the objects C holds, and the registry that validates them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use super::api;
@@ -168,11 +168,25 @@ pub(crate) fn close(h: HVDDR) -> Result<()> {
     Ok(())
 }
 
-/// Removes `h` from the registry and frees its memory, once.
+/// How many retired handles keep their memory before it is freed. While a
+/// retired handle's memory is held, no new handle can get its address, so a
+/// stale handle is reliably refused (COW_ERR_INVHANDLE), and calls through
+/// its method table still land in the library instead of freed memory.
+const QUARANTINE: usize = 4096;
+
+/// Removes `h` from the registry, once, and moves its memory to the
+/// quarantine of retired handles.
 fn retire(h: HVDDR) {
-    if registry().remove(&(h as usize)).is_some() {
-        // SAFETY: registered addresses come from Box::into_raw in
-        // `register`, and removal from the registry happens once.
-        drop(unsafe { Box::from_raw(h.cast::<HandleMemory>()) });
+    if registry().remove(&(h as usize)).is_none() {
+        return;
+    }
+    // SAFETY: registered addresses come from Box::into_raw in `register`,
+    // and removal from the registry happens once.
+    let memory = unsafe { Box::from_raw(h.cast::<HandleMemory>()) };
+    static RETIRED: Mutex<VecDeque<Box<HandleMemory>>> = Mutex::new(VecDeque::new());
+    let mut retired = RETIRED.lock().unwrap_or_else(|p| p.into_inner());
+    retired.push_back(memory);
+    if retired.len() > QUARANTINE {
+        retired.pop_front();
     }
 }
