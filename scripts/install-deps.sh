@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs, from Debian's packages, whatever tool the tests need that this
+# machine lacks. Never skips: if a tool cannot be installed, this fails.
+set -euo pipefail
+
+declare -A package_of=(
+  [cmake]=cmake
+  [valgrind]=valgrind
+  [pkg-config]=pkg-config
+  [qemu-img]=qemu-utils
+  [qemu-io]=qemu-utils
+  [uml_mkcow]=uml-utilities
+  [nbdkit]=nbdkit
+  [sfdisk]=fdisk
+  [sgdisk]=gdisk
+  [c++]=g++
+)
+missing=()
+for tool in "${!package_of[@]}"; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("${package_of[$tool]}")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+echo "installing: ${missing[*]}"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
