@@ -62,7 +62,9 @@ fn overlay_edits_never_reach_the_source_file() {
 
 #[test]
 fn missing_file_error_names_the_path() {
-    let err = open_path("/nonexistent/dir/x.img".as_ref(), &OpenOptions::default()).unwrap_err();
+    let Err(err) = open_path("/nonexistent/dir/x.img".as_ref(), &OpenOptions::default()) else {
+        panic!("opening a missing file succeeded");
+    };
     assert_eq!(err.code(), cowdisk::error::code::OPEN);
     assert!(err.to_string().contains("/nonexistent/dir/x.img"), "{err}");
 }
