@@ -13,7 +13,8 @@
 //!   an "in use" marker at 44, the data area's offset in sectors at 48,
 //!   flags at 52 and a format-extension offset at 56 (the extension holds
 //!   only dirty bitmaps and similar metadata; it never changes what the disk
-//!   reads, so it is ignored).
+//!   reads, so it is ignored). The "in use" marker only says a writer did
+//!   not close the image; it is ignored too, as the BAT is validated anyway.
 //! * The block allocation table (BAT) follows the header at byte 64: one u32
 //!   per cluster. Zero means the cluster is unallocated (reads as zeros);
 //!   otherwise it is the cluster's position in the file, counted in sectors
@@ -61,8 +62,11 @@ pub struct ParallelsHeader {
     /// True for `WithouFreSpacExt` (BAT entries count clusters), false for
     /// `WithoutFreeSpace` (BAT entries count sectors).
     pub bat_in_clusters: bool,
+    /// Cluster size in sectors.
     pub cluster_sectors: u32,
+    /// BAT entries the header declares (at least the clusters of the disk).
     pub bat_entries: u32,
+    /// Virtual disk size in sectors.
     pub disk_sectors: u64,
     /// Byte offset of the data area.
     pub data_offset: u64,
@@ -286,6 +290,7 @@ impl MappedImage for ParallelsDisk {
     }
 
     fn map(&mut self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
+        crate::disk::check_range(lba, count, self.header.disk_sectors)?;
         let per_cluster = u64::from(self.header.cluster_sectors);
         let cluster_bytes = self.header.cluster_bytes();
         let first = lba / per_cluster;

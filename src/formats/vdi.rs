@@ -79,9 +79,13 @@ const MAX_BLOCK_MAP_ENTRIES: u64 = 1 << 26;
 pub struct VdiHeader {
     /// 1 dynamic, 2 fixed, 4 differencing.
     pub image_type: u32,
+    /// Byte offset of the block map.
     pub block_map_offset: u64,
+    /// Byte offset of the data area.
     pub data_offset: u64,
+    /// Virtual disk size in bytes.
     pub disk_bytes: u64,
+    /// Bytes per block (a multiple of 512).
     pub block_bytes: u32,
     /// Blocks the header says the data area may hold (indices are below it).
     pub block_count: u32,
@@ -361,6 +365,7 @@ impl VdiDisk {
     }
 
     fn block(&self, index: u64) -> Block {
+        // Callers stay inside the map (see `map`), which covers the disk.
         match self.block_map[index as usize] {
             BLOCK_FREE => Block::Free,
             BLOCK_ZERO => Block::Zero,
@@ -420,8 +425,10 @@ fn read_block_map(
                 header.block_count
             )));
         }
-        // Only the part of the last block inside the disk must be present.
-        let used = (header.disk_bytes - index as u64 * block_bytes).min(block_bytes);
+        // Only the part of the last block inside the disk (in whole sectors,
+        // as it is read) must be present.
+        let used = (header.disk_bytes.next_multiple_of(SECTOR_BYTES) - index as u64 * block_bytes)
+            .min(block_bytes);
         let end = header.data_offset + u64::from(entry) * block_bytes + used; // < 2^32 * 2^30 * 2
         if end > file_bytes {
             return Err(Error::Corrupt(format!(
@@ -510,6 +517,7 @@ impl MappedImage for VdiDisk {
     }
 
     fn map(&mut self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
+        crate::disk::check_range(lba, count, MappedImage::sectors(self))?;
         let per_block = self.sectors_per_block();
         let first = lba / per_block;
         let within = lba % per_block;
