@@ -8,7 +8,9 @@ use crate::disk::Disk;
 use crate::error::{Error, Result};
 
 pub mod mapped;
+pub mod parallels;
 pub mod raw;
+pub mod vdi;
 
 /// How a source image may be opened.
 #[derive(Debug, Clone, Default)]
@@ -33,11 +35,23 @@ pub struct FormatProbe {
 /// The built-in formats in probe order. `raw` comes last: it accepts any
 /// file.
 pub fn builtin_formats() -> &'static [FormatProbe] {
-    &[FormatProbe {
-        name: "raw",
-        probe: raw::probe,
-        open_at_depth: raw::open_boxed,
-    }]
+    &[
+        FormatProbe {
+            name: "vdi",
+            probe: vdi::probe,
+            open_at_depth: vdi::open_boxed,
+        },
+        FormatProbe {
+            name: "parallels",
+            probe: parallels::probe,
+            open_at_depth: parallels::open_boxed,
+        },
+        FormatProbe {
+            name: "raw",
+            probe: raw::probe,
+            open_at_depth: raw::open_boxed,
+        },
+    ]
 }
 
 /// Opens an image read-only, choosing the format by its content.
