@@ -9,6 +9,8 @@ use crate::error::{Error, Result};
 
 pub mod mapped;
 pub mod raw;
+pub mod vhd;
+pub mod vhdx;
 
 /// How a source image may be opened.
 #[derive(Debug, Clone, Default)]
@@ -33,11 +35,23 @@ pub struct FormatProbe {
 /// The built-in formats in probe order. `raw` comes last: it accepts any
 /// file.
 pub fn builtin_formats() -> &'static [FormatProbe] {
-    &[FormatProbe {
-        name: "raw",
-        probe: raw::probe,
-        open_at_depth: raw::open_boxed,
-    }]
+    &[
+        FormatProbe {
+            name: "vhdx",
+            probe: vhdx::probe,
+            open_at_depth: vhdx::open_boxed,
+        },
+        FormatProbe {
+            name: "vhd",
+            probe: vhd::probe,
+            open_at_depth: vhd::open_boxed,
+        },
+        FormatProbe {
+            name: "raw",
+            probe: raw::probe,
+            open_at_depth: raw::open_boxed,
+        },
+    ]
 }
 
 /// Opens an image read-only, choosing the format by its content.
