@@ -138,7 +138,7 @@ fn dynamic_chs_sized_image_matches_qemu() {
     // multiple of the 2 MiB block.
     let image = create(dir.path(), "dyn.vhd", "subformat=dynamic", "37M");
     let expected_size = qemu_bytes(&image, dir.path()).len() as u64;
-    assert_eq!(expected_size % BLOCK != 0, true);
+    assert_ne!(expected_size % BLOCK, 0);
     fill_dynamic(&image, expected_size);
     let expected = qemu_bytes(&image, dir.path());
     let before = support::fingerprint(&image);
