@@ -1232,3 +1232,44 @@ fn damaged_images_give_errors_not_panics() {
     );
     assert!(started.elapsed().as_secs() < 90, "fuzzing took too long");
 }
+
+#[test]
+fn extreme_bat_entries_give_errors_not_panics() {
+    let diff = differencing_setup(512);
+    let child = std::fs::read(&diff.child).unwrap();
+    let dir = support::temp_dir();
+    let path = dir.path().join("extreme.vhdx");
+    let bat_at = 3 * MIB as usize;
+    let top = ((1u64 << 44) - 1) << 20;
+    for value in [
+        u64::MAX,
+        u64::MAX - 1,
+        top | FULLY_PRESENT,
+        top | PARTIALLY_PRESENT,
+        (1 << 20) | PARTIALLY_PRESENT,
+        4,
+    ] {
+        let mut bytes = child.clone();
+        // Every payload entry and the sector bitmap entry.
+        for index in (0..8).chain([4096]) {
+            put_u64(&mut bytes, bat_at + index * 8, value);
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let parent = MemDisk::new(vec![0; 512], vec![SectorStatus::NotAlloc]).unwrap();
+        let mut disk = VhdxDisk::open_with_parent(&path, Box::new(parent)).unwrap();
+        let mut buf = vec![0u8; 512 * 2048];
+        for block in 0..8 {
+            for first in [0, 1, 2047] {
+                let lba = block * 2048 + first;
+                let n = 2048 - first;
+                let result = disk.read_sectors(lba, &mut buf[..(n * 512) as usize]);
+                assert!(result.is_err(), "entry {value:#x}: block {block} read");
+                assert!(disk.block_status(lba, n).is_err());
+            }
+        }
+        // Runs that span blocks (where contiguous blocks are coalesced).
+        let mut all = vec![0u8; 8 * MIB as usize];
+        assert!(disk.read_sectors(0, &mut all).is_err());
+        assert!(disk.block_status(1, 16383).is_err());
+    }
+}

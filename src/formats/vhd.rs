@@ -647,6 +647,14 @@ impl VhdDisk {
         }
         let block_at = u64::from(entry) * SECTOR_BYTES;
         let data_at = block_at + bitmap_bytes; // < 2^41 + 2^16: no overflow
+        if data_at > self.file_len {
+            return Err(Error::Corrupt(format!(
+                "{}: BAT entry {block} puts the sector bitmap at byte offset {block_at}, past \
+                 the end of the {}-byte file",
+                self.path.display(),
+                self.file_len
+            )));
+        }
         let bitmap = self.bitmap(block, block_at)?;
         let bit = |sector: u64| bitmap[(sector / 8) as usize] & (0x80 >> (sector % 8)) != 0;
         let present = bit(in_block);

@@ -848,6 +848,21 @@ impl VhdxDisk {
         Ok(offset)
     }
 
+    /// The file offset of sector `in_block` of a block stored at
+    /// `block_at`, checked (with the run of `run` sectors) to lie in the file.
+    fn run_offset(&self, block_at: u64, in_block: u64, run: u64, block: u64) -> Result<u64> {
+        let offset = block_at
+            .checked_add(in_block * SECTOR_BYTES)
+            .ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "{}: block {block} lies past the largest file offset",
+                    self.path.display()
+                ))
+            })?;
+        self.check_inside(offset, run * SECTOR_BYTES, "block", block)?;
+        Ok(offset)
+    }
+
     fn check_inside(&self, offset: u64, len: u64, what: &str, index: u64) -> Result<()> {
         if !matches!(offset.checked_add(len), Some(end) if end <= self.view.len()) {
             return Err(Error::Corrupt(format!(
@@ -931,10 +946,9 @@ impl MappedImage for VhdxDisk {
                 let bytes = self.block_bytes;
                 let run = self.run_of_blocks(block, in_block, count, |next, e| {
                     e & STATE_MASK == PAYLOAD_FULLY_PRESENT
-                        && (e >> 20) * MIB == block_at + (next - block) * bytes
+                        && block_at.checked_add((next - block) * bytes) == Some((e >> 20) * MIB)
                 });
-                let offset = block_at + in_block * SECTOR_BYTES;
-                self.check_inside(offset, run * SECTOR_BYTES, "block", block)?;
+                let offset = self.run_offset(block_at, in_block, run, block)?;
                 Ok((Mapping::Data { file: 0, offset }, run))
             }
             PAYLOAD_ZERO => Ok((
@@ -967,8 +981,7 @@ impl MappedImage for VhdxDisk {
                 if !present {
                     return Ok((self.absent(), run));
                 }
-                let offset = block_at + in_block * SECTOR_BYTES;
-                self.check_inside(offset, run * SECTOR_BYTES, "block", block)?;
+                let offset = self.run_offset(block_at, in_block, run, block)?;
                 Ok((Mapping::Data { file: 0, offset }, run))
             }
             other => Err(Error::Corrupt(format!(
