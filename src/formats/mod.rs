@@ -11,6 +11,8 @@ pub mod mapped;
 pub mod parallels;
 pub mod raw;
 pub mod vdi;
+pub mod vhd;
+pub mod vhdx;
 
 /// How a source image may be opened.
 #[derive(Debug, Clone, Default)]
@@ -45,6 +47,16 @@ pub fn builtin_formats() -> &'static [FormatProbe] {
             name: "parallels",
             probe: parallels::probe,
             open_at_depth: parallels::open_boxed,
+        },
+        FormatProbe {
+            name: "vhdx",
+            probe: vhdx::probe,
+            open_at_depth: vhdx::open_boxed,
+        },
+        FormatProbe {
+            name: "vhd",
+            probe: vhd::probe,
+            open_at_depth: vhd::open_boxed,
         },
         FormatProbe {
             name: "raw",
