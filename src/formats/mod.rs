@@ -8,7 +8,9 @@ use crate::disk::Disk;
 use crate::error::{Error, Result};
 
 pub mod mapped;
+pub mod qcow2;
 pub mod raw;
+pub mod vmdk;
 
 /// How a source image may be opened.
 #[derive(Debug, Clone, Default)]
@@ -33,11 +35,23 @@ pub struct FormatProbe {
 /// The built-in formats in probe order. `raw` comes last: it accepts any
 /// file.
 pub fn builtin_formats() -> &'static [FormatProbe] {
-    &[FormatProbe {
-        name: "raw",
-        probe: raw::probe,
-        open_at_depth: raw::open_boxed,
-    }]
+    &[
+        FormatProbe {
+            name: "qcow2",
+            probe: qcow2::probe,
+            open_at_depth: qcow2::open_boxed,
+        },
+        FormatProbe {
+            name: "vmdk",
+            probe: vmdk::probe,
+            open_at_depth: vmdk::open_boxed,
+        },
+        FormatProbe {
+            name: "raw",
+            probe: raw::probe,
+            open_at_depth: raw::open_boxed,
+        },
+    ]
 }
 
 /// Opens an image read-only, choosing the format by its content.
