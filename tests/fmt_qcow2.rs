@@ -128,7 +128,12 @@ fn v3_image_with_odd_size_matches_qemu() {
     let dir = temp_dir();
     // 5 MiB + 1536 bytes: not a multiple of the 64 KiB cluster.
     let size = 5 * MIB + 1536;
-    let image = create(dir.path(), "v3.qcow2", &["-o", "compat=1.1"], &size.to_string());
+    let image = create(
+        dir.path(),
+        "v3.qcow2",
+        &["-o", "compat=1.1"],
+        &size.to_string(),
+    );
     fill_varied(&image, size);
     let disk = check_matches_qemu(&image, dir.path(), &OpenOptions::default());
     assert!(!disk.is_snapshot());
@@ -144,7 +149,10 @@ fn v3_zero_clusters_are_blank() {
     let mut disk = open_path(&image, &OpenOptions::default()).unwrap();
     assert_eq!(disk.block_status(256, 256).unwrap(), SectorStatus::Blank);
     let mut buf = vec![1u8; 512 * 256];
-    assert_eq!(disk.read_sectors(256, &mut buf).unwrap(), SectorStatus::Blank);
+    assert_eq!(
+        disk.read_sectors(256, &mut buf).unwrap(),
+        SectorStatus::Blank
+    );
     assert!(buf.iter().all(|b| *b == 0));
     assert_eq!(disk.block_status(0, 2048).unwrap(), SectorStatus::Normal);
     assert_eq!(disk.block_status(1024, 1024).unwrap(), SectorStatus::Normal);
@@ -242,7 +250,10 @@ fn extended_l2_subclusters_match_qemu() {
         &size.to_string(),
     );
     fill_varied(&image, size);
-    io(&image, &["write -P 0x77 70000 1000", "write -z 200704 2048"]);
+    io(
+        &image,
+        &["write -P 0x77 70000 1000", "write -z 200704 2048"],
+    );
     check_matches_qemu(&image, dir.path(), &OpenOptions::default());
     // A 2 KiB subcluster written alone is data; its neighbours are not.
     let mut disk = open_path(&image, &OpenOptions::default()).unwrap();
@@ -316,7 +327,10 @@ fn backing_chain_needs_the_flag_and_then_matches_qemu() {
     // A zero cluster in the child hides the parent's data.
     assert_eq!(disk.block_status(2048, 128).unwrap(), SectorStatus::Blank);
     // Past the backing chain's end: unallocated.
-    assert_eq!(disk.block_status(7000, 100).unwrap(), SectorStatus::NotAlloc);
+    assert_eq!(
+        disk.block_status(7000, 100).unwrap(),
+        SectorStatus::NotAlloc
+    );
     drop(disk);
 
     // The caller may supply the parent instead.
@@ -352,7 +366,10 @@ fn internal_snapshots_do_not_change_the_active_view() {
     let image = create(dir.path(), "snap.qcow2", &[], "2M");
     io(&image, &["write -P 0x01 0 1M"]);
     qemu_img(&["snapshot", "-c", "s1", &image.display().to_string()]);
-    io(&image, &["write -P 0x02 65536 65536", "discard 524288 65536"]);
+    io(
+        &image,
+        &["write -P 0x02 65536 65536", "discard 524288 65536"],
+    );
     check_matches_qemu(&image, dir.path(), &OpenOptions::default());
 }
 
@@ -440,15 +457,15 @@ fn encryption_external_data_zstd_and_unknown_features_are_refused() {
     );
     refused(&enc, "encrypt");
 
-    let data = create(
-        dir.path(),
-        "ext.qcow2",
-        &["-o", "data_file=ext.data"],
-        "1M",
-    );
+    let data = create(dir.path(), "ext.qcow2", &["-o", "data_file=ext.data"], "1M");
     refused(&data, "external data file");
 
-    let zstd = create(dir.path(), "zstd.qcow2", &["-o", "compression_type=zstd"], "1M");
+    let zstd = create(
+        dir.path(),
+        "zstd.qcow2",
+        &["-o", "compression_type=zstd"],
+        "1M",
+    );
     refused(&zstd, "zstd");
 
     let plain = create(dir.path(), "future.qcow2", &[], "1M");

@@ -102,12 +102,15 @@ fn read_prefix(file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// A descriptor is plain text whose first meaningful line is the
-/// `# Disk DescriptorFile` banner, or which sets `createType`.
+/// `# Disk DescriptorFile` banner, or which sets `createType`. QEMU pads
+/// descriptors it rewrites with NULs to a whole sector, so trailing NULs
+/// are allowed; NULs followed by anything else are not text.
 fn looks_like_descriptor(head: &[u8]) -> bool {
-    if head.is_empty() || head.contains(&0) {
+    let text_len = head.iter().position(|b| *b == 0).unwrap_or(head.len());
+    if text_len == 0 || head[text_len..].iter().any(|b| *b != 0) {
         return false;
     }
-    let text = String::from_utf8_lossy(head);
+    let text = String::from_utf8_lossy(&head[..text_len]);
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     let banner = lines
         .clone()
@@ -292,7 +295,9 @@ impl VmdkDisk {
         let mut text = vec![0u8; file_len as usize];
         file.read_exact_at(&mut text, 0)
             .map_err(|e| Error::read(&format!("{} descriptor", name(path)), 0, e))?;
-        let descriptor = parse_descriptor(&text, path)?;
+        // A rewritten descriptor may be NUL-padded after its text.
+        let used = text.iter().position(|b| *b == 0).unwrap_or(text.len());
+        let descriptor = parse_descriptor(&text[..used], path)?;
         Self::open_from_descriptor(descriptor, path, options)
     }
 
@@ -1108,7 +1113,10 @@ mod tests {
         assert!(looks_like_descriptor(
             b"version=1\ncreateType=\"monolithicFlat\"\n"
         ));
-        assert!(!looks_like_descriptor(b"# Disk DescriptorFile\0\0"));
+        assert!(looks_like_descriptor(
+            b"# Disk DescriptorFile\ncreateType=\"x\"\n\0\0"
+        ));
+        assert!(!looks_like_descriptor(b"# Disk DescriptorFile\n\0\x01"));
         assert!(!looks_like_descriptor(b"hello world"));
     }
 
