@@ -147,6 +147,21 @@ fn monolithic_sparse_with_odd_size_matches_qemu() {
 }
 
 #[test]
+fn sequential_grains_map_as_one_run() {
+    use cowdisk::formats::mapped::{MappedImage, Mapping};
+    let dir = temp_dir();
+    let image = create(dir.path(), "seq.vmdk", &[], "4M");
+    io(&image, &["write -P 0x09 0 2M"]);
+    let mut disk = VmdkDisk::open(&image, &OpenOptions::default()).unwrap();
+    let (mapping, run) = disk.map(0, 2048).unwrap();
+    assert!(matches!(mapping, Mapping::Data { .. }), "{mapping:?}");
+    assert_eq!(run, 2048, "1 MiB of contiguous grains should be one run");
+    let (mapping, run) = disk.map(4096, 4096).unwrap();
+    assert_eq!(mapping, Mapping::Unallocated);
+    assert_eq!(run, 4096);
+}
+
+#[test]
 fn zeroed_grain_entries_are_blank() {
     let dir = temp_dir();
     let image = create(dir.path(), "zg.vmdk", &["-o", "zeroed_grain=on"], "2M");

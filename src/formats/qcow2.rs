@@ -35,6 +35,9 @@
 //!   a zero flag in this mode.
 //! * A zero flag wins over the backing file: zero clusters in a child read
 //!   as zeros, not as the parent's data.
+//! * The dirty bit only says refcounts may be stale and the corrupt bit
+//!   asks writers to stop; neither affects what the tables map, so both are
+//!   read (QEMU too opens such images read-only).
 //! * Internal snapshots have their own L1 tables; only the active L1 (the one
 //!   in the header) describes the current disk.
 
@@ -111,6 +114,64 @@ enum Unit {
     Zero,
     /// Not in this image: the backing file's, or zeros.
     Absent,
+}
+
+/// How to decode the units of an L2 table.
+#[derive(Debug, Clone, Copy)]
+struct UnitLayout {
+    cluster_bits: u32,
+    extended_l2: bool,
+    has_zero_flag: bool,
+}
+
+impl UnitLayout {
+    /// What unit number `index` of an L2 table holds (host offsets are for
+    /// the unit's first byte).
+    fn unit(&self, table: &[u64], index: u64) -> std::result::Result<Unit, String> {
+        let cluster_size = 1u64 << self.cluster_bits;
+        let (cluster, sub) = if self.extended_l2 {
+            (index / SUBCLUSTERS, index % SUBCLUSTERS)
+        } else {
+            (index, 0)
+        };
+        let (entry, bitmap) = if self.extended_l2 {
+            let at = cluster as usize * 2;
+            (table[at], table[at + 1])
+        } else {
+            (table[cluster as usize], 0)
+        };
+        if entry & L2_COMPRESSED != 0 {
+            return Ok(Unit::Compressed(entry));
+        }
+        let host = entry & OFFSET_MASK;
+        if host & (cluster_size - 1) != 0 {
+            return Err(format!(
+                "entry {cluster} maps to unaligned host offset {host}"
+            ));
+        }
+        if !self.extended_l2 {
+            return Ok(if self.has_zero_flag && entry & L2_ZERO != 0 {
+                Unit::Zero
+            } else if host == 0 {
+                Unit::Absent
+            } else {
+                Unit::Data(host)
+            });
+        }
+        let allocated = bitmap >> sub & 1 != 0;
+        let zero = bitmap >> (sub + SUBCLUSTERS) & 1 != 0;
+        match (allocated, zero) {
+            (true, true) => Err(format!(
+                "entry {cluster} marks subcluster {sub} both allocated and zero"
+            )),
+            (true, false) if host == 0 => Err(format!(
+                "entry {cluster} has allocated subclusters but no host cluster"
+            )),
+            (true, false) => Ok(Unit::Data(host + sub * (cluster_size / SUBCLUSTERS))),
+            (false, true) => Ok(Unit::Zero),
+            (false, false) => Ok(Unit::Absent),
+        }
+    }
 }
 
 /// A qcow2 image opened read-only.
@@ -199,7 +260,14 @@ impl Qcow2Disk {
             .len();
         let header = read_header(&file, file_len, path)?;
         let cluster_size = 1u64 << header.cluster_bits;
-        let l1 = read_l1(&file, path, header.l1_offset, header.l1_entries_needed)?;
+        let l1 = read_l1(
+            &file,
+            path,
+            header.l1_offset,
+            header.l1_entries_needed,
+            cluster_size,
+            file_len,
+        )?;
         let table_bytes = cluster_size as usize;
         Ok(Qcow2Disk {
             file,
@@ -239,10 +307,11 @@ impl Qcow2Disk {
         self.path.display().to_string()
     }
 
-    /// What holds the virtual byte `pos`, and the end of the region (at
-    /// least the end of `pos`'s unit) that is uniformly so: a whole L2 span
-    /// when its L1 entry is empty.
-    fn lookup(&mut self, pos: u64) -> Result<(Unit, u64)> {
+    /// What holds the virtual byte `pos`, and the end of the region from
+    /// `pos` that is uniformly so (a whole L2 span when its L1 entry is
+    /// empty; otherwise following units of the same L2 table that continue
+    /// it, looking no further than `want_end`).
+    fn lookup(&mut self, pos: u64, want_end: u64) -> Result<(Unit, u64)> {
         let span = self.l2_span();
         let l1_index = pos / span;
         let l1_entry = *self.l1.get(l1_index as usize).ok_or_else(|| {
@@ -252,68 +321,55 @@ impl Qcow2Disk {
             ))
         })?;
         let l2_offset = l1_entry & OFFSET_MASK;
+        let table_start = l1_index * span;
         if l2_offset == 0 {
-            return Ok((Unit::Absent, (l1_index + 1) * span));
+            return Ok((Unit::Absent, table_start + span));
         }
-        let cluster_size = self.cluster_size();
-        let cluster_in_table = (pos % span) >> self.cluster_bits;
-        let extended_l2 = self.extended_l2;
-        let (entry, bitmap) = {
-            let table = self.l2_table(l1_index, l2_offset)?;
-            if extended_l2 {
-                let i = cluster_in_table as usize * 2;
-                (table[i], table[i + 1])
-            } else {
-                (table[cluster_in_table as usize], 0)
-            }
+        let layout = UnitLayout {
+            cluster_bits: self.cluster_bits,
+            extended_l2: self.extended_l2,
+            has_zero_flag: self.has_zero_flag,
         };
-        let cluster_start = pos & !(cluster_size - 1);
         let unit_size = self.unit_size();
-        let unit_start = pos & !(unit_size - 1);
-        let unit_end = unit_start + unit_size;
-
-        if entry & L2_COMPRESSED != 0 {
-            return Ok((Unit::Compressed(entry), cluster_start + cluster_size));
-        }
-        let host = entry & OFFSET_MASK;
-        if host & (cluster_size - 1) != 0 {
-            return Err(Error::Corrupt(format!(
-                "{}: L2 table at byte offset {l2_offset} maps cluster {} to unaligned host offset {host}",
-                self.describe(),
-                pos >> self.cluster_bits
-            )));
-        }
-        if !self.extended_l2 {
-            let unit = if self.has_zero_flag && entry & L2_ZERO != 0 {
-                Unit::Zero
-            } else if host == 0 {
-                Unit::Absent
-            } else {
-                Unit::Data(host + (pos - cluster_start))
-            };
-            return Ok((unit, cluster_start + cluster_size));
-        }
-        let sub = (pos - cluster_start) / unit_size;
-        let allocated = bitmap >> sub & 1 != 0;
-        let zero = bitmap >> (sub + SUBCLUSTERS) & 1 != 0;
-        let unit = match (allocated, zero) {
-            (true, true) => {
-                return Err(Error::Corrupt(format!(
-                    "{}: extended L2 entry in the table at byte offset {l2_offset} marks subcluster {sub} both allocated and zero",
-                    self.describe()
-                )))
+        let units_in_table = span / unit_size;
+        let first_index = (pos - table_start) / unit_size;
+        let name = self.describe();
+        let table = self.l2_table(l1_index, l2_offset)?;
+        let first = layout.unit(table, first_index).map_err(|why| {
+            Error::Corrupt(format!(
+                "{name}: L2 table at byte offset {l2_offset}: {why}"
+            ))
+        })?;
+        let mut next_index = first_index + 1;
+        if !matches!(first, Unit::Compressed(_)) {
+            while next_index < units_in_table && table_start + next_index * unit_size < want_end {
+                // A damaged entry further on ends the run; it is reported
+                // when (if) that unit is read.
+                let Ok(next) = layout.unit(table, next_index) else {
+                    break;
+                };
+                let distance = (next_index - first_index) * unit_size;
+                let continues = match (first, next) {
+                    (Unit::Data(host), Unit::Data(next_host)) => next_host == host + distance,
+                    (Unit::Zero, Unit::Zero) | (Unit::Absent, Unit::Absent) => true,
+                    _ => false,
+                };
+                if !continues {
+                    break;
+                }
+                next_index += 1;
             }
-            (true, false) if host == 0 => {
-                return Err(Error::Corrupt(format!(
-                    "{}: extended L2 entry in the table at byte offset {l2_offset} has allocated subclusters but no host cluster",
-                    self.describe()
-                )))
-            }
-            (true, false) => Unit::Data(host + (pos - cluster_start)),
-            (false, true) => Unit::Zero,
-            (false, false) => Unit::Absent,
+        }
+        let end = match first {
+            // A compressed cluster is one unit however it is subdivided.
+            Unit::Compressed(_) => (pos | (self.cluster_size() - 1)) + 1,
+            _ => table_start + next_index * unit_size,
         };
-        Ok((unit, unit_end))
+        let unit = match first {
+            Unit::Data(host) => Unit::Data(host + (pos % unit_size)),
+            other => other,
+        };
+        Ok((unit, end))
     }
 
     /// The L2 table that L1 entry `l1_index` points at, from the cache or
@@ -554,11 +610,34 @@ fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Header> {
     })
 }
 
-fn read_l1(file: &File, path: &Path, offset: u64, entries: u64) -> Result<Vec<u64>> {
+/// Reads the active L1 table and checks every L2 table it names is
+/// cluster-aligned and inside the file, so a damaged table fails at open.
+fn read_l1(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    entries: u64,
+    cluster_size: u64,
+    file_len: u64,
+) -> Result<Vec<u64>> {
     let mut raw = vec![0u8; (entries * 8) as usize];
     file.read_exact_at(&mut raw, offset)
         .map_err(|e| Error::read(&format!("{} L1 table", path.display()), offset, e))?;
-    Ok(raw.chunks_exact(8).map(|c| be64(c, 0)).collect())
+    let l1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+    for (index, entry) in l1.iter().enumerate() {
+        let l2 = entry & OFFSET_MASK;
+        let inside = l2
+            .checked_add(cluster_size)
+            .is_some_and(|end| end <= file_len);
+        if l2 != 0 && (l2 & (cluster_size - 1) != 0 || !inside) {
+            return Err(Error::Corrupt(format!(
+                "{}: L1 entry {index} (table at byte offset {offset}) points at an L2 table at \
+                 byte offset {l2}, which is unaligned or not inside the {file_len}-byte file",
+                path.display()
+            )));
+        }
+    }
+    Ok(l1)
 }
 
 /// Inflates `input` into exactly `output.len()` bytes, never more: a stream
@@ -662,11 +741,11 @@ impl MappedImage for Qcow2Disk {
     fn map(&mut self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
         let start = lba * SECTOR_BYTES;
         let want_end = (lba + count) * SECTOR_BYTES;
-        let (first, mut end) = self.lookup(start)?;
+        let (first, mut end) = self.lookup(start, want_end)?;
         // Extend the run while the next region continues it: the same kind
         // of absent/zero region, or data that is contiguous in the file.
         while end < want_end && !matches!(first, Unit::Compressed(_)) {
-            let (next, next_end) = self.lookup(end)?;
+            let (next, next_end) = self.lookup(end, want_end)?;
             let continues = match (first, next) {
                 (Unit::Data(host), Unit::Data(next_host)) => next_host == host + (end - start),
                 (Unit::Zero, Unit::Zero) | (Unit::Absent, Unit::Absent) => true,

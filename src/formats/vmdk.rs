@@ -794,7 +794,20 @@ impl SparseExtent {
         let at = header.gd_sector * SECTOR_BYTES;
         file.read_exact_at(&mut raw, at)
             .map_err(|e| Error::read(&format!("{} grain directory", name(path)), at, e))?;
-        let directory = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
+        let directory: Vec<u32> = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
+        // Every grain table the directory names must lie inside the file, so
+        // a damaged directory fails at open rather than mid-read.
+        let table_bytes = gtes_per_gt * 4;
+        for (index, table) in directory.iter().enumerate() {
+            let table_at = u64::from(*table) * SECTOR_BYTES;
+            if *table != 0 && table_at + table_bytes > file_len {
+                return Err(Error::Corrupt(format!(
+                    "{}: grain directory entry {index} (directory at byte offset {at}) points at a \
+                     grain table at byte offset {table_at}, past the end of the {file_len}-byte file",
+                    path.display()
+                )));
+            }
+        }
         Ok(SparseExtent {
             file,
             path: path.to_path_buf(),
@@ -814,8 +827,10 @@ impl SparseExtent {
     }
 
     /// What holds local sector `sector`, and the end (exclusive, in
-    /// sectors) of the region that is uniformly so.
-    fn lookup(&mut self, sector: u64) -> Result<(Unit, u64)> {
+    /// sectors) of the region from it that is uniformly so: a whole table's
+    /// span when the directory has no table, else the following grains of
+    /// the same table that continue it, looking no further than `want_end`.
+    fn lookup(&mut self, sector: u64, want_end: u64) -> Result<(Unit, u64)> {
         let grain = sector / self.grain_sectors;
         let table_index = grain / self.gtes_per_gt;
         let table_span = self.grain_sectors * self.gtes_per_gt;
@@ -828,17 +843,40 @@ impl SparseExtent {
         if table_sector == 0 {
             return Ok((Unit::Absent, (table_index + 1) * table_span));
         }
-        let within_table = (grain % self.gtes_per_gt) as usize;
-        let entry = self.grain_table(table_index, table_sector)?[within_table];
-        let grain_start = grain * self.grain_sectors;
-        let grain_end = grain_start + self.grain_sectors;
-        let unit = match entry {
+        let compressed = self.compressed;
+        let grain_sectors = self.grain_sectors;
+        let grain_bytes = grain_sectors * SECTOR_BYTES;
+        let table_first_grain = table_index * self.gtes_per_gt;
+        let classify = |entry: u32| match entry {
             0 => Unit::Absent,
             GRAIN_ZERO => Unit::Zero,
-            at if self.compressed => Unit::Compressed(u64::from(at)),
-            at => Unit::Data((u64::from(at) + (sector - grain_start)) * SECTOR_BYTES),
+            at if compressed => Unit::Compressed(u64::from(at)),
+            at => Unit::Data(u64::from(at) * SECTOR_BYTES),
         };
-        Ok((unit, grain_end))
+        let table = self.grain_table(table_index, table_sector)?;
+        let within = (grain - table_first_grain) as usize;
+        let first = classify(table[within]);
+        let mut next = within + 1;
+        if !matches!(first, Unit::Compressed(_)) {
+            while next < table.len() && (table_first_grain + next as u64) * grain_sectors < want_end
+            {
+                let distance = (next - within) as u64 * grain_bytes;
+                let continues = match (first, classify(table[next])) {
+                    (Unit::Data(at), Unit::Data(next_at)) => next_at == at + distance,
+                    (Unit::Zero, Unit::Zero) | (Unit::Absent, Unit::Absent) => true,
+                    _ => false,
+                };
+                if !continues {
+                    break;
+                }
+                next += 1;
+            }
+        }
+        let unit = match first {
+            Unit::Data(at) => Unit::Data(at + (sector % grain_sectors) * SECTOR_BYTES),
+            other => other,
+        };
+        Ok((unit, (table_first_grain + next as u64) * grain_sectors))
     }
 
     fn grain_table(&mut self, table_index: u64, table_sector: u32) -> Result<&[u32]> {
@@ -974,9 +1012,9 @@ impl MappedImage for VmdkDisk {
                 want_end - local,
             )),
             ExtentKind::Sparse(sparse) => {
-                let (first, mut end) = sparse.lookup(local)?;
+                let (first, mut end) = sparse.lookup(local, want_end)?;
                 while end < want_end && !matches!(first, Unit::Compressed(_)) {
-                    let (next, next_end) = sparse.lookup(end)?;
+                    let (next, next_end) = sparse.lookup(end, want_end)?;
                     let continues = match (first, next) {
                         (Unit::Data(at), Unit::Data(next_at)) => {
                             next_at == at + (end - local) * SECTOR_BYTES

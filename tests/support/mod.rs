@@ -73,7 +73,10 @@ pub fn qemu_map(image: &Path) -> Vec<MapEntry> {
     let text = String::from_utf8(out).unwrap();
     let field = |obj: &str, name: &str| -> String {
         let key = format!("\"{name}\":");
-        let at = obj.find(&key).unwrap_or_else(|| panic!("no {name} in {obj}")) + key.len();
+        let at = obj
+            .find(&key)
+            .unwrap_or_else(|| panic!("no {name} in {obj}"))
+            + key.len();
         obj[at..]
             .trim_start()
             .chars()
