@@ -457,7 +457,10 @@ fn encryption_external_data_zstd_and_unknown_features_are_refused() {
     );
     refused(&enc, "encrypt");
 
-    let data = create(dir.path(), "ext.qcow2", &["-o", "data_file=ext.data"], "1M");
+    // qemu-img resolves the data file against its working directory, so
+    // give it a full path inside the test's folder.
+    let data_opt = format!("data_file={}", path_in(dir.path(), "ext.data").display());
+    let data = create(dir.path(), "ext.qcow2", &["-o", &data_opt], "1M");
     refused(&data, "external data file");
 
     let zstd = create(
