@@ -9,10 +9,12 @@ use crate::error::{Error, Result};
 
 pub mod mapped;
 pub mod parallels;
+pub mod qcow2;
 pub mod raw;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
+pub mod vmdk;
 
 /// How a source image may be opened.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +40,16 @@ pub struct FormatProbe {
 /// file.
 pub fn builtin_formats() -> &'static [FormatProbe] {
     &[
+        FormatProbe {
+            name: "qcow2",
+            probe: qcow2::probe,
+            open_at_depth: qcow2::open_boxed,
+        },
+        FormatProbe {
+            name: "vmdk",
+            probe: vmdk::probe,
+            open_at_depth: vmdk::open_boxed,
+        },
         FormatProbe {
             name: "vdi",
             probe: vdi::probe,
