@@ -16,6 +16,7 @@ pub mod disk;
 pub mod error;
 pub mod formats;
 pub mod overlay;
+pub mod store;
 
 pub mod ffi;
 

@@ -662,7 +662,7 @@ impl VhdDisk {
         while run < in_this_block {
             let sector = in_block + run;
             // Whole bytes that agree with `present` are skipped at once.
-            if sector % 8 == 0 && run + 8 <= in_this_block {
+            if sector.is_multiple_of(8) && run + 8 <= in_this_block {
                 let byte = bitmap[(sector / 8) as usize];
                 if byte == if present { 0xFF } else { 0x00 } {
                     run += 8;

@@ -234,8 +234,8 @@ pub(super) fn replay(
 ) -> Result<ReplaySummary> {
     let name = view.name.clone();
     if log_len == 0
-        || log_len % MIB != 0
-        || log_offset % MIB != 0
+        || !log_len.is_multiple_of(MIB)
+        || !log_offset.is_multiple_of(MIB)
         || log_offset < MIB
         || !matches!(log_offset.checked_add(log_len), Some(end) if end <= view.file_len)
     {

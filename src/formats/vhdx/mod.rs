@@ -392,7 +392,7 @@ fn read_header(file: &File, name: &str) -> Result<Header> {
             log_length: LittleEndian::read_u32(&raw[68..]),
             log_offset: LittleEndian::read_u64(&raw[72..]),
         };
-        if best.as_ref().map_or(true, |b| header.sequence > b.sequence) {
+        if best.as_ref().is_none_or(|b| header.sequence > b.sequence) {
             best = Some(header);
         }
     }
@@ -656,7 +656,7 @@ fn read_parent_locator(view: &FileView, at: u64, len: u64) -> Result<VhdxParentL
     let text = |offset: u32, length: u16| -> Result<String> {
         let from = offset as usize;
         let to = from + usize::from(length);
-        if to > item.len() || length % 2 != 0 {
+        if to > item.len() || !length.is_multiple_of(2) {
             return Err(Error::Corrupt(format!(
                 "{name}: parent locator string of {length} bytes at item offset {offset} \
                  (locator at byte offset {at}) is outside the item"
