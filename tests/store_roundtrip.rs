@@ -6,81 +6,9 @@ mod support;
 
 use cowdisk::error::code;
 use cowdisk::{Disk, MemDisk, Overlay, OverlayOptions};
+
 use proptest::prelude::*;
-use support::model::{len, op, pos, source, Model, Op, S};
-
-/// Applies one random op to both; returns false if they disagreed on the
-/// outcome (the caller asserts).
-fn apply(overlay: &mut Overlay, model: &mut Model, op: &Op) {
-    let size = model.sectors();
-    let code_of = |r: cowdisk::Result<()>| r.map_err(|e| e.code());
-    match *op {
-        Op::Insert(a, b) => {
-            let (at, n) = (pos(a, size), u64::from(b) % 300);
-            assert_eq!(
-                code_of(overlay.insert(at, n)),
-                model.insert(at, n),
-                "{op:?}"
-            );
-        }
-        Op::Move(a, b, c) => {
-            let from = pos(a, size);
-            let n = len(c, from, size, 400);
-            let to = pos(b, size);
-            assert_eq!(
-                code_of(overlay.move_sectors(from, to, n)),
-                model.move_sectors(from, to, n),
-                "{op:?}"
-            );
-        }
-        Op::Write(a, b, seed) => {
-            let at = pos(a, size);
-            let n = len(b, at, size, 200);
-            let bytes: Vec<u8> = (0..n as usize * S)
-                .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
-                .collect();
-            assert_eq!(
-                code_of(overlay.write(at, &bytes)),
-                model.write(at, &bytes),
-                "{op:?}"
-            );
-        }
-        Op::Delete(a, b) => {
-            let at = pos(a, size);
-            let n = len(b, at, size, 300);
-            assert_eq!(
-                code_of(overlay.delete(at, n)),
-                model.delete(at, n),
-                "{op:?}"
-            );
-        }
-        Op::Discard(a, b) => {
-            let at = pos(a, size);
-            let n = len(b, at, size, 300);
-            assert_eq!(
-                code_of(overlay.discard(at, n)),
-                model.discard(at, n),
-                "{op:?}"
-            );
-        }
-        Op::Read(..) | Op::Status(..) => {}
-    }
-}
-
-/// Every byte and every sector's status of the overlay equal the model's.
-fn assert_same(overlay: &mut Overlay, model: &Model, when: &str) {
-    assert_eq!(overlay.sector_count(), model.sectors(), "size {when}");
-    let mut all = vec![0u8; model.data.len()];
-    overlay.read_sectors(0, &mut all).unwrap();
-    assert!(all == model.data, "bytes differ {when}");
-    for s in 0..model.sectors() {
-        assert_eq!(
-            overlay.block_status(s, 1).unwrap(),
-            model.status[s as usize],
-            "status of sector {s} {when}"
-        );
-    }
-}
+use support::model::{apply, assert_same, op, source, Model};
 
 fn reopen(path: &std::path::Path, src: &MemDisk, read_only: bool) -> Overlay {
     Overlay::open_persistent(path, Box::new(src.clone()), read_only).unwrap()
@@ -105,7 +33,7 @@ proptest! {
         let options = OverlayOptions { granularity, ..OverlayOptions::default() };
         let mut overlay = Overlay::create_persistent(Box::new(src.clone()), &path, options).unwrap();
         for (i, op) in ops.iter().enumerate() {
-            apply(&mut overlay, &mut model, op);
+            apply(&mut overlay, &mut model, op).unwrap();
             if i % reopen_every == reopen_every - 1 {
                 // Alternate: a clean close, and a plain drop after a flush.
                 if i % 2 == 0 {

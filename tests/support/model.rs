@@ -212,3 +212,150 @@ impl Model {
         }
     }
 }
+
+/// Applies `op` to the overlay, and to the model when the overlay accepted
+/// it. An outcome the model agrees with (success, or the same error with
+/// both unchanged) is `Ok`; any other overlay error is returned (a crash
+/// test expects one when its storage has lost power).
+pub fn apply(
+    overlay: &mut cowdisk::Overlay,
+    model: &mut Model,
+    op: &Op,
+) -> Result<(), cowdisk::Error> {
+    use cowdisk::Disk;
+    let size = model.sectors();
+    let write_bytes = |n: u64, seed: u8| -> Vec<u8> {
+        (0..n as usize * S)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+            .collect()
+    };
+    let (result, expected) = match *op {
+        Op::Insert(a, b) => {
+            let (at, n) = (pos(a, size), u64::from(b) % 300);
+            (overlay.insert(at, n), model.clone().insert(at, n))
+        }
+        Op::Move(a, b, c) => {
+            let from = pos(a, size);
+            let n = len(c, from, size, 400);
+            let to = pos(b, size);
+            (
+                overlay.move_sectors(from, to, n),
+                model.clone().move_sectors(from, to, n),
+            )
+        }
+        Op::Write(a, b, seed) => {
+            let at = pos(a, size);
+            let bytes = write_bytes(len(b, at, size, 200), seed);
+            (overlay.write(at, &bytes), model.clone().write(at, &bytes))
+        }
+        Op::Delete(a, b) => {
+            let at = pos(a, size);
+            let n = len(b, at, size, 300);
+            (overlay.delete(at, n), model.clone().delete(at, n))
+        }
+        Op::Discard(a, b) => {
+            let at = pos(a, size);
+            let n = len(b, at, size, 300);
+            (overlay.discard(at, n), model.clone().discard(at, n))
+        }
+        Op::Read(a, b) => {
+            let at = pos(a, size);
+            let n = len(b, at, size, u64::MAX);
+            let mut buf = vec![0u8; n as usize * S];
+            let got = overlay.read_sectors(at, &mut buf);
+            match (&got, model.read(at, n)) {
+                (Ok(status), Ok((bytes, want))) => {
+                    assert_eq!(*status, want, "status of {op:?}");
+                    assert!(buf == bytes, "bytes of {op:?}");
+                    return Ok(());
+                }
+                (Err(e), Err(code)) if e.code() == code => return Ok(()),
+                (Ok(_), Err(code)) => panic!("{op:?} succeeded; the model says error {code:#x}"),
+                (Err(_), _) => return got.map(|_| ()),
+            }
+        }
+        Op::Status(a, b) => {
+            let at = pos(a, size);
+            let n = len(b, at, size, u64::MAX);
+            let got = overlay.block_status(at, n);
+            match (&got, model.status_of(at, n)) {
+                (Ok(s), Ok(want)) => {
+                    assert_eq!(*s, want, "{op:?}");
+                    return Ok(());
+                }
+                (Err(e), Err(code)) if e.code() == code => return Ok(()),
+                (Ok(_), Err(code)) => panic!("{op:?} succeeded; the model says error {code:#x}"),
+                (Err(_), _) => return got.map(|_| ()),
+            }
+        }
+    };
+    match (result, expected) {
+        (Ok(()), Ok(())) => {
+            // Replay on the real model now that the overlay acknowledged.
+            let mut again = model.clone();
+            let _ = match *op {
+                Op::Insert(a, b) => again.insert(pos(a, size), u64::from(b) % 300),
+                Op::Move(a, b, c) => {
+                    let from = pos(a, size);
+                    again.move_sectors(from, pos(b, size), len(c, from, size, 400))
+                }
+                Op::Write(a, b, seed) => {
+                    let at = pos(a, size);
+                    again.write(at, &write_bytes(len(b, at, size, 200), seed))
+                }
+                Op::Delete(a, b) => {
+                    let at = pos(a, size);
+                    again.delete(at, len(b, at, size, 300))
+                }
+                Op::Discard(a, b) => {
+                    let at = pos(a, size);
+                    again.discard(at, len(b, at, size, 300))
+                }
+                Op::Read(..) | Op::Status(..) => Ok(()),
+            };
+            *model = again;
+            Ok(())
+        }
+        (Err(e), Err(code)) if e.code() == code => Ok(()),
+        (Ok(()), Err(code)) => panic!("{op:?} succeeded; the model says error {code:#x}"),
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// True when every byte and every sector's status of the overlay equal the
+/// model's.
+pub fn same(overlay: &mut cowdisk::Overlay, model: &Model) -> bool {
+    use cowdisk::Disk;
+    if overlay.sector_count() != model.sectors() {
+        return false;
+    }
+    let mut all = vec![0u8; model.data.len()];
+    if overlay.read_sectors(0, &mut all).is_err() || all != model.data {
+        return false;
+    }
+    (0..model.sectors()).all(|s| overlay.block_status(s, 1).ok() == Some(model.status[s as usize]))
+}
+
+/// Asserts `same`, naming the moment.
+pub fn assert_same(overlay: &mut cowdisk::Overlay, model: &Model, when: &str) {
+    assert!(same(overlay, model), "overlay and model differ {when}");
+}
+
+/// A random op from a xorshift state (for loops that are not proptests).
+pub fn random_op(rng: &mut u64) -> Op {
+    let mut next = || {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        *rng as u32
+    };
+    match next() % 14 {
+        0 | 1 => Op::Insert(next(), next()),
+        2..=4 => Op::Move(next(), next(), next()),
+        5..=8 => Op::Write(next(), next(), next() as u8),
+        9 => Op::Delete(next(), next()),
+        10 | 11 => Op::Discard(next(), next()),
+        12 => Op::Read(next(), next()),
+        _ => Op::Status(next(), next()),
+    }
+}
