@@ -185,6 +185,13 @@ typedef struct COWOVL *HCOW;
 #define COW_OPEN_FOLLOW_PARENTS 1
 
 /**
+ * COW_OpenCowOverlay flags: open the store read-only (edits fail with
+ * COW_ERR_READ_ONLY; a log that needs replay is replayed in memory and the
+ * file is not touched).
+ */
+#define COW_OPEN_READ_ONLY 2
+
+/**
  * COW_EXTENT.kind: inserted or discarded space (reads zero, NOTALLOC).
  */
 #define COW_EXTENT_NONE 0
@@ -217,8 +224,8 @@ typedef struct COW_OPTIONS {
    */
   uint64_t flags;
   /**
-   * Path of a persistent store file; NULL = an anonymous temporary store
-   * removed on close (the legacy behaviour, and for now the only one).
+   * Path of a new persistent store file (it must not exist); NULL = an
+   * anonymous temporary store removed on close (the legacy behaviour).
    */
   const char *store_path;
 } COW_OPTIONS;
@@ -253,6 +260,49 @@ typedef struct COW_EXTENT {
   uint32_t kind;
   uint32_t reserved;
 } COW_EXTENT;
+
+/**
+ * What COW_CheckOverlayStore found. Set struct_size before the call.
+ */
+typedef struct COW_CHECK_REPORT {
+  /**
+   * sizeof(COW_CHECK_REPORT) as the caller compiled it.
+   */
+  uint32_t struct_size;
+  /**
+   * Nonzero when the store is consistent.
+   */
+  uint32_t consistent;
+  /**
+   * Extents in the map (0 if the map could not be read).
+   */
+  uint64_t extents;
+  /**
+   * Data units the store spans, and how many are in use.
+   */
+  uint64_t units_total;
+  uint64_t units_in_use;
+  /**
+   * Units the free-space bitmap marks used that nothing references.
+   */
+  uint64_t leaked_units;
+  /**
+   * Units the map references that the bitmap marks free.
+   */
+  uint64_t unmarked_units;
+  /**
+   * Store sectors referenced more than once.
+   */
+  uint64_t doubly_used_sectors;
+  /**
+   * Log transactions an open would replay.
+   */
+  uint64_t pending_transactions;
+  /**
+   * The problems found, one per line, NUL-terminated (truncated to fit).
+   */
+  char problems[512];
+} COW_CHECK_REPORT;
 
 /**
  * The disk method table, in the legacy layout. Every open disk - ours or
@@ -357,11 +407,13 @@ int COW_InitOptions(struct COW_OPTIONS *options);
 HVDDR COW_CreateCowOverlay(HVDDR src);
 
 /**
- * COW_CreateCowOverlay with options (NULL = defaults). Fails with
- * COW_ERR_INVALID_ARG for a struct_size smaller than the first version of
- * COW_OPTIONS, a granularity that is not a power of two in 8..65536, or
- * unknown flags; with COW_ERR_UNSUPPORTED for a store_path (persistent
- * stores are not available yet). Ownership as COW_CreateCowOverlay.
+ * COW_CreateCowOverlay with options (NULL = defaults). With a store_path,
+ * the overlay lives in a new persistent store file there (it must not
+ * exist: COW_ERR_OPEN otherwise), locked against other users while open;
+ * reopen it later with COW_OpenCowOverlay. Fails with COW_ERR_INVALID_ARG
+ * for a struct_size smaller than the first version of COW_OPTIONS, a
+ * granularity that is not a power of two in 8..65536, or unknown flags.
+ * Ownership as COW_CreateCowOverlay.
  */
 HVDDR COW_CreateCowOverlayEx(HVDDR src, const struct COW_OPTIONS *options);
 
@@ -434,8 +486,10 @@ int COW_ReadPage(HVDDR h, void *buf, uint32_t iPage, uint32_t SPBshift);
 int COW_ReadSectors(HVDDR h, void *buf, uint64_t LBA, uint32_t nSectors);
 
 /**
- * Closes a handle: an overlay drops its store and closes its source; a
- * disk closes its files. Always returns NULL (assign it to the handle).
+ * Closes a handle: an overlay flushes a persistent store (or drops an
+ * anonymous one) and closes its source; a disk closes its files. Always
+ * returns NULL (assign it to the handle); the handle is gone even when a
+ * persistent store's final flush fails, which sets the last error.
  * A bad handle sets COW_ERR_INVHANDLE.
  */
 HVDDR COW_Close(HVDDR h);
@@ -508,6 +562,37 @@ int COW_GetExtent(HCOW h, uint64_t index, struct COW_EXTENT *extent);
  * COW_ERR_INVBLOCK when LBA is past the end.
  */
 int COW_GetExtentAt(HCOW h, uint64_t LBA, struct COW_EXTENT *extent);
+
+/**
+ * Reopens the persistent overlay store at `store_path` over `src` (after a
+ * close or a crash): the store's log is replayed, and `src` must be the
+ * disk the store was made on - its size, UUID (where it has one) and a
+ * fingerprint of sampled sectors are checked (COW_ERR_SOURCE_MISMATCH
+ * names which differs). `flags`: COW_OPEN_READ_ONLY opens for inspection
+ * and cloning only (replaying in memory, the file untouched). A store open
+ * for writing elsewhere fails with COW_ERR_LOCKED; a damaged one with
+ * COW_ERR_CORRUPT naming the structure and offset. Ownership of `src` as
+ * COW_CreateCowOverlay: adopted on success, still the caller's on failure.
+ */
+HVDDR COW_OpenCowOverlay(const char *store_path, HVDDR src, uint32_t flags);
+
+/**
+ * The durability point of a persistent overlay: every edit and write
+ * acknowledged before it survives a crash. TRUE on success (also for an
+ * anonymous store, where there is nothing to do).
+ */
+int COW_Flush(HCOW h);
+
+/**
+ * Checks the consistency of the persistent store at `store_path` without
+ * changing it (its log is replayed in memory): structures and CRCs, the
+ * extent map, sectors used twice, and the free-space bitmap against what
+ * the map references. Fills `report` (set report->struct_size first).
+ * Returns TRUE when the check ran - read report->consistent for the
+ * verdict - or FALSE when the file cannot be opened or is locked by a
+ * writer (COW_ERR_LOCKED).
+ */
+int COW_CheckOverlayStore(const char *store_path, struct COW_CHECK_REPORT *report);
 
 #ifdef __cplusplus
 }  // extern "C"

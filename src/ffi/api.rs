@@ -5,7 +5,7 @@
 use std::ffi::{CStr, OsStr};
 use std::os::raw::{c_char, c_int, c_void};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::handle::{self, Object};
 use super::source::CallerDisk;
@@ -182,49 +182,82 @@ pub unsafe extern "C" fn COW_CreateCowOverlay(src: HVDDR) -> HVDDR {
     unsafe { COW_CreateCowOverlayEx(src, std::ptr::null()) }
 }
 
-/// COW_CreateCowOverlay with options (NULL = defaults). Fails with
-/// COW_ERR_INVALID_ARG for a struct_size smaller than the first version of
-/// COW_OPTIONS, a granularity that is not a power of two in 8..65536, or
-/// unknown flags; with COW_ERR_UNSUPPORTED for a store_path (persistent
-/// stores are not available yet). Ownership as COW_CreateCowOverlay.
+/// COW_CreateCowOverlay with options (NULL = defaults). With a store_path,
+/// the overlay lives in a new persistent store file there (it must not
+/// exist: COW_ERR_OPEN otherwise), locked against other users while open;
+/// reopen it later with COW_OpenCowOverlay. Fails with COW_ERR_INVALID_ARG
+/// for a struct_size smaller than the first version of COW_OPTIONS, a
+/// granularity that is not a power of two in 8..65536, or unknown flags.
+/// Ownership as COW_CreateCowOverlay.
 #[no_mangle]
 pub unsafe extern "C" fn COW_CreateCowOverlayEx(src: HVDDR, options: *const COW_OPTIONS) -> HVDDR {
     guard(|| {
-        if src.is_null() {
-            return Err(Error::InvalidHandle("the source handle is NULL".into()));
-        }
         // SAFETY: NULL or a COW_OPTIONS of at least struct_size bytes.
-        let overlay_options = unsafe { read_options(options) }?;
-        let store = FileStorage::anonymous()?;
-        let overlay = if handle::is_ours(src) {
-            handle::adopt(src, |mut object| {
-                match Overlay::check_source(object.disk(), &overlay_options) {
-                    Ok(()) => Ok(Overlay::assemble(
-                        object.into_disk(),
-                        Box::new(store),
-                        overlay_options,
-                    )),
-                    Err(e) => Err((object, e)),
+        let (overlay_options, store_path) = unsafe { read_options(options) }?;
+        // Everything that can fail happens before the source is taken, so
+        // on failure the caller still owns it.
+        let build = |disk: &mut dyn Disk| -> Result<Builder> {
+            match &store_path {
+                Some(path) => Ok(Builder::Persistent(Overlay::prepare_persistent(
+                    path,
+                    disk,
+                    overlay_options,
+                )?)),
+                None => {
+                    Overlay::check_source(disk, &overlay_options)?;
+                    Ok(Builder::Anonymous(FileStorage::anonymous()?))
                 }
-            })?
-        } else {
-            // SAFETY: not ours and not NULL: per the contract, the caller's
-            // own object starting with a VDDR table.
-            let caller = unsafe { CallerDisk::new(src) }?;
-            if let Err(e) = Overlay::check_source(&caller, &overlay_options) {
-                caller.release();
-                return Err(e);
             }
-            Overlay::assemble(Box::new(caller), Box::new(store), overlay_options)
         };
+        let finish = |builder: Builder, disk: Box<dyn Disk>| match builder {
+            Builder::Persistent(prepared) => prepared.attach(disk),
+            Builder::Anonymous(store) => Overlay::assemble(disk, Box::new(store), overlay_options),
+        };
+        let overlay = adopt_source(src, build, finish)?;
         Ok(handle::register(Object::Overlay(Box::new(overlay))))
     })
 }
 
+/// An overlay's store, prepared before the source is taken.
+enum Builder {
+    Persistent(crate::overlay::PreparedStore),
+    Anonymous(FileStorage),
+}
+
+/// Takes `src` (a handle of ours or a caller's own object) to build an
+/// overlay: `prepare` may fail and leaves the source with the caller;
+/// `attach` cannot fail and takes it.
+fn adopt_source<P>(
+    src: HVDDR,
+    prepare: impl FnOnce(&mut dyn Disk) -> Result<P>,
+    attach: impl FnOnce(P, Box<dyn Disk>) -> Overlay,
+) -> Result<Overlay> {
+    if src.is_null() {
+        return Err(Error::InvalidHandle("the source handle is NULL".into()));
+    }
+    if handle::is_ours(src) {
+        handle::adopt(src, |mut object| match prepare(object.disk()) {
+            Ok(prepared) => Ok(attach(prepared, object.into_disk())),
+            Err(e) => Err((object, e)),
+        })
+    } else {
+        // SAFETY: not ours and not NULL: per the contract, the caller's own
+        // object starting with a VDDR table.
+        let mut caller = unsafe { CallerDisk::new(src) }?;
+        match prepare(&mut caller) {
+            Ok(prepared) => Ok(attach(prepared, Box::new(caller))),
+            Err(e) => {
+                caller.release();
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Reads a caller's COW_OPTIONS, honouring its struct_size.
-unsafe fn read_options(options: *const COW_OPTIONS) -> Result<OverlayOptions> {
+unsafe fn read_options(options: *const COW_OPTIONS) -> Result<(OverlayOptions, Option<PathBuf>)> {
     if options.is_null() {
-        return Ok(OverlayOptions::default());
+        return Ok((OverlayOptions::default(), None));
     }
     // The first version's fields; a later, larger struct starts with them.
     // SAFETY: the caller passes at least struct_size readable bytes; we read
@@ -245,12 +278,8 @@ unsafe fn read_options(options: *const COW_OPTIONS) -> Result<OverlayOptions> {
             o.flags & !COW_OPT_DETECT_ZEROS
         )));
     }
-    if !o.store_path.is_null() {
-        return Err(Error::Unsupported(
-            "persistent overlay stores (COW_OPTIONS.store_path) are not available in this version"
-                .into(),
-        ));
-    }
+    // SAFETY: NULL or a NUL-terminated string, per the contract.
+    let store_path = unsafe { c_path(o.store_path) };
     let result = OverlayOptions {
         granularity: if o.granularity == 0 {
             DEFAULT_GRANULARITY
@@ -260,7 +289,18 @@ unsafe fn read_options(options: *const COW_OPTIONS) -> Result<OverlayOptions> {
         detect_zeros: o.flags & COW_OPT_DETECT_ZEROS != 0,
     };
     result.validate()?;
-    Ok(result)
+    Ok((result, store_path))
+}
+
+/// A C path string as a Path (NULL gives None). Bytes, not UTF-8: any
+/// file name works.
+unsafe fn c_path(path: *const c_char) -> Option<PathBuf> {
+    if path.is_null() {
+        return None;
+    }
+    // SAFETY: non-NULL and NUL-terminated per the caller's contract.
+    let bytes = unsafe { CStr::from_ptr(path) }.to_bytes();
+    Some(PathBuf::from(OsStr::from_bytes(bytes)))
 }
 
 // ---------------------------------------------------------------------------
@@ -447,13 +487,18 @@ pub unsafe extern "C" fn COW_ReadSectors(
     })
 }
 
-/// Closes a handle: an overlay drops its store and closes its source; a
-/// disk closes its files. Always returns NULL (assign it to the handle).
+/// Closes a handle: an overlay flushes a persistent store (or drops an
+/// anonymous one) and closes its source; a disk closes its files. Always
+/// returns NULL (assign it to the handle); the handle is gone even when a
+/// persistent store's final flush fails, which sets the last error.
 /// A bad handle sets COW_ERR_INVHANDLE.
 #[no_mangle]
 pub unsafe extern "C" fn COW_Close(h: HVDDR) -> HVDDR {
     guard(|| {
-        handle::close(h)?;
+        if let Object::Overlay(overlay) = handle::take(h)? {
+            // A persistent overlay flushes and checkpoints; report failure.
+            overlay.close()?;
+        }
         Ok(std::ptr::null_mut())
     })
 }
@@ -626,6 +671,102 @@ pub unsafe extern "C" fn COW_GetExtentAt(h: HCOW, LBA: u64, extent: *mut COW_EXT
         non_null(extent, "extent")?;
         // SAFETY: non-NULL out pointer.
         unsafe { extent.write(c_extent(found.0, found.1)) };
+        Ok(TRUE)
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Persistent stores
+
+/// Reopens the persistent overlay store at `store_path` over `src` (after a
+/// close or a crash): the store's log is replayed, and `src` must be the
+/// disk the store was made on - its size, UUID (where it has one) and a
+/// fingerprint of sampled sectors are checked (COW_ERR_SOURCE_MISMATCH
+/// names which differs). `flags`: COW_OPEN_READ_ONLY opens for inspection
+/// and cloning only (replaying in memory, the file untouched). A store open
+/// for writing elsewhere fails with COW_ERR_LOCKED; a damaged one with
+/// COW_ERR_CORRUPT naming the structure and offset. Ownership of `src` as
+/// COW_CreateCowOverlay: adopted on success, still the caller's on failure.
+#[no_mangle]
+pub unsafe extern "C" fn COW_OpenCowOverlay(
+    store_path: *const c_char,
+    src: HVDDR,
+    flags: u32,
+) -> HVDDR {
+    guard(|| {
+        non_null(store_path, "store_path")?;
+        if flags & !COW_OPEN_READ_ONLY != 0 {
+            return Err(Error::InvalidArgument(format!("unknown flags {flags:#x}")));
+        }
+        let read_only = flags & COW_OPEN_READ_ONLY != 0;
+        // SAFETY: non-NULL, NUL-terminated per the contract.
+        let path = unsafe { c_path(store_path) }.unwrap_or_default();
+        let overlay = adopt_source(
+            src,
+            |disk| {
+                let (storage, opened) = Overlay::load_persistent(&path, read_only)?;
+                Overlay::check_store_source(&opened, disk)?;
+                Ok((storage, opened))
+            },
+            |(storage, opened), disk| Overlay::from_opened(storage, opened, disk, read_only),
+        )?;
+        Ok(handle::register(Object::Overlay(Box::new(overlay))))
+    })
+}
+
+/// The durability point of a persistent overlay: every edit and write
+/// acknowledged before it survives a crash. TRUE on success (also for an
+/// anonymous store, where there is nothing to do).
+#[no_mangle]
+pub unsafe extern "C" fn COW_Flush(h: HCOW) -> c_int {
+    guard(|| with_overlay(h, |ov| ov.flush().map(|_| TRUE)))
+}
+
+/// Checks the consistency of the persistent store at `store_path` without
+/// changing it (its log is replayed in memory): structures and CRCs, the
+/// extent map, sectors used twice, and the free-space bitmap against what
+/// the map references. Fills `report` (set report->struct_size first).
+/// Returns TRUE when the check ran - read report->consistent for the
+/// verdict - or FALSE when the file cannot be opened or is locked by a
+/// writer (COW_ERR_LOCKED).
+#[no_mangle]
+pub unsafe extern "C" fn COW_CheckOverlayStore(
+    store_path: *const c_char,
+    report: *mut COW_CHECK_REPORT,
+) -> c_int {
+    guard(|| {
+        non_null(store_path, "store_path")?;
+        non_null(report, "report")?;
+        // SAFETY: non-NULL; struct_size is the first member.
+        let size = unsafe { std::ptr::addr_of!((*report).struct_size).read_unaligned() };
+        if (size as usize) < std::mem::size_of::<COW_CHECK_REPORT>() {
+            return Err(Error::InvalidArgument(format!(
+                "COW_CHECK_REPORT.struct_size {size} is smaller than {}",
+                std::mem::size_of::<COW_CHECK_REPORT>()
+            )));
+        }
+        // SAFETY: non-NULL, NUL-terminated per the contract.
+        let path = unsafe { c_path(store_path) }.unwrap_or_default();
+        let found = crate::store::check_store_file(&path)?;
+        let mut problems = [0 as c_char; 512];
+        let text = found.problems.join("\n");
+        for (dst, src) in problems.iter_mut().zip(text.bytes().take(511)) {
+            *dst = src as c_char;
+        }
+        let out = COW_CHECK_REPORT {
+            struct_size: size,
+            consistent: u32::from(found.is_consistent()),
+            extents: found.extents,
+            units_total: found.units_total,
+            units_in_use: found.units_in_use,
+            leaked_units: found.leaked_units,
+            unmarked_units: found.unmarked_units,
+            doubly_used_sectors: found.doubly_used_sectors,
+            pending_transactions: found.pending_transactions,
+            problems,
+        };
+        // SAFETY: non-NULL, large enough (checked above).
+        unsafe { report.write_unaligned(out) };
         Ok(TRUE)
     })
 }

@@ -158,14 +158,14 @@ pub(crate) fn adopt<T>(
     }
 }
 
-/// Closes handle `h`: removes it, drops its object (closing what it owns)
-/// and frees its memory.
-pub(crate) fn close(h: HVDDR) -> Result<()> {
+/// Retires handle `h` and gives its object to the caller (to close).
+pub(crate) fn take(h: HVDDR) -> Result<Object> {
     let handle = lookup(h)?;
-    let object = lock(&handle)?.take();
+    let object = lock(&handle)?
+        .take()
+        .ok_or_else(|| Error::InvalidHandle(format!("{h:p} was closed")));
     retire(h);
-    drop(object);
-    Ok(())
+    object
 }
 
 /// How many retired handles keep their memory before it is freed. While a

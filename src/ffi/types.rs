@@ -78,6 +78,10 @@ pub const COW_OPT_DETECT_ZEROS: u64 = 1;
 /// VDDR_OpenEx flags: follow parent/backing file paths named inside an
 /// image (off by default: such a path is untrusted input).
 pub const COW_OPEN_FOLLOW_PARENTS: u32 = 1;
+/// COW_OpenCowOverlay flags: open the store read-only (edits fail with
+/// COW_ERR_READ_ONLY; a log that needs replay is replayed in memory and the
+/// file is not touched).
+pub const COW_OPEN_READ_ONLY: u32 = 2;
 
 /// COW_EXTENT.kind: inserted or discarded space (reads zero, NOTALLOC).
 pub const COW_EXTENT_NONE: u32 = 0;
@@ -137,9 +141,34 @@ pub struct COW_OPTIONS {
     pub granularity: u32,
     /// COW_OPT_* flags.
     pub flags: u64,
-    /// Path of a persistent store file; NULL = an anonymous temporary store
-    /// removed on close (the legacy behaviour, and for now the only one).
+    /// Path of a new persistent store file (it must not exist); NULL = an
+    /// anonymous temporary store removed on close (the legacy behaviour).
     pub store_path: *const c_char,
+}
+
+/// What COW_CheckOverlayStore found. Set struct_size before the call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct COW_CHECK_REPORT {
+    /// sizeof(COW_CHECK_REPORT) as the caller compiled it.
+    pub struct_size: u32,
+    /// Nonzero when the store is consistent.
+    pub consistent: u32,
+    /// Extents in the map (0 if the map could not be read).
+    pub extents: u64,
+    /// Data units the store spans, and how many are in use.
+    pub units_total: u64,
+    pub units_in_use: u64,
+    /// Units the free-space bitmap marks used that nothing references.
+    pub leaked_units: u64,
+    /// Units the map references that the bitmap marks free.
+    pub unmarked_units: u64,
+    /// Store sectors referenced more than once.
+    pub doubly_used_sectors: u64,
+    /// Log transactions an open would replay.
+    pub pending_transactions: u64,
+    /// The problems found, one per line, NUL-terminated (truncated to fit).
+    pub problems: [c_char; 512],
 }
 
 /// One extent of an overlay's map (COW_GetExtent, COW_GetExtentAt).

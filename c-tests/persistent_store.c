@@ -1,0 +1,145 @@
+/* Persistent overlay stores through the C API: create with a store path,
+ * edit, close, reopen over the same source and verify every sector against
+ * what the edits imply; reopen over a different source (mismatch code);
+ * read-only reopen (edits refused, file untouched); a second writer refused
+ * while the first holds the store; the consistency check. */
+#include "testutil.h"
+#include "cow.h"
+
+#define SECTORS 4096u
+
+static unsigned char image[SECTORS * 512];
+static unsigned char other[SECTORS * 512];
+
+/* What the edited drive holds: the source with 100 sectors inserted at
+ * 1000 (zeros), then sector 0 and sectors 2000..2009 written with 0xA5. */
+static void expected_sector(uint32_t v, unsigned char *out)
+{
+    if (v == 0 || (v >= 2000 && v < 2010)) { memset(out, 0xA5, 512); return; }
+    if (v >= 1000 && v < 1100) { memset(out, 0, 512); return; }
+    memcpy(out, image + (size_t)(v < 1000 ? v : v - 100) * 512, 512);
+}
+
+static int verify(HVDDR ov)
+{
+    static unsigned char buf[64 * 512];
+    unsigned char want[512];
+    uint64_t size = 0;
+    uint32_t v, i;
+    int bad = 0;
+    if (!ov->GetDriveSize(ov, &size) || size != (uint64_t)(SECTORS + 100) * 512) return 0;
+    for (v = 0; v < SECTORS + 100; v += 64) {
+        uint32_t n = SECTORS + 100 - v < 64 ? SECTORS + 100 - v : 64;
+        if (ov->ReadSectors(ov, buf, v, n) == VDDR_RSLT_FAIL) return 0;
+        for (i = 0; i < n; i++) {
+            expected_sector(v + i, want);
+            if (memcmp(buf + (size_t)i * 512, want, 512) != 0) bad++;
+        }
+    }
+    return bad == 0;
+}
+
+int main(void)
+{
+    char src_path[64], other_path[64], store_path[80], bogus_path[96];
+    tu_fingerprint src_before;
+    COW_OPTIONS opt;
+    COW_CHECK_REPORT report;
+    HVDDR ov, ov2, disk;
+    HCOW cow;
+    unsigned char sector[512];
+    size_t i;
+
+    for (i = 0; i < sizeof image; i++) image[i] = (unsigned char)(i * 13u + i / 512u);
+    memcpy(other, image, sizeof other);
+    other[0] ^= 0xFF; /* same size, different data */
+    CHECK(tu_write_temp(src_path, image, sizeof image));
+    CHECK(tu_write_temp(other_path, other, sizeof other));
+    snprintf(store_path, sizeof store_path, "%s.cow", src_path);
+    src_before = tu_fingerprint_of(src_path);
+
+    /* Create a persistent overlay and edit it. */
+    CHECK(COW_InitOptions(&opt));
+    opt.granularity = 64;
+    opt.store_path = store_path;
+    ov = COW_CreateCowOverlayEx(VDDR_Open(src_path, 0), &opt);
+    CHECK(ov != NULL);
+    if (!ov) { fprintf(stderr, "%s\n", COW_GetErrorString(COW_LAST_ERROR)); return tu_finish("persistent_store"); }
+    cow = (HCOW)ov;
+    CHECK(cow->InsertSectors(cow, 1000, 100));
+    memset(sector, 0xA5, sizeof sector);
+    CHECK(cow->WriteSectors(cow, sector, 0, 1));
+    for (i = 0; i < 10; i++) CHECK(cow->WriteSectors(cow, sector, 2000 + i, 1));
+    CHECK(COW_Flush(cow));
+    CHECK(verify(ov));
+
+    /* While it is open, a second writer is refused. */
+    disk = VDDR_Open(src_path, 0);
+    CHECK(COW_OpenCowOverlay(store_path, disk, 0) == NULL);
+    CHECK_EQ_U64(COW_GetLastError(), COW_ERR_LOCKED);
+    /* ...and the caller still owns the source after the failure. */
+    CHECK(COW_Close(disk) == NULL);
+    CHECK_EQ_U64(COW_GetLastError(), COW_ERR_NONE);
+
+    CHECK(ov->Close(ov) == NULL);
+    CHECK_EQ_U64(COW_GetLastError(), COW_ERR_NONE);
+
+    /* Reopen over the same source: everything is there. */
+    ov = COW_OpenCowOverlay(store_path, VDDR_Open(src_path, 0), 0);
+    CHECK(ov != NULL);
+    if (ov) { CHECK(verify(ov)); ov = ov->Close(ov); }
+
+    /* Over a different disk of the same size: refused, with the reason. */
+    disk = VDDR_Open(other_path, 0);
+    CHECK(COW_OpenCowOverlay(store_path, disk, 0) == NULL);
+    CHECK_EQ_U64(COW_GetLastError(), COW_ERR_SOURCE_MISMATCH);
+    CHECK(strstr(COW_GetErrorString(COW_LAST_ERROR), "fingerprint") != NULL);
+    disk = COW_Close(disk);
+
+    /* Read-only: reads work, edits are refused, the file is untouched. */
+    {
+        tu_fingerprint store_before = tu_fingerprint_of(store_path);
+        ov = COW_OpenCowOverlay(store_path, VDDR_Open(src_path, 0), COW_OPEN_READ_ONLY);
+        CHECK(ov != NULL);
+        if (ov) {
+            CHECK(verify(ov));
+            CHECK(!((HCOW)ov)->WriteSectors((HCOW)ov, sector, 5, 1));
+            CHECK_EQ_U64(COW_GetLastError(), COW_ERR_READ_ONLY);
+            /* Two readers at once are fine. */
+            ov2 = COW_OpenCowOverlay(store_path, VDDR_Open(src_path, 0), COW_OPEN_READ_ONLY);
+            CHECK(ov2 != NULL);
+            if (ov2) ov2 = ov2->Close(ov2);
+            ov = ov->Close(ov);
+        }
+        CHECK(tu_same_fingerprint(store_before, tu_fingerprint_of(store_path)));
+    }
+
+    /* The consistency check. */
+    memset(&report, 0, sizeof report);
+    report.struct_size = sizeof report;
+    CHECK(COW_CheckOverlayStore(store_path, &report));
+    CHECK(report.consistent);
+    CHECK(report.extents >= 3);
+    CHECK_EQ_U64(report.leaked_units, 0);
+    CHECK_EQ_U64(report.doubly_used_sectors, 0);
+    /* A file that is not a store is reported as such, with a reason. */
+    snprintf(bogus_path, sizeof bogus_path, "%s", other_path);
+    CHECK(COW_CheckOverlayStore(bogus_path, &report));
+    CHECK(!report.consistent);
+    CHECK(strstr(report.problems, "not a cowdisk overlay store") != NULL);
+    /* Opening it as a store: a clear error. */
+    disk = VDDR_Open(src_path, 0);
+    CHECK(COW_OpenCowOverlay(bogus_path, disk, 0) == NULL);
+    CHECK_EQ_U64(COW_GetLastError(), COW_ERR_CORRUPT);
+    disk = COW_Close(disk);
+
+    /* Creating over an existing store is refused; the store survives. */
+    disk = VDDR_Open(src_path, 0);
+    CHECK(COW_CreateCowOverlayEx(disk, &opt) == NULL);
+    CHECK_EQ_U64(COW_GetLastError(), COW_ERR_OPEN);
+    disk = COW_Close(disk);
+
+    CHECK(tu_same_fingerprint(src_before, tu_fingerprint_of(src_path)));
+    unlink(src_path); unlink(other_path); unlink(store_path);
+    return tu_finish("persistent_store");
+}
