@@ -198,11 +198,11 @@ pub unsafe extern "C" fn COW_CreateCowOverlayEx(src: HVDDR, options: *const COW_
         // on failure the caller still owns it.
         let build = |disk: &mut dyn Disk| -> Result<Builder> {
             match &store_path {
-                Some(path) => Ok(Builder::Persistent(Overlay::prepare_persistent(
+                Some(path) => Ok(Builder::Persistent(Box::new(Overlay::prepare_persistent(
                     path,
                     disk,
                     overlay_options,
-                )?)),
+                )?))),
                 None => {
                     Overlay::check_source(disk, &overlay_options)?;
                     Ok(Builder::Anonymous(FileStorage::anonymous()?))
@@ -220,7 +220,7 @@ pub unsafe extern "C" fn COW_CreateCowOverlayEx(src: HVDDR, options: *const COW_
 
 /// An overlay's store, prepared before the source is taken.
 enum Builder {
-    Persistent(crate::overlay::PreparedStore),
+    Persistent(Box<crate::overlay::PreparedStore>),
     Anonymous(FileStorage),
 }
 
