@@ -223,7 +223,7 @@ fn crash_once(case: u64) -> usize {
         if device.0.lock().unwrap().dead {
             break;
         }
-        if next(&mut rng) % 7 == 0 {
+        if next(&mut rng).is_multiple_of(7) {
             if overlay.flush().is_ok() {
                 acknowledged = vec![model.clone()];
             }
