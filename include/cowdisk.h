@@ -189,7 +189,7 @@ typedef struct COWOVL *HCOW;
  * COW_ERR_READ_ONLY; a log that needs replay is replayed in memory and the
  * file is not touched).
  */
-#define COW_OPEN_READ_ONLY 2
+#define COW_OPEN_READ_ONLY 8
 
 /**
  * COW_EXTENT.kind: inserted or discarded space (reads zero, NOTALLOC).

@@ -207,6 +207,9 @@ fn crash_once(case: u64) -> usize {
         granularity,
         ..OverlayOptions::default()
     };
+    // Half the cases rewrite map chunks whole (shadow paging) at every
+    // flush; the others log their pages.
+    store::set_shadow_threshold(if case % 2 == 0 { 1 } else { 96 });
     let identity = store::identify(&mut src.clone()).unwrap();
     let mut overlay = Overlay::create_on(
         Box::new(device.clone()),

@@ -81,7 +81,7 @@ pub const COW_OPEN_FOLLOW_PARENTS: u32 = 1;
 /// COW_OpenCowOverlay flags: open the store read-only (edits fail with
 /// COW_ERR_READ_ONLY; a log that needs replay is replayed in memory and the
 /// file is not touched).
-pub const COW_OPEN_READ_ONLY: u32 = 2;
+pub const COW_OPEN_READ_ONLY: u32 = 8;
 
 /// COW_EXTENT.kind: inserted or discarded space (reads zero, NOTALLOC).
 pub const COW_EXTENT_NONE: u32 = 0;

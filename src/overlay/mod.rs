@@ -301,17 +301,6 @@ impl Overlay {
         Ok(())
     }
 
-    /// After an edit: a persistent store logs a transaction once enough
-    /// metadata pages are dirty, so no transaction outgrows the log.
-    fn after_edit(&mut self) -> Result<()> {
-        if let Some(journal) = self.journal.as_mut() {
-            if self.map.dirty_page_count() >= store::DIRTY_PAGE_THRESHOLD {
-                journal.write_transaction(&mut self.map, &mut self.units, self.store.as_mut())?;
-            }
-        }
-        Ok(())
-    }
-
     /// Checks that an overlay with `options` can be built over `source`;
     /// `with_storage` fails exactly when this does, so a caller can check
     /// before giving the source away.
@@ -365,7 +354,7 @@ impl Overlay {
         }
         self.check_writable()?;
         self.map.insert(lba, &[Extent::none(count)])?;
-        self.after_edit()
+        Ok(())
     }
 
     /// Cuts `[from, from + count)` and pastes it so that it starts at what
@@ -392,7 +381,7 @@ impl Overlay {
         let cut = self.map.remove(from, count)?;
         let destination = if to < from { to } else { to - count };
         self.map.insert(destination, &cut)?;
-        self.after_edit()
+        Ok(())
     }
 
     /// Removes `[lba, lba + count)`; the drive shrinks by `count` and the
@@ -405,7 +394,7 @@ impl Overlay {
         self.check_writable()?;
         let removed = self.map.remove(lba, count)?;
         self.release(&removed)?;
-        self.after_edit()
+        Ok(())
     }
 
     /// Makes `[lba, lba + count)` unallocated (zeros, `NotAlloc`) and frees
@@ -418,7 +407,7 @@ impl Overlay {
         self.check_writable()?;
         let replaced = self.map.replace(lba, count, Extent::none(count))?;
         self.release(&replaced)?;
-        self.after_edit()
+        Ok(())
     }
 
     fn release(&mut self, extents: &[Extent]) -> Result<()> {
@@ -481,7 +470,7 @@ impl Overlay {
             self.copy_run_to_store(start, run_end, lba, data)?;
             i = j;
         }
-        self.after_edit()
+        Ok(())
     }
 
     /// Store space that can take a write in place: in the store, and not

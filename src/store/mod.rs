@@ -26,9 +26,21 @@ pub use format::SourceIdentity;
 const ENTRY_COMMIT: u32 = 1;
 /// Largest number of pages carried by one log entry.
 const MAX_ENTRY_PAGES: usize = 1024;
-/// A transaction is written once this many pages are dirty, even between
-/// flushes, so no transaction outgrows the log.
-pub const DIRTY_PAGE_THRESHOLD: usize = 512;
+/// A map chunk with at least this many dirty pages is rewritten whole into
+/// fresh units (shadow paging) instead of logging its pages one by one.
+/// Tests lower it (`set_shadow_threshold`) to drive the shadow path on
+/// small maps.
+static SHADOW_CHUNK_PAGES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(96);
+
+/// Sets the dirty-page count from which a map chunk is shadowed instead of
+/// logged (default 96). For tests and benchmarks; affects every store in
+/// the process.
+pub fn set_shadow_threshold(pages: usize) {
+    SHADOW_CHUNK_PAGES.store(pages.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+/// If more node pages than this would still go to the log, every chunk
+/// with dirty pages is shadowed, so a transaction stays small.
+const MAX_LOGGED_NODE_PAGES: usize = 1024;
 
 /// Identifies a source disk: size, UUID, and a CRC-32C of sixteen sample
 /// sectors spread evenly over it.
@@ -209,7 +221,7 @@ impl Journal {
         };
         map.track_dirty_pages();
         map.mark_all_dirty();
-        let pages = journal.collect_pages(map, units)?;
+        let (pages, _) = journal.collect_pages(map, units, None)?;
         storage.set_len(data_byte(units.end() * units.granularity()))?;
         for (home, page) in pages {
             storage.write_at(&page, home)?;
@@ -278,17 +290,70 @@ impl Journal {
     }
 
     /// Every metadata page that changed since the last call, sealed, with
-    /// its home offset.
+    /// its home offset. Chunks with many dirty node pages are first moved to
+    /// fresh units and written there whole (`shadow`): then only the chunk
+    /// table, not their pages, goes into the returned set. Returns the pages
+    /// and whether any chunk was shadowed.
     fn collect_pages(
         &mut self,
         map: &mut ExtentMap,
         units: &mut UnitMap,
-    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        storage: Option<&mut dyn Storage>,
+    ) -> Result<(Vec<(u64, Vec<u8>)>, bool)> {
         self.ensure_chunks(map, units)?;
-        let mut pages = Vec::new();
         let node_pages = map.node_pages();
-        for page in map.take_dirty_pages() {
-            if page < node_pages {
+        let dirty: Vec<u64> = map
+            .take_dirty_pages()
+            .into_iter()
+            .filter(|&p| p < node_pages)
+            .collect();
+        let mut shadow = std::collections::BTreeSet::new();
+        if let Some(storage) = storage {
+            let mut per_chunk: BTreeMap<u64, usize> = BTreeMap::new();
+            for p in &dirty {
+                *per_chunk.entry(p / CHUNK_PAGES).or_default() += 1;
+            }
+            let threshold = SHADOW_CHUNK_PAGES.load(std::sync::atomic::Ordering::Relaxed);
+            shadow.extend(
+                per_chunk
+                    .iter()
+                    .filter(|(_, &n)| n >= threshold)
+                    .map(|(&c, _)| c),
+            );
+            let logged: usize = per_chunk
+                .iter()
+                .filter(|(c, _)| !shadow.contains(*c))
+                .map(|(_, n)| n)
+                .sum();
+            if logged > MAX_LOGGED_NODE_PAGES {
+                shadow.extend(per_chunk.keys().copied());
+            }
+            let g = self.granularity;
+            let chunk_sectors = chunk_units(g) * g;
+            for &c in &shadow {
+                let fresh = units.allocate(chunk_sectors)? / g;
+                let old = std::mem::replace(&mut self.map_chunks[c as usize], fresh);
+                // Reusable only once the switch is durable and checkpointed.
+                units.release(old * g, chunk_sectors);
+                self.tables_dirty = true;
+            }
+            self.ensure_chunks(map, units)?;
+            for &c in &shadow {
+                let first = c * CHUNK_PAGES;
+                let mut chunk = Vec::with_capacity(CHUNK_PAGES as usize * PAGE);
+                for p in first..(first + CHUNK_PAGES).min(node_pages) {
+                    chunk.extend_from_slice(&seal(
+                        TYPE_NODES,
+                        self.node_page_home(p),
+                        &map.page_payload(p),
+                    ));
+                }
+                storage.write_at(&chunk, self.node_page_home(first))?;
+            }
+        }
+        let mut pages = Vec::new();
+        for page in dirty {
+            if !shadow.contains(&(page / CHUNK_PAGES)) {
                 let home = self.node_page_home(page);
                 pages.push((home, seal(TYPE_NODES, home, &map.page_payload(page))));
             }
@@ -339,29 +404,36 @@ impl Journal {
             pages.push((META_OFFSET, state.encode()));
             self.last_state = Some(state);
         }
-        Ok(pages)
+        Ok((pages, !shadow.is_empty()))
     }
 
     /// Writes the metadata changed since the last transaction to the log as
-    /// one committed transaction (data is made durable first). Does not
-    /// wait for the log write to be durable: `flush` does.
-    pub fn write_transaction(
+    /// one committed transaction (data, and shadowed chunks, are made
+    /// durable first). Does not wait for the log write to be durable:
+    /// `flush` does. Returns whether chunks were shadowed (then the caller
+    /// must checkpoint before the old chunks' units can be reused).
+    fn write_transaction(
         &mut self,
         map: &mut ExtentMap,
         units: &mut UnitMap,
         storage: &mut dyn Storage,
-    ) -> Result<()> {
-        let pages = self.collect_pages(map, units)?;
+    ) -> Result<bool> {
+        // Grow the file first: shadowed chunks may be written past its end,
+        // and a reader bounds the unit count by the file's length.
+        let (pages, shadowed) = {
+            let before = units.end();
+            let result = self.collect_pages(map, units, Some(&mut *storage))?;
+            debug_assert!(units.end() >= before);
+            result
+        };
         if pages.is_empty() {
-            return Ok(());
+            return Ok(shadowed);
         }
-        // The file covers every unit the state records (a reader bounds the
-        // unit count by the file's length).
         let span = data_byte(units.end() * self.granularity);
         if storage.len()? < span {
             storage.set_len(span)?;
         }
-        // Data before the map that refers to it.
+        // Data (and shadowed chunks) before the map that refers to them.
         storage.flush()?;
         let groups: Vec<&[(u64, Vec<u8>)]> = pages.chunks(MAX_ENTRY_PAGES).collect();
         let entries: Vec<Vec<u8>> = groups
@@ -405,7 +477,7 @@ impl Journal {
         }
         units.transaction_written();
         self.unsynced = true;
-        Ok(())
+        Ok(shadowed)
     }
 
     /// Where an entry of `size` bytes can go without overwriting a live
@@ -449,9 +521,14 @@ impl Journal {
         units: &mut UnitMap,
         storage: &mut dyn Storage,
     ) -> Result<()> {
-        self.write_transaction(map, units, storage)?;
+        let shadowed = self.write_transaction(map, units, storage)?;
         storage.flush()?;
         self.unsynced = false;
+        if shadowed {
+            // Old log entries name pages in the replaced chunks: empty the
+            // log before those units can be reused.
+            self.checkpoint(storage)?;
+        }
         units.commit_done();
         let used: u64 = self.live.iter().map(|e| e.1).sum();
         if used > self.header.log_size / 2 {
