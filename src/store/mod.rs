@@ -103,6 +103,9 @@ fn new_guid() -> [u8; 16] {
     *uuid::Uuid::new_v4().as_bytes()
 }
 
+/// A sealed metadata page and its home offset.
+type HomedPage = (u64, Vec<u8>);
+
 /// A log entry found in the log region.
 struct LogEntry {
     offset: u64,
@@ -299,7 +302,7 @@ impl Journal {
         map: &mut ExtentMap,
         units: &mut UnitMap,
         storage: Option<&mut dyn Storage>,
-    ) -> Result<(Vec<(u64, Vec<u8>)>, bool)> {
+    ) -> Result<(Vec<HomedPage>, bool)> {
         self.ensure_chunks(map, units)?;
         let node_pages = map.node_pages();
         let dirty: Vec<u64> = map
