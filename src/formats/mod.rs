@@ -10,6 +10,8 @@ use crate::error::{Error, Result};
 pub mod mapped;
 pub mod parallels;
 pub mod raw;
+pub mod umlcow;
+pub mod vci;
 pub mod vdi;
 
 /// How a source image may be opened.
@@ -45,6 +47,16 @@ pub fn builtin_formats() -> &'static [FormatProbe] {
             name: "parallels",
             probe: parallels::probe,
             open_at_depth: parallels::open_boxed,
+        },
+        FormatProbe {
+            name: "cow",
+            probe: umlcow::probe,
+            open_at_depth: umlcow::open_boxed,
+        },
+        FormatProbe {
+            name: "vci",
+            probe: vci::probe,
+            open_at_depth: vci::open_boxed,
         },
         FormatProbe {
             name: "raw",
