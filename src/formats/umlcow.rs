@@ -967,3 +967,31 @@ impl Drop for UmlCow {
         let _ = self.sync();
     }
 }
+
+/// Fuzz entry point: treats `bytes` as a UML COW file (image only, no
+/// backing) and exercises probe, header parsing, open and full reads. Any
+/// outcome but a panic, hang or huge allocation is fine; returns whether
+/// the open succeeded.
+pub fn fuzz_one(bytes: &[u8]) -> bool {
+    let _ = parse_header(&bytes[..bytes.len().min(HEADER_READ)], bytes.len() as u64);
+    let Ok(dir) = tempfile::tempdir() else {
+        return false;
+    };
+    let path = dir.path().join("fuzz.cow");
+    if std::fs::write(&path, bytes).is_err() {
+        return false;
+    }
+    let _ = probe_path(&path);
+    match UmlCow::open(&path, &UmlCowOptions::default()) {
+        Ok(mut img) => {
+            let n = img.sector_count().min(4096);
+            let mut buf = vec![0u8; n as usize * SECTOR_SIZE];
+            let _ = img.read_sectors(0, &mut buf);
+            let _ = img.block_status(0, n);
+            let _ = img.held_run(0, n);
+            let _ = img.dump();
+            true
+        }
+        Err(_) => false,
+    }
+}

@@ -197,6 +197,8 @@ pub struct VciHeader {
     pub modification_uuid: [u8; 16],
     /// The disk's size in bytes (resolved: never 0).
     pub disk_size: u64,
+    /// Length of the file in blocks when the header was read.
+    pub file_blocks: u64,
 }
 
 /// Parses and validates the 1024-byte header of a file `file_len` long.
@@ -271,6 +273,7 @@ pub fn parse_header(b: &[u8], file_len: u64) -> Result<VciHeader> {
         uuid,
         modification_uuid,
         disk_size,
+        file_blocks,
     })
 }
 
@@ -903,7 +906,7 @@ fn walk(
             "VCI: tree deeper than {MAX_DEPTH} levels"
         )));
     }
-    let file_blocks = header.blocks;
+    let file_blocks = header.blocks.min(header.file_blocks);
     match addr.checked_add(NODE_BLOCKS) {
         Some(end) if addr >= HEADER_BLOCKS && end <= file_blocks => {}
         _ => {
@@ -958,10 +961,11 @@ fn walk(
                     )));
                 }
                 match data.checked_add(len) {
-                    Some(de) if data >= HEADER_BLOCKS && de <= header.blocks => {}
+                    Some(de) if data >= HEADER_BLOCKS && de <= file_blocks => {}
                     _ => {
                         return Err(Error::Corrupt(format!(
-                            "VCI: extent data at block {data}+{len} lies outside the cache"
+                            "VCI: extent data at block {data}+{len} lies outside the cache \
+                             or the file"
                         )))
                     }
                 }
@@ -1052,19 +1056,20 @@ impl Disk for Vci {
         let mut done = 0;
         while done < count {
             let b = lba + done;
-            let (held, run) = self.held_run(b, count - done)?;
+            let left = count - done;
+            let (run, at) = match self.lookup(b) {
+                (Some((s, e)), _) => ((s + e.len - b).min(left), Some((e.addr + (b - s)) * BLOCK)),
+                (None, next) => (next.unwrap_or(u64::MAX).min(lba + count) - b, None),
+            };
             let part = &mut buf[done as usize * SECTOR_SIZE..(done + run) as usize * SECTOR_SIZE];
-            if held {
-                let (Some((s, e)), _) = self.lookup(b) else {
-                    return Err(Error::Internal("VCI: extent vanished".into()));
-                };
-                let at = (e.addr + (b - s)) * BLOCK;
-                self.file
-                    .read_exact_at(part, at)
-                    .map_err(|err| Error::read("VCI data", at, err))?;
-                status = status.combine(SectorStatus::Normal);
-            } else {
-                part.fill(0);
+            match at {
+                Some(at) => {
+                    self.file
+                        .read_exact_at(part, at)
+                        .map_err(|err| Error::read("VCI data", at, err))?;
+                    status = status.combine(SectorStatus::Normal);
+                }
+                None => part.fill(0),
             }
             done += run;
         }
@@ -1227,4 +1232,34 @@ impl Drop for Vci {
         // Best effort; close() reports errors.
         let _ = self.close_inner();
     }
+}
+
+/// Fuzz entry point: treats `bytes` as a VCI file and exercises probe,
+/// open (plain and repairing) and full reads. Any outcome but a panic,
+/// hang or huge allocation is fine; returns whether an open succeeded.
+pub fn fuzz_one(bytes: &[u8]) -> bool {
+    let Ok(dir) = tempfile::tempdir() else {
+        return false;
+    };
+    let path = dir.path().join("fuzz.vci");
+    if std::fs::write(&path, bytes).is_err() {
+        return false;
+    }
+    let _ = probe_path(&path);
+    let mut opened = false;
+    for repair in [false, true] {
+        let options = VciOptions {
+            writable: false,
+            repair,
+        };
+        if let Ok(mut img) = Vci::open(&path, &options) {
+            opened = true;
+            let n = img.sector_count().min(4096);
+            let mut buf = vec![0u8; n as usize * SECTOR_SIZE];
+            let _ = img.read_sectors(0, &mut buf);
+            let _ = img.block_status(0, n);
+            let _ = img.dump();
+        }
+    }
+    opened
 }
