@@ -262,11 +262,7 @@ impl BackendInfo {
             Kind::Format(_) => caps::FILE,
             Kind::UmlCow => caps::FILE | caps::DIFF | caps::WRITE,
             Kind::Vci => {
-                caps::FILE
-                    | caps::CREATE_FIXED
-                    | caps::CREATE_DYNAMIC
-                    | caps::DISCARD
-                    | caps::WRITE
+                caps::FILE | caps::CREATE_FIXED | caps::CREATE_DYNAMIC | caps::DISCARD | caps::WRITE
             }
         }
     }

@@ -256,7 +256,7 @@ fn hand_built(layout: Layout) -> HandBuilt {
             h[16..24].copy_from_slice(&size.to_be_bytes());
             h[24..28].copy_from_slice(&512u32.to_be_bytes());
             h[28..32].copy_from_slice(&512u32.to_be_bytes()); // alignment
-            // 32..36: cow_format 0, where a v3 path would start
+                                                              // 32..36: cow_format 0, where a v3 path would start
             h[36..36 + name.len()].copy_from_slice(name.as_bytes());
             bitmap_at = 4608; // 4136 rounded up to 512
             data_at = 5120;

@@ -47,7 +47,10 @@ fn huge_claimed_size_is_refused_without_allocating() {
     let mut f = v3();
     f[12..20].copy_from_slice(&(1u64 << 62).to_be_bytes());
     let e = umlcow::parse_header(&f, f.len() as u64).unwrap_err();
-    assert!(matches!(e.code(), cowdisk::error::code::UNSUPPORTED | cowdisk::error::code::CORRUPT));
+    assert!(matches!(
+        e.code(),
+        cowdisk::error::code::UNSUPPORTED | cowdisk::error::code::CORRUPT
+    ));
     assert!(!umlcow::fuzz_one(&f));
 }
 

@@ -302,12 +302,13 @@ fn crash_op(seed: u64, i: u64) -> (bool, u64, u64, u64) {
 fn run_writer(path: &Path, seed: u64, limit: Option<u64>, mut acknowledged: impl FnMut(u64)) {
     let mut img = Vci::open(path, &rw()).unwrap();
     let mut i = 0;
-    while limit.is_none_or(|l| i < l) {
+    while limit.map_or(true, |l| i < l) {
         let (discard, lba, n, s) = crash_op(seed, i);
         if discard {
             img.discard_sectors(lba, n).unwrap();
         } else {
-            img.write_sectors(lba, &pattern(n as usize * 512, s)).unwrap();
+            img.write_sectors(lba, &pattern(n as usize * 512, s))
+                .unwrap();
         }
         i += 1;
         if i % CRASH_OPS_PER_FLUSH == 0 {

@@ -76,7 +76,13 @@ enum Mutation {
 fn mutate(mut f: Vec<u8>, root: usize, ms: &[Mutation]) -> Vec<u8> {
     for m in ms {
         // Offsets below 2048 hit header/bitmap; others land in the tree.
-        let pos = |a: usize, n: usize| if a % 2 == 0 { (a / 2) % 2048 } else { (root + a / 2) % n };
+        let pos = |a: usize, n: usize| {
+            if a % 2 == 0 {
+                (a / 2) % 2048
+            } else {
+                (root + a / 2) % n
+            }
+        };
         match *m {
             Mutation::Flip(a, b) => {
                 let n = f.len();

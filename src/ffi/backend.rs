@@ -51,7 +51,8 @@ pub const COW_IMAGE_DIFF: u32 = 2;
 
 /// Progress callback of pfnCreate: `percent` from 0 to 100. Its return
 /// value is ignored.
-pub type COW_PROGRESS_FN = Option<unsafe extern "C" fn(pvUser: *mut c_void, percent: c_uint) -> c_int>;
+pub type COW_PROGRESS_FN =
+    Option<unsafe extern "C" fn(pvUser: *mut c_void, percent: c_uint) -> c_int>;
 
 /// A format driver (modelled on VirtualBox's VDCACHEBACKEND, with plain
 /// buffers). Functions returning int return COW_ERR_NONE (0) on success or
@@ -115,8 +116,9 @@ pub struct COW_BACKEND {
         ) -> c_int,
     >,
     pub pfnFlush: Option<unsafe extern "C" fn(pBackendData: *mut c_void) -> c_int>,
-    pub pfnDiscard:
-        Option<unsafe extern "C" fn(pBackendData: *mut c_void, uOffset: u64, cbDiscard: usize) -> c_int>,
+    pub pfnDiscard: Option<
+        unsafe extern "C" fn(pBackendData: *mut c_void, uOffset: u64, cbDiscard: usize) -> c_int,
+    >,
     pub pfnGetVersion: Option<unsafe extern "C" fn(pBackendData: *mut c_void) -> c_uint>,
     /// The disk's size in bytes.
     pub pfnGetSize: Option<unsafe extern "C" fn(pBackendData: *mut c_void) -> u64>,
@@ -126,11 +128,16 @@ pub struct COW_BACKEND {
     pub pfnSetOpenFlags:
         Option<unsafe extern "C" fn(pBackendData: *mut c_void, uOpenFlags: c_uint) -> c_int>,
     pub pfnGetComment: Option<
-        unsafe extern "C" fn(pBackendData: *mut c_void, pszComment: *mut c_char, cbComment: usize) -> c_int,
+        unsafe extern "C" fn(
+            pBackendData: *mut c_void,
+            pszComment: *mut c_char,
+            cbComment: usize,
+        ) -> c_int,
     >,
     pub pfnSetComment:
         Option<unsafe extern "C" fn(pBackendData: *mut c_void, pszComment: *const c_char) -> c_int>,
-    pub pfnGetUuid: Option<unsafe extern "C" fn(pBackendData: *mut c_void, pUuid: *mut S_UUID) -> c_int>,
+    pub pfnGetUuid:
+        Option<unsafe extern "C" fn(pBackendData: *mut c_void, pUuid: *mut S_UUID) -> c_int>,
     pub pfnSetUuid:
         Option<unsafe extern "C" fn(pBackendData: *mut c_void, pUuid: *const S_UUID) -> c_int>,
     pub pfnGetModificationUuid:
@@ -204,7 +211,8 @@ const MAX_BUILTINS: usize = 24;
 /// to (kept for the program's life).
 struct Builtins {
     infos: Vec<BackendInfo>,
-    tables: Vec<Box<COW_BACKEND>>,
+    /// Never resized after it is built, so the tables never move.
+    tables: Vec<COW_BACKEND>,
     _names: Vec<CString>,
     _exts: Vec<Vec<CString>>,
     _ext_ptrs: Vec<Vec<*const c_char>>,
@@ -267,7 +275,7 @@ fn builtins() -> &'static Builtins {
             let caps = info.caps();
             let can_create = caps & (core::caps::CREATE_FIXED | core::caps::CREATE_DYNAMIC) != 0;
             let writes = caps & core::caps::WRITE != 0;
-            tables.push(Box::new(COW_BACKEND {
+            tables.push(COW_BACKEND {
                 u32Version: COW_BACKEND_VERSION,
                 pszBackendName: name.as_ptr(),
                 uBackendCaps: caps,
@@ -298,7 +306,7 @@ fn builtins() -> &'static Builtins {
                 pfnSetModificationUuid: Some(builtin_set_modification_uuid),
                 pfnDump: Some(builtin_dump),
                 u32VersionEnd: COW_BACKEND_VERSION,
-            }));
+            });
             names.push(name);
             exts.push(e);
             ext_ptrs.push(p);
@@ -318,7 +326,7 @@ fn builtin_index(table: *const COW_BACKEND) -> Option<usize> {
     builtins()
         .tables
         .iter()
-        .position(|t| std::ptr::eq(t.as_ref(), table))
+        .position(|t| std::ptr::eq(t, table))
 }
 
 /// An image opened through a built-in table: what pBackendData points to.
@@ -334,7 +342,10 @@ fn new_data(backend: usize, path: PathBuf, image: Box<dyn Image>) -> *mut c_void
         path,
         image: Some(image),
     })));
-    live_set().lock().unwrap_or_else(|p| p.into_inner()).insert(ptr as usize);
+    live_set()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(ptr as usize);
     ptr.cast()
 }
 
@@ -446,8 +457,11 @@ unsafe extern "C" fn builtin_create<const I: usize>(
             // SAFETY: NULL or a valid S_UUID.
             uuid: (!uuid.is_null()).then(|| unsafe { (*uuid).bytes }),
             // SAFETY: NULL or a NUL-terminated string.
-            comment: (!comment.is_null())
-                .then(|| unsafe { CStr::from_ptr(comment) }.to_string_lossy().into_owned()),
+            comment: (!comment.is_null()).then(|| {
+                unsafe { CStr::from_ptr(comment) }
+                    .to_string_lossy()
+                    .into_owned()
+            }),
         };
         if let Some(p) = progress {
             // SAFETY: the caller's callback with its own user pointer.
@@ -619,7 +633,11 @@ unsafe extern "C" fn builtin_set_open_flags(data: *mut c_void, flags: c_uint) ->
     })
 }
 
-unsafe extern "C" fn builtin_get_comment(data: *mut c_void, out: *mut c_char, size: usize) -> c_int {
+unsafe extern "C" fn builtin_get_comment(
+    data: *mut c_void,
+    out: *mut c_char,
+    size: usize,
+) -> c_int {
     status(|| {
         let text = with_image(data, |i| i.comment())?;
         non_null(out, "pszComment")?;
@@ -642,7 +660,9 @@ unsafe extern "C" fn builtin_set_comment(data: *mut c_void, comment: *const c_ch
     status(|| {
         non_null(comment, "pszComment")?;
         // SAFETY: NUL-terminated per the contract.
-        let text = unsafe { CStr::from_ptr(comment) }.to_string_lossy().into_owned();
+        let text = unsafe { CStr::from_ptr(comment) }
+            .to_string_lossy()
+            .into_owned();
         with_image(data, |i| i.set_comment(&text))
     })
 }
@@ -682,7 +702,10 @@ unsafe extern "C" fn builtin_get_modification_uuid(data: *mut c_void, out: *mut 
     })
 }
 
-unsafe extern "C" fn builtin_set_modification_uuid(data: *mut c_void, uuid: *const S_UUID) -> c_int {
+unsafe extern "C" fn builtin_set_modification_uuid(
+    data: *mut c_void,
+    uuid: *const S_UUID,
+) -> c_int {
     status(|| {
         non_null(uuid, "pUuid")?;
         // SAFETY: non-NULL.
@@ -712,7 +735,11 @@ fn registry() -> MutexGuard<'static, Registered> {
 /// The registered caller tables, in registration order (a snapshot: no
 /// lock is held while C code runs).
 fn registered() -> Vec<*const COW_BACKEND> {
-    registry().0.iter().map(|&p| p as *const COW_BACKEND).collect()
+    registry()
+        .0
+        .iter()
+        .map(|&p| p as *const COW_BACKEND)
+        .collect()
 }
 
 unsafe fn table_name(table: &COW_BACKEND) -> String {
@@ -732,7 +759,8 @@ unsafe fn validate(table: *const COW_BACKEND) -> Result<COW_BACKEND> {
     // SAFETY: non-NULL; the caller passes a COW_BACKEND.
     let t = unsafe { *table };
     let magic = COW_BACKEND_VERSION >> 16;
-    if t.u32Version >> 16 != magic || (t.u32Version >> 8) & 0xFF != (COW_BACKEND_VERSION >> 8) & 0xFF
+    if t.u32Version >> 16 != magic
+        || (t.u32Version >> 8) & 0xFF != (COW_BACKEND_VERSION >> 8) & 0xFF
     {
         return Err(Error::Unsupported(format!(
             "COW_BACKEND.u32Version is {:#x}; this library implements {COW_BACKEND_VERSION:#x} \
@@ -772,14 +800,30 @@ unsafe fn validate(table: *const COW_BACKEND) -> Result<COW_BACKEND> {
     need(t.pfnRead.is_some(), "pfnRead", &mut missing);
     need(t.pfnGetSize.is_some(), "pfnGetSize", &mut missing);
     if t.uBackendCaps & (COW_CAP_CREATE_FIXED | COW_CAP_CREATE_DYNAMIC) != 0 {
-        need(t.pfnCreate.is_some(), "pfnCreate (a CREATE cap is set)", &mut missing);
+        need(
+            t.pfnCreate.is_some(),
+            "pfnCreate (a CREATE cap is set)",
+            &mut missing,
+        );
     }
     if t.uBackendCaps & COW_CAP_DISCARD != 0 {
-        need(t.pfnDiscard.is_some(), "pfnDiscard (COW_CAP_DISCARD is set)", &mut missing);
+        need(
+            t.pfnDiscard.is_some(),
+            "pfnDiscard (COW_CAP_DISCARD is set)",
+            &mut missing,
+        );
     }
     if t.uBackendCaps & COW_CAP_WRITE != 0 {
-        need(t.pfnWrite.is_some(), "pfnWrite (COW_CAP_WRITE is set)", &mut missing);
-        need(t.pfnFlush.is_some(), "pfnFlush (COW_CAP_WRITE is set)", &mut missing);
+        need(
+            t.pfnWrite.is_some(),
+            "pfnWrite (COW_CAP_WRITE is set)",
+            &mut missing,
+        );
+        need(
+            t.pfnFlush.is_some(),
+            "pfnFlush (COW_CAP_WRITE is set)",
+            &mut missing,
+        );
     }
     if !missing.is_empty() {
         return Err(Error::InvalidArgument(format!(
@@ -1122,7 +1166,7 @@ pub extern "C" fn COW_GetBackend(index: u32) -> *const COW_BACKEND {
         let found = if i < reg.len() {
             reg[i]
         } else if i - reg.len() < b.tables.len() {
-            b.tables[i - reg.len()].as_ref() as *const COW_BACKEND
+            &b.tables[i - reg.len()] as *const COW_BACKEND
         } else {
             return Err(Error::InvalidArgument(format!(
                 "backend index {index} of {}",
@@ -1141,7 +1185,9 @@ pub unsafe extern "C" fn COW_FindBackend(name: *const c_char) -> *const COW_BACK
     guard(|| {
         non_null(name, "name")?;
         // SAFETY: NUL-terminated per the contract.
-        let wanted = unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned();
+        let wanted = unsafe { CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned();
         for t in registered() {
             // SAFETY: registered tables are alive.
             if unsafe { table_name(&*t) } == wanted {
@@ -1150,7 +1196,7 @@ pub unsafe extern "C" fn COW_FindBackend(name: *const c_char) -> *const COW_BACK
         }
         let b = builtins();
         match b.infos.iter().position(|i| i.name() == wanted) {
-            Some(i) => Ok((b.tables[i].as_ref() as *const COW_BACKEND).cast_mut()),
+            Some(i) => Ok((&b.tables[i] as *const COW_BACKEND).cast_mut()),
             None => Err(Error::InvalidArgument(format!(
                 "no backend is called '{wanted}'"
             ))),

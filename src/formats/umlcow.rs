@@ -280,11 +280,7 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<UmlCowHeader> {
                 (V3_HEADER, 0)
             };
             need(hdr, "v3")?;
-            layout = if broken {
-                Layout::V3Broken
-            } else {
-                Layout::V3
-            };
+            layout = if broken { Layout::V3Broken } else { Layout::V3 };
             mtime = u64::from(be32(bytes, 8));
             size = be64(bytes, 12 + base);
             ss = be32(bytes, 20 + base);
@@ -363,7 +359,14 @@ fn valid_sector_size(ss: u32) -> bool {
 }
 
 /// Serialises a header for `create`: v3 (Linux's layout) or v2 (Linux's).
-fn build_header(version: u32, backing: &[u8], mtime: u32, size: u64, ss: u32, align: u32) -> Vec<u8> {
+fn build_header(
+    version: u32,
+    backing: &[u8],
+    mtime: u32,
+    size: u64,
+    ss: u32,
+    align: u32,
+) -> Vec<u8> {
     let mut h;
     if version == 2 {
         h = vec![0u8; V2_HEADER as usize];
@@ -662,7 +665,11 @@ impl UmlCow {
     /// Reads `buf.len()` bytes of the data area at disk byte `offset`,
     /// zero-filling past the disk's size.
     fn read_data(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let inside = self.header.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let inside = self
+            .header
+            .size
+            .saturating_sub(offset)
+            .min(buf.len() as u64) as usize;
         let (head, tail) = buf.split_at_mut(inside);
         tail.fill(0);
         let at = self.header.data_offset + offset;
@@ -759,8 +766,8 @@ fn absolute_path(path: &Path) -> Result<PathBuf> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let dir = std::fs::canonicalize(&dir)
-        .map_err(|e| Error::Open(format!("{}: {e}", dir.display())))?;
+    let dir =
+        std::fs::canonicalize(&dir).map_err(|e| Error::Open(format!("{}: {e}", dir.display())))?;
     Ok(dir.join(name))
 }
 
@@ -932,7 +939,11 @@ impl Image for UmlCow {
         Some(&self.path)
     }
     fn dump(&self) -> String {
-        let set = self.bitmap.iter().map(|b| b.count_ones() as u64).sum::<u64>();
+        let set = self
+            .bitmap
+            .iter()
+            .map(|b| b.count_ones() as u64)
+            .sum::<u64>();
         format!(
             "UML COW {:?}: backing '{}', size {} bytes, mtime {}, sector size {}, alignment {}, \
              bitmap at {}, data at {}, {} COW sectors of {} written",

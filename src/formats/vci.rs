@@ -336,7 +336,11 @@ impl Vci {
         put32(&mut b, H_VERSION, VERSION);
         put64(&mut b, H_BLOCKS, blocks);
         b[H_UNCLEAN] = 0;
-        put32(&mut b, H_TYPE, if fixed { TYPE_FIXED } else { TYPE_DYNAMIC });
+        put32(
+            &mut b,
+            H_TYPE,
+            if fixed { TYPE_FIXED } else { TYPE_DYNAMIC },
+        );
         put64(&mut b, H_ROOT, root);
         put64(&mut b, H_BLKMAP, blkmap);
         put32(&mut b, H_CBLKMAP, cblkmap as u32);
@@ -759,7 +763,11 @@ impl Vci {
                 for (i, (first, end, child)) in chunk.iter().enumerate() {
                     let at = 1 + i * INTERNAL_BYTES;
                     put64(&mut node, at, *first);
-                    put32(&mut node, at + 8, (end - first).min(u64::from(u32::MAX)) as u32);
+                    put32(
+                        &mut node,
+                        at + 8,
+                        (end - first).min(u64::from(u32::MAX)) as u32,
+                    );
                     put64(&mut node, at + 12, *child);
                 }
                 let addr = self.write_node(&node, &mut nodes)?;
@@ -815,7 +823,14 @@ impl Vci {
     }
 }
 
-fn write_blkmap(file: &File, at: u64, blocks: u64, meta: u64, data: u64, bits: &[u8]) -> Result<()> {
+fn write_blkmap(
+    file: &File,
+    at: u64,
+    blocks: u64,
+    meta: u64,
+    data: u64,
+    bits: &[u8],
+) -> Result<()> {
     let mut h = vec![0u8; BLOCK as usize];
     put32(&mut h, 0, BLKMAP_MAGIC);
     put32(&mut h, 4, BLKMAP_VERSION);
@@ -834,7 +849,9 @@ fn read_blkmap(file: &File, header: &VciHeader) -> Result<Vec<u8>> {
     file.read_exact_at(&mut h, header.blkmap * BLOCK)
         .map_err(|e| Error::read("VCI bitmap header", header.blkmap * BLOCK, e))?;
     if le32(&h, 0) != BLKMAP_MAGIC || le32(&h, 4) != BLKMAP_VERSION {
-        return Err(Error::Corrupt("VCI: bad block bitmap magic or version".into()));
+        return Err(Error::Corrupt(
+            "VCI: bad block bitmap magic or version".into(),
+        ));
     }
     let (blocks, free, meta, data) = (le64(&h, 8), le64(&h, 16), le64(&h, 24), le64(&h, 32));
     let sum = free.checked_add(meta).and_then(|v| v.checked_add(data));
@@ -953,7 +970,7 @@ fn walk(
                         "VCI: extent flags {flags:#x} (compression/encryption) are not supported"
                     )));
                 }
-                let end = start.checked_add(len).unwrap_or(u64::MAX);
+                let end = start.saturating_add(len);
                 if start < prev_end || end > hi || end > disk_blocks {
                     return Err(Error::Corrupt(format!(
                         "VCI: extent {start}+{len} in leaf {addr} overlaps, is out of order, \
@@ -1211,7 +1228,11 @@ impl Image for Vci {
             self.path.display(),
             self.header.disk_size,
             self.header.blocks,
-            if self.header.fixed { "fixed" } else { "dynamic" },
+            if self.header.fixed {
+                "fixed"
+            } else {
+                "dynamic"
+            },
             self.header.root,
             self.depth,
             self.extents.len(),
