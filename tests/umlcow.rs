@@ -458,5 +458,25 @@ fn larger_cow_sectors_copy_the_rest_from_the_backing() {
     assert_eq!(read_all(&mut d), model);
     assert_eq!(d.held_run(0, 64).unwrap(), (false, 8));
     assert_eq!(d.held_run(8, 56).unwrap(), (true, 8));
-    let _ = umlcow::probe_path(&cow);
+    assert!(umlcow::probe_path(&cow));
+    assert!(!umlcow::probe_path(&backing));
+    drop(d);
+    // Without the backing file, a partial first write cannot be completed:
+    // refused rather than filled with zeros.
+    let mut alone = UmlCow::open(
+        &cow,
+        &UmlCowOptions {
+            writable: true,
+            backing: Backing::None,
+        },
+    )
+    .unwrap();
+    let err = alone.write_sectors(40, &one).unwrap_err();
+    assert_eq!(err.code(), code::UNSUPPORTED);
+    // A whole COW sector needs nothing from the backing file.
+    alone.write_sectors(40, &pattern(4096, 16)).unwrap();
+    Box::new(alone).close().unwrap();
+    apply(&mut model, 40, &pattern(4096, 16));
+    let mut d = UmlCow::open(&cow, &with_backing(&backing, false)).unwrap();
+    assert_eq!(read_all(&mut d), model);
 }

@@ -890,6 +890,12 @@ impl Image for UmlCow {
             } else {
                 // First write to a COW sector that only partly covers it:
                 // the rest comes from what the disk showed before.
+                if self.backing.is_none() {
+                    return Err(Error::Unsupported(format!(
+                        "a first write to part of COW sector {cs} ({ss} bytes) needs the \
+                         backing file to fill the rest; open with the backing file"
+                    )));
+                }
                 let mut whole = vec![0u8; ss as usize];
                 let first_lba = cs_start / SECTOR_BYTES;
                 self.backing_read(first_lba, &mut whole)?;
