@@ -207,6 +207,66 @@ typedef struct COWOVL *HCOW;
 #define COW_EXTENT_STORE 2
 
 /**
+ * The version of the COW_BACKEND layout this library implements:
+ * 0xC0BE in the high 16 bits, then major (8 bits) and minor (8 bits).
+ * Both u32Version and u32VersionEnd of a table must hold it.
+ */
+#define COW_BACKEND_VERSION 3233677568
+
+/**
+ * uBackendCaps: can create images with all space allocated up front.
+ */
+#define COW_CAP_CREATE_FIXED 1
+
+/**
+ * uBackendCaps: can create images that grow as they are written.
+ */
+#define COW_CAP_CREATE_DYNAMIC 2
+
+/**
+ * uBackendCaps: images are files named by a path.
+ */
+#define COW_CAP_FILE 4
+
+/**
+ * uBackendCaps: images may be differencing images over a backing file.
+ */
+#define COW_CAP_DIFF 8
+
+/**
+ * uBackendCaps: supports pfnDiscard.
+ */
+#define COW_CAP_DISCARD 16
+
+/**
+ * uBackendCaps: images can be opened for writing (pfnWrite, pfnFlush).
+ */
+#define COW_CAP_WRITE 32
+
+/**
+ * Backend open flag (pfnOpen, pfnCreate): open the image for writing.
+ * VDDR_* functions refuse it: disks behind an HVDDR are read-only.
+ */
+#define COW_OPEN_READ_WRITE 2
+
+/**
+ * Open flag: accept an image left dirty by a crash (VCI's unclean flag)
+ * after checking it and rebuilding what can be rebuilt; without it such
+ * an image is refused with COW_ERR_CORRUPT.
+ */
+#define COW_OPEN_REPAIR 4
+
+/**
+ * pfnCreate uImageFlags / pfnGetImageFlags: all space allocated up front.
+ */
+#define COW_IMAGE_FIXED 1
+
+/**
+ * pfnGetImageFlags: a differencing image over a backing file.
+ */
+#define COW_IMAGE_DIFF 2
+
+/**
  * Options of COW_CreateCowOverlayEx. Fill with COW_InitOptions first, then
  * change what you need; `struct_size` lets later versions grow it.
  */
@@ -305,6 +365,83 @@ typedef struct COW_CHECK_REPORT {
 } COW_CHECK_REPORT;
 
 /**
+ * Progress callback of pfnCreate: `percent` from 0 to 100. Its return
+ * value is ignored.
+ */
+typedef int (*COW_PROGRESS_FN)(void *pvUser, unsigned int percent);
+
+/**
+ * A format driver (modelled on VirtualBox's VDCACHEBACKEND, with plain
+ * buffers). Functions returning int return COW_ERR_NONE (0) on success or
+ * a COW_ERR_* code. Offsets and sizes are in bytes and multiples of 512.
+ * pfnRead may return COW_ERR_BLOCK_FREE for a range the image does not
+ * hold, with *pcbActuallyRead set to the length of that range; the disk
+ * object reads it as zeros with VDDR_RSLT_NOTALLOC.
+ *
+ * Required in every table: both version markers equal to
+ * COW_BACKEND_VERSION, pszBackendName, pfnProbe, pfnOpen, pfnClose,
+ * pfnRead, pfnGetSize; pfnCreate when a CREATE cap is set; pfnDiscard with
+ * COW_CAP_DISCARD; pfnWrite and pfnFlush with COW_CAP_WRITE. Other members
+ * may be NULL. Fill a table with COW_InitBackend first.
+ */
+typedef struct COW_BACKEND {
+  uint32_t u32Version;
+  const char *pszBackendName;
+  uint64_t uBackendCaps;
+  /**
+   * NULL-terminated array of extensions without the dot; may be NULL.
+   */
+  const char *const *papszFileExtensions;
+  /**
+   * COW_ERR_NONE if the file is in this format.
+   */
+  int (*pfnProbe)(const char *filename);
+  int (*pfnOpen)(const char *filename, uint32_t uOpenFlags, void **ppBackendData);
+  int (*pfnCreate)(const char *filename,
+                   uint64_t cbSize,
+                   uint32_t uImageFlags,
+                   const char *pszComment,
+                   const struct S_UUID *pUuid,
+                   uint32_t uOpenFlags,
+                   COW_PROGRESS_FN pfnProgress,
+                   void *pvUser,
+                   void **ppBackendData);
+  int (*pfnClose)(void *pBackendData, int fDelete);
+  int (*pfnRead)(void *pBackendData,
+                 uint64_t uOffset,
+                 size_t cbToRead,
+                 void *pvBuf,
+                 size_t *pcbActuallyRead);
+  int (*pfnWrite)(void *pBackendData,
+                  uint64_t uOffset,
+                  size_t cbToWrite,
+                  const void *pvBuf,
+                  size_t *pcbWriteProcess);
+  int (*pfnFlush)(void *pBackendData);
+  int (*pfnDiscard)(void *pBackendData, uint64_t uOffset, size_t cbDiscard);
+  unsigned int (*pfnGetVersion)(void *pBackendData);
+  /**
+   * The disk's size in bytes.
+   */
+  uint64_t (*pfnGetSize)(void *pBackendData);
+  uint64_t (*pfnGetFileSize)(void *pBackendData);
+  unsigned int (*pfnGetImageFlags)(void *pBackendData);
+  unsigned int (*pfnGetOpenFlags)(void *pBackendData);
+  int (*pfnSetOpenFlags)(void *pBackendData, unsigned int uOpenFlags);
+  int (*pfnGetComment)(void *pBackendData, char *pszComment, size_t cbComment);
+  int (*pfnSetComment)(void *pBackendData, const char *pszComment);
+  int (*pfnGetUuid)(void *pBackendData, struct S_UUID *pUuid);
+  int (*pfnSetUuid)(void *pBackendData, const struct S_UUID *pUuid);
+  int (*pfnGetModificationUuid)(void *pBackendData, struct S_UUID *pUuid);
+  int (*pfnSetModificationUuid)(void *pBackendData, const struct S_UUID *pUuid);
+  /**
+   * Prints a description of the image to stderr.
+   */
+  void (*pfnDump)(void *pBackendData);
+  uint32_t u32VersionEnd;
+} COW_BACKEND;
+
+/**
  * The disk method table, in the legacy layout. Every open disk - ours or
  * a caller's own legacy reader object - starts with it. What follows the
  * table is private to whoever made the object.
@@ -371,19 +508,24 @@ uint32_t COW_GetVersion(void);
 
 /**
  * Opens a disk image read-only as an HVDDR, choosing the reader by the
- * file's content. `iChain` is the legacy snapshot-chain index; this
+ * file's content: every registered backend's pfnProbe first (in
+ * registration order), then the built-in formats (raw last). `iChain` is the legacy snapshot-chain index; this
  * library opens the image as named and ignores it. Parent/backing paths
  * named inside an image are not followed (see VDDR_OpenEx). Returns NULL
  * on failure (COW_GetLastError: COW_ERR_OPEN, COW_ERR_CORRUPT,
  * COW_ERR_UNSUPPORTED, ...). Close the handle with COW_Close (or its
  * Close method) unless an overlay adopts it.
  */
-HVDDR VDDR_Open(const char *path, uint32_t iChain);
+HVDDR VDDR_Open(const char *path,
+                uint32_t iChain);
 
 /**
  * Opens a disk image read-only like VDDR_Open, with COW_OPEN_* `flags`
  * (COW_OPEN_FOLLOW_PARENTS allows opening parent images named inside the
- * file). Unknown flags fail with COW_ERR_INVALID_ARG.
+ * file; COW_OPEN_REPAIR accepts a VCI image left dirty by a crash after
+ * checking it). Registered backends (COW_RegisterBackend) are probed
+ * first, then the built-in formats. Unknown flags fail with
+ * COW_ERR_INVALID_ARG.
  */
 HVDDR VDDR_OpenEx(const char *path, uint32_t flags);
 
@@ -593,6 +735,87 @@ int COW_Flush(HCOW h);
  * writer (COW_ERR_LOCKED).
  */
 int COW_CheckOverlayStore(const char *store_path, struct COW_CHECK_REPORT *report);
+
+/**
+ * Fills `backend` for a caller's own table: all members zero/NULL, both
+ * version markers set to COW_BACKEND_VERSION. Returns TRUE, or FALSE with
+ * COW_ERR_INVALID_ARG for NULL.
+ */
+int COW_InitBackend(struct COW_BACKEND *backend);
+
+/**
+ * Registers a caller's backend table, so VDDR_Open probes it (before the
+ * built-in formats, in registration order). The library keeps the
+ * pointer: the table (and the strings it points to) must stay valid and
+ * unchanged until COW_UnregisterBackend. Fails with COW_ERR_UNSUPPORTED
+ * when a version marker is not COW_BACKEND_VERSION (or the two differ),
+ * with COW_ERR_INVALID_ARG when a member its caps require is NULL, the
+ * name is missing, unknown caps are set, or the table or its name is
+ * already registered (built-in names included). Thread-safe.
+ */
+int COW_RegisterBackend(const struct COW_BACKEND *backend);
+
+/**
+ * Unregisters a table registered with COW_RegisterBackend (the caller may
+ * free it afterwards). Disks already opened through it stay usable: they
+ * keep a copy of the table (its functions and their code must stay
+ * loaded). FALSE with COW_ERR_INVALID_ARG if it is not registered.
+ */
+int COW_UnregisterBackend(const struct COW_BACKEND *backend);
+
+/**
+ * Returns the number of backends: the registered ones, then the built-in
+ * ones (raw, vdi, parallels, cow, vci, ...).
+ */
+uint32_t COW_GetBackendCount(void);
+
+/**
+ * Returns backend number `index` in probe order: registered tables first
+ * (registration order), then the built-in ones (raw last). Built-in
+ * tables are static (valid for the program's life). NULL with
+ * COW_ERR_INVALID_ARG when index >= COW_GetBackendCount().
+ */
+const struct COW_BACKEND *COW_GetBackend(uint32_t index);
+
+/**
+ * Returns the backend called `name` (registered or built-in, e.g. "raw",
+ * "cow", "vci"), or NULL with COW_ERR_INVALID_ARG if there is none.
+ */
+const struct COW_BACKEND *COW_FindBackend(const char *name);
+
+/**
+ * Opens `path` read-only with the given backend (a built-in table from
+ * COW_FindBackend/COW_GetBackend, or any caller table, registered or not,
+ * which is validated as COW_RegisterBackend does and copied). `flags`:
+ * COW_OPEN_FOLLOW_PARENTS, COW_OPEN_REPAIR; COW_OPEN_READ_WRITE is refused
+ * (COW_ERR_INVALID_ARG: an HVDDR disk is read-only; write through the
+ * table's pfnWrite instead). Sectors the backend reports as
+ * COW_ERR_BLOCK_FREE read as zeros with VDDR_RSLT_NOTALLOC. A caller
+ * backend's functions are called from whichever thread uses the handle,
+ * one call at a time; BlockStatus on such a disk reads through pfnRead.
+ */
+HVDDR VDDR_OpenWithBackend(const struct COW_BACKEND *backend, const char *path, uint32_t flags);
+
+/**
+ * Opens a UML COW file read-only over a backing file the caller names
+ * (`backing`, checked for size and mtime against the COW header as Linux
+ * does: COW_ERR_SOURCE_MISMATCH when they differ). With `backing` NULL,
+ * the path stored in the COW file is used only if `flags` has
+ * COW_OPEN_FOLLOW_PARENTS (else COW_ERR_OPEN). Unchanged sectors read from
+ * the backing file.
+ */
+HVDDR VDDR_OpenUmlCow(const char *path, const char *backing, uint32_t flags);
+
+/**
+ * Creates a UML COW file at `path` (which must not exist) over the
+ * existing file `backing`, as `uml_mkcow` does: the backing file's
+ * absolute path, size and mtime go into the header. `version` 3 (Linux's
+ * current layout, 512-byte sectors, 4096 alignment; 0 means 3) or 2
+ * (Linux's v2 layout). Open it afterwards with the "cow" backend's pfnOpen
+ * (COW_OPEN_READ_WRITE to write) or VDDR_OpenUmlCow. Returns TRUE, or
+ * FALSE (COW_ERR_OPEN, COW_ERR_INVALID_ARG, COW_ERR_WRITE, ...).
+ */
+int COW_UmlCowCreate(const char *path, const char *backing, uint32_t version);
 
 #ifdef __cplusplus
 }  // extern "C"

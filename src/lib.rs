@@ -12,6 +12,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(unsafe_code)]
 
+pub mod backend;
 pub mod disk;
 pub mod error;
 pub mod formats;

@@ -209,7 +209,7 @@ fn crash_once(case: u64) -> usize {
     };
     // Half the cases rewrite map chunks whole (shadow paging) at every
     // flush; the others log their pages.
-    store::set_shadow_threshold(if case % 2 == 0 { 1 } else { 96 });
+    store::set_shadow_threshold(if case.is_multiple_of(2) { 1 } else { 96 });
     let identity = store::identify(&mut src.clone()).unwrap();
     let mut overlay = Overlay::create_on(
         Box::new(device.clone()),

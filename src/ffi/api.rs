@@ -13,7 +13,6 @@ use super::types::*;
 use super::{guard, guard_or, last_error_code, last_error_text, non_null};
 use crate::disk::{check_range, Disk, SectorStatus, SECTOR_SIZE};
 use crate::error::{describe, Error, Result};
-use crate::formats::{self, OpenOptions};
 use crate::overlay::extents::{Extent, ExtentKind};
 use crate::overlay::space::FileStorage;
 use crate::overlay::{Overlay, OverlayOptions, DEFAULT_GRANULARITY};
@@ -112,7 +111,8 @@ pub extern "C" fn COW_GetVersion() -> u32 {
 // Opening disks and creating overlays
 
 /// Opens a disk image read-only as an HVDDR, choosing the reader by the
-/// file's content. `iChain` is the legacy snapshot-chain index; this
+/// file's content: every registered backend's pfnProbe first (in
+/// registration order), then the built-in formats (raw last). `iChain` is the legacy snapshot-chain index; this
 /// library opens the image as named and ignores it. Parent/backing paths
 /// named inside an image are not followed (see VDDR_OpenEx). Returns NULL
 /// on failure (COW_GetLastError: COW_ERR_OPEN, COW_ERR_CORRUPT,
@@ -127,12 +127,15 @@ pub unsafe extern "C" fn VDDR_Open(path: *const c_char, iChain: u32) -> HVDDR {
 
 /// Opens a disk image read-only like VDDR_Open, with COW_OPEN_* `flags`
 /// (COW_OPEN_FOLLOW_PARENTS allows opening parent images named inside the
-/// file). Unknown flags fail with COW_ERR_INVALID_ARG.
+/// file; COW_OPEN_REPAIR accepts a VCI image left dirty by a crash after
+/// checking it). Registered backends (COW_RegisterBackend) are probed
+/// first, then the built-in formats. Unknown flags fail with
+/// COW_ERR_INVALID_ARG.
 #[no_mangle]
 pub unsafe extern "C" fn VDDR_OpenEx(path: *const c_char, flags: u32) -> HVDDR {
     guard(|| {
         non_null(path, "path")?;
-        if flags & !COW_OPEN_FOLLOW_PARENTS != 0 {
+        if flags & !(COW_OPEN_FOLLOW_PARENTS | super::backend::COW_OPEN_REPAIR) != 0 {
             return Err(Error::InvalidArgument(format!(
                 "unknown open flags {flags:#x}"
             )));
@@ -140,10 +143,7 @@ pub unsafe extern "C" fn VDDR_OpenEx(path: *const c_char, flags: u32) -> HVDDR {
         // SAFETY: non-NULL; the caller passes a NUL-terminated string.
         let bytes = unsafe { CStr::from_ptr(path) }.to_bytes();
         let path = Path::new(OsStr::from_bytes(bytes));
-        let options = OpenOptions {
-            follow_parent_paths: flags & COW_OPEN_FOLLOW_PARENTS != 0,
-        };
-        let disk = formats::open_path(path, &options)?;
+        let disk = super::backend::open_probing(path, flags)?;
         Ok(handle::register(Object::Disk(disk)))
     })
 }

@@ -11,6 +11,8 @@ pub mod mapped;
 pub mod parallels;
 pub mod qcow2;
 pub mod raw;
+pub mod umlcow;
+pub mod vci;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
@@ -69,6 +71,16 @@ pub fn builtin_formats() -> &'static [FormatProbe] {
             name: "vhd",
             probe: vhd::probe,
             open_at_depth: vhd::open_boxed,
+        },
+        FormatProbe {
+            name: "cow",
+            probe: umlcow::probe,
+            open_at_depth: umlcow::open_boxed,
+        },
+        FormatProbe {
+            name: "vci",
+            probe: vci::probe,
+            open_at_depth: vci::open_boxed,
         },
         FormatProbe {
             name: "raw",

@@ -1,0 +1,381 @@
+//! Format backends: the safe Rust side of the `COW_BACKEND` table.
+//!
+//! Every built-in format is a [`BackendInfo`]: a name, capabilities, file
+//! extensions, and how to probe, open and (for the formats that can) create
+//! an image. An open image is an [`Image`]: a [`Disk`] that may also write,
+//! flush and discard, and that can say which of its sectors it holds
+//! itself (the "block free" answer of the C table).
+//!
+//! The C ABI (`src/ffi/backend.rs`) turns each [`BackendInfo`] into a
+//! `COW_BACKEND` table, keeps the registry of tables (built-in and
+//! caller-registered), and adapts a caller's C table into a [`Disk`].
+
+use std::path::{Path, PathBuf};
+
+use crate::disk::{Disk, SectorStatus};
+use crate::error::{Error, Result};
+use crate::formats::{self, FormatProbe, OpenOptions};
+
+/// Backend capability bits (`COW_CAP_*` in the C header).
+pub mod caps {
+    /// Can create images with all space allocated up front.
+    pub const CREATE_FIXED: u64 = 1 << 0;
+    /// Can create images that grow as they are written.
+    pub const CREATE_DYNAMIC: u64 = 1 << 1;
+    /// Images are files (named by a path).
+    pub const FILE: u64 = 1 << 2;
+    /// Images may be differencing images over a backing file.
+    pub const DIFF: u64 = 1 << 3;
+    /// Supports discarding ranges (`pfnDiscard`).
+    pub const DISCARD: u64 = 1 << 4;
+    /// Images can be opened for writing (`pfnWrite`, `pfnFlush`).
+    pub const WRITE: u64 = 1 << 5;
+    /// Every bit this version knows.
+    pub const ALL: u64 = (1 << 6) - 1;
+}
+
+/// Open flags of a backend (`COW_OPEN_*` in the C header).
+pub mod open_flags {
+    /// Follow parent/backing paths named inside the image.
+    pub const FOLLOW_PARENTS: u32 = 1;
+    /// Open the image for writing (only formats with the WRITE cap).
+    pub const READ_WRITE: u32 = 2;
+    /// Open an image left dirty by a crash, repairing what can be proven
+    /// consistent (VCI); without it such an image is refused.
+    pub const REPAIR: u32 = 4;
+    /// Every bit this version knows.
+    pub const ALL: u32 = 7;
+}
+
+/// Image flags (`COW_IMAGE_*`): how an image was created.
+pub mod image_flags {
+    /// All space allocated at creation.
+    pub const FIXED: u32 = 1;
+    /// A differencing image over a backing file.
+    pub const DIFF: u32 = 2;
+}
+
+/// Parameters of a create call.
+#[derive(Debug, Clone, Default)]
+pub struct CreateParams {
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// `image_flags::*`.
+    pub image_flags: u32,
+    /// The image UUID to store, if the format has one (random if `None`).
+    pub uuid: Option<[u8; 16]>,
+    /// A comment, for formats that store one.
+    pub comment: Option<String>,
+}
+
+/// An open image: a disk that may also be written.
+pub trait Image: Disk {
+    /// Writes whole sectors at `lba`.
+    fn write_sectors(&mut self, lba: u64, data: &[u8]) -> Result<()> {
+        let _ = (lba, data);
+        Err(Error::ReadOnly("this image is open read-only".into()))
+    }
+
+    /// Makes every acknowledged write durable.
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Drops `count` sectors from `lba` out of the image: they no longer
+    /// are held here (they read as the backing, or as unallocated zeros).
+    fn discard_sectors(&mut self, lba: u64, count: u64) -> Result<()> {
+        let _ = (lba, count);
+        Err(Error::Unsupported(
+            "this format cannot discard sectors".into(),
+        ))
+    }
+
+    /// Whether the sectors from `lba` are held in this image file (true)
+    /// or not (false: the "block free" answer), and for how many of the
+    /// `count` sectors (at least 1 when `count > 0`) that holds.
+    fn held_run(&mut self, lba: u64, count: u64) -> Result<(bool, u64)> {
+        default_held_run(self, lba, count)
+    }
+
+    /// The format's version number.
+    fn format_version(&self) -> u32 {
+        0
+    }
+
+    /// The size of the image file in bytes.
+    fn file_size(&self) -> u64 {
+        0
+    }
+
+    /// `image_flags::*` of the image.
+    fn image_flags(&self) -> u32 {
+        0
+    }
+
+    /// `open_flags::*` the image was opened with.
+    fn open_flags(&self) -> u32 {
+        0
+    }
+
+    /// The image's file, for close-and-delete.
+    fn path(&self) -> Option<&Path> {
+        None
+    }
+
+    /// The image's comment.
+    fn comment(&self) -> Result<String> {
+        Err(Error::Unsupported("this format stores no comment".into()))
+    }
+
+    /// Changes the image's comment.
+    fn set_comment(&mut self, comment: &str) -> Result<()> {
+        let _ = comment;
+        Err(Error::Unsupported("this format stores no comment".into()))
+    }
+
+    /// Changes the image's UUID.
+    fn set_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
+        let _ = uuid;
+        Err(Error::Unsupported("this format stores no UUID".into()))
+    }
+
+    /// The image's modification UUID.
+    fn modification_uuid(&self) -> Option<[u8; 16]> {
+        None
+    }
+
+    /// Changes the image's modification UUID.
+    fn set_modification_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
+        let _ = uuid;
+        Err(Error::Unsupported(
+            "this format stores no modification UUID".into(),
+        ))
+    }
+
+    /// A human-readable description of the image's metadata.
+    fn dump(&self) -> String {
+        format!(
+            "{:?} image, {} sectors",
+            self.drive_type(),
+            self.sector_count()
+        )
+    }
+
+    /// Closes the image cleanly (flushing what a writable image holds).
+    fn close(self: Box<Self>) -> Result<()>;
+}
+
+/// The generic "held" answer for read-only formats: a sector is held when
+/// its status is not `NotAlloc`. Walks at most 4096 sectors per call.
+pub fn default_held_run<I: Image + ?Sized>(
+    image: &mut I,
+    lba: u64,
+    count: u64,
+) -> Result<(bool, u64)> {
+    crate::disk::check_range(lba, count, image.sector_count())?;
+    if count == 0 {
+        return Ok((false, 0));
+    }
+    let held = image.block_status(lba, 1)? != SectorStatus::NotAlloc;
+    let limit = count.min(4096);
+    let mut run = 1;
+    while run < limit && (image.block_status(lba + run, 1)? != SectorStatus::NotAlloc) == held {
+        run += 1;
+    }
+    Ok((held, run))
+}
+
+/// A read-only format reader seen as an [`Image`].
+pub struct ReadOnlyImage {
+    disk: Box<dyn Disk>,
+    path: PathBuf,
+    flags: u32,
+}
+
+impl Disk for ReadOnlyImage {
+    fn drive_type(&self) -> crate::disk::DriveType {
+        self.disk.drive_type()
+    }
+    fn sector_count(&self) -> u64 {
+        self.disk.sector_count()
+    }
+    fn byte_size(&self) -> u64 {
+        self.disk.byte_size()
+    }
+    fn uuid(&self) -> Option<[u8; 16]> {
+        self.disk.uuid()
+    }
+    fn is_snapshot(&self) -> bool {
+        self.disk.is_snapshot()
+    }
+    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+        self.disk.read_sectors(lba, buf)
+    }
+    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+        self.disk.block_status(lba, count)
+    }
+}
+
+impl Image for ReadOnlyImage {
+    fn file_size(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+    fn open_flags(&self) -> u32 {
+        self.flags
+    }
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+    fn close(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Which code serves a backend.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A read-only reader of the format table.
+    Format(&'static FormatProbe),
+    UmlCow,
+    Vci,
+}
+
+/// A built-in backend.
+#[derive(Clone, Copy)]
+pub struct BackendInfo {
+    kind: Kind,
+}
+
+impl BackendInfo {
+    /// Short lowercase name ("raw", "vdi", "cow", "vci", ...).
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::Format(f) => f.name,
+            Kind::UmlCow => "cow",
+            Kind::Vci => "vci",
+        }
+    }
+
+    /// `caps::*` bits.
+    pub fn caps(&self) -> u64 {
+        match self.kind {
+            Kind::Format(_) => caps::FILE,
+            Kind::UmlCow => caps::FILE | caps::DIFF | caps::WRITE,
+            Kind::Vci => {
+                caps::FILE | caps::CREATE_FIXED | caps::CREATE_DYNAMIC | caps::DISCARD | caps::WRITE
+            }
+        }
+    }
+
+    /// File name extensions, without the dot.
+    pub fn extensions(&self) -> &'static [&'static str] {
+        match self.kind {
+            Kind::Format(f) => match f.name {
+                "raw" => &["img", "raw", "bin"],
+                "vdi" => &["vdi"],
+                "parallels" => &["hdd"],
+                "vhd" => &["vhd"],
+                "vhdx" => &["vhdx"],
+                "vmdk" => &["vmdk"],
+                "qcow2" => &["qcow2"],
+                _ => &[],
+            },
+            Kind::UmlCow => &["cow"],
+            Kind::Vci => &["vci"],
+        }
+    }
+
+    /// True when the file looks like this format. Never fails loudly.
+    pub fn probe(&self, path: &Path) -> bool {
+        match self.kind {
+            Kind::Format(f) => match formats::open_read_only(path) {
+                Ok(file) => (f.probe)(&file),
+                Err(_) => false,
+            },
+            Kind::UmlCow => formats::umlcow::probe_path(path),
+            Kind::Vci => formats::vci::probe_path(path),
+        }
+    }
+
+    /// Opens an image with `open_flags::*`.
+    pub fn open(&self, path: &Path, flags: u32) -> Result<Box<dyn Image>> {
+        if flags & !open_flags::ALL != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "unknown open flags {:#x}",
+                flags & !open_flags::ALL
+            )));
+        }
+        let follow = flags & open_flags::FOLLOW_PARENTS != 0;
+        let writable = flags & open_flags::READ_WRITE != 0;
+        match self.kind {
+            Kind::Format(f) => {
+                if writable {
+                    return Err(Error::ReadOnly(format!(
+                        "the {} backend reads source images only",
+                        f.name
+                    )));
+                }
+                let options = OpenOptions {
+                    follow_parent_paths: follow,
+                };
+                Ok(Box::new(ReadOnlyImage {
+                    disk: (f.open_at_depth)(path, &options, 0)?,
+                    path: path.to_path_buf(),
+                    flags,
+                }))
+            }
+            Kind::UmlCow => {
+                let options = formats::umlcow::UmlCowOptions {
+                    writable,
+                    backing: if follow {
+                        formats::umlcow::Backing::FollowHeader
+                    } else {
+                        formats::umlcow::Backing::None
+                    },
+                };
+                Ok(Box::new(formats::umlcow::UmlCow::open(path, &options)?))
+            }
+            Kind::Vci => {
+                let options = formats::vci::VciOptions {
+                    writable,
+                    repair: flags & open_flags::REPAIR != 0,
+                };
+                Ok(Box::new(formats::vci::Vci::open(path, &options)?))
+            }
+        }
+    }
+
+    /// Creates an image (opened for writing), for backends that can.
+    pub fn create(&self, path: &Path, params: &CreateParams) -> Result<Box<dyn Image>> {
+        match self.kind {
+            Kind::Vci => Ok(Box::new(formats::vci::Vci::create(path, params)?)),
+            Kind::UmlCow => Err(Error::Unsupported(
+                "a UML COW file is created over a backing file: use COW_UmlCowCreate".into(),
+            )),
+            Kind::Format(f) => Err(Error::Unsupported(format!(
+                "the {} backend cannot create images",
+                f.name
+            ))),
+        }
+    }
+}
+
+/// The built-in backends in probe order (the format table's order; `raw`,
+/// which accepts anything, last).
+pub fn builtin_backends() -> Vec<BackendInfo> {
+    formats::builtin_formats()
+        .iter()
+        .map(|f| BackendInfo {
+            kind: match f.name {
+                "cow" => Kind::UmlCow,
+                "vci" => Kind::Vci,
+                _ => Kind::Format(f),
+            },
+        })
+        .collect()
+}
+
+/// The built-in backend called `name`.
+pub fn find_builtin(name: &str) -> Option<BackendInfo> {
+    builtin_backends().into_iter().find(|b| b.name() == name)
+}
