@@ -344,6 +344,52 @@ fn backing_chain_needs_the_flag_and_then_matches_qemu() {
     assert_unchanged(&base_raw, &base_before);
 }
 
+/// A raw backing file whose data is a whole qcow2 image: the child names
+/// its format (`-F raw`, the backing-format header extension), so it is read
+/// as raw, as qemu reads it, not probed as qcow2.
+#[test]
+fn backing_format_extension_wins_over_the_probe() {
+    let dir = temp_dir();
+    let inner = create(dir.path(), "inner.qcow2", &[], "64M");
+    io(&inner, &["write -P 0x77 0 65536"]);
+    let mut base_bytes = std::fs::read(&inner).unwrap();
+    assert_eq!(&base_bytes[..4], b"QFI\xfb");
+    base_bytes.resize(2 * MIB as usize, 0x3C);
+    let base_raw = path_in(dir.path(), "base.raw");
+    std::fs::write(&base_raw, &base_bytes).unwrap();
+    for compat in ["0.10", "1.1"] {
+        let name = format!("child-{compat}.qcow2");
+        let child = create(
+            dir.path(),
+            &name,
+            &[
+                "-b",
+                "base.raw",
+                "-F",
+                "raw",
+                "-o",
+                &format!("compat={compat}"),
+            ],
+            "",
+        );
+        io(&child, &["write -P 0x21 100000 3000"]);
+        let base_before = fingerprint(&base_raw);
+        let disk = Qcow2Disk::open(&child, &follow()).unwrap();
+        assert_eq!(disk.backing_format(), Some("raw"));
+        drop(disk);
+        // Bytes from qemu; the size is the raw file's, not the inner image's.
+        let mut disk = check_matches_qemu(&child, dir.path(), &follow());
+        assert_eq!(disk.byte_size(), 2 * MIB);
+        let mut first = vec![0u8; 512];
+        disk.read_sectors(0, &mut first).unwrap();
+        assert!(
+            first[..] == base_bytes[..512],
+            "the magic sector reads as data"
+        );
+        assert_unchanged(&base_raw, &base_before);
+    }
+}
+
 #[test]
 fn missing_backing_file_is_a_clear_error() {
     let dir = temp_dir();
