@@ -258,7 +258,7 @@ fn sparse_image_over_2_tib() {
     // qemu-img 10 asserts when mapping this whole image (an unallocated
     // run of terabytes), so compare qemu's map window by window.
     for start in [0, far - MIB, size - (1 << 30), 1 << 40] {
-        for entry in qemu_map_window(&path, start, 1 << 30) {
+        for entry in support::qemu_map_range(&path, start, 1 << 30) {
             let lba = entry.start / 512;
             let count = (entry.start + entry.length).div_ceil(512) - lba;
             let status = disk.block_status(lba, count).unwrap();
@@ -267,38 +267,6 @@ fn sparse_image_over_2_tib() {
     }
     drop(disk);
     support::assert_unchanged(&path, &before);
-}
-
-/// `qemu-img map --output=json` over `len` bytes from `start`.
-fn qemu_map_window(path: &Path, start: u64, len: u64) -> Vec<support::MapEntry> {
-    let out = support::qemu_img(&[
-        "map",
-        "--output=json",
-        &format!("--start-offset={start}"),
-        &format!("--max-length={len}"),
-        &path.display().to_string(),
-    ]);
-    let text = String::from_utf8(out).unwrap();
-    let number = |obj: &str, key: &str| -> String {
-        let at = obj.find(&format!("\"{key}\":")).unwrap() + key.len() + 3;
-        obj[at..]
-            .trim_start()
-            .chars()
-            .take_while(char::is_ascii_alphanumeric)
-            .collect()
-    };
-    let entries: Vec<support::MapEntry> = text
-        .split('{')
-        .skip(1)
-        .map(|obj| support::MapEntry {
-            start: number(obj, "start").parse().unwrap(),
-            length: number(obj, "length").parse().unwrap(),
-            data: number(obj, "data") == "true",
-            zero: number(obj, "zero") == "true",
-        })
-        .collect();
-    assert!(!entries.is_empty(), "no map entries from qemu-img");
-    entries
 }
 
 // ---------------------------------------------------------------------------
