@@ -5,6 +5,11 @@
 
 pub mod model;
 
+/// The fuzz harness's driver (`fuzz/src/lib.rs`): the shared way to open and
+/// read a possibly damaged image with a cap on work.
+#[path = "../../fuzz/src/lib.rs"]
+pub mod fuzz;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
