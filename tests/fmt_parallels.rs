@@ -258,7 +258,7 @@ fn sparse_image_over_2_tib() {
     // qemu-img 10 asserts when mapping this whole image (an unallocated
     // run of terabytes), so compare qemu's map window by window.
     for start in [0, far - MIB, size - (1 << 30), 1 << 40] {
-        for entry in qemu_map_window(&path, start, 1 << 30) {
+        for entry in support::qemu_map_range(&path, start, 1 << 30) {
             let lba = entry.start / 512;
             let count = (entry.start + entry.length).div_ceil(512) - lba;
             let status = disk.block_status(lba, count).unwrap();
@@ -269,57 +269,8 @@ fn sparse_image_over_2_tib() {
     support::assert_unchanged(&path, &before);
 }
 
-/// `qemu-img map --output=json` over `len` bytes from `start`.
-fn qemu_map_window(path: &Path, start: u64, len: u64) -> Vec<support::MapEntry> {
-    let out = support::qemu_img(&[
-        "map",
-        "--output=json",
-        &format!("--start-offset={start}"),
-        &format!("--max-length={len}"),
-        &path.display().to_string(),
-    ]);
-    let text = String::from_utf8(out).unwrap();
-    let number = |obj: &str, key: &str| -> String {
-        let at = obj.find(&format!("\"{key}\":")).unwrap() + key.len() + 3;
-        obj[at..]
-            .trim_start()
-            .chars()
-            .take_while(char::is_ascii_alphanumeric)
-            .collect()
-    };
-    let entries: Vec<support::MapEntry> = text
-        .split('{')
-        .skip(1)
-        .map(|obj| support::MapEntry {
-            start: number(obj, "start").parse().unwrap(),
-            length: number(obj, "length").parse().unwrap(),
-            data: number(obj, "data") == "true",
-            zero: number(obj, "zero") == "true",
-        })
-        .collect();
-    assert!(!entries.is_empty(), "no map entries from qemu-img");
-    entries
-}
-
 // ---------------------------------------------------------------------------
 // Bad input.
-
-/// Opens the (possibly damaged) image and reads every sector; any result
-/// is fine except a panic.
-fn open_and_read_everything(path: &Path) {
-    let Ok(mut disk) = formats::open_path(path, &OpenOptions::default()) else {
-        return;
-    };
-    let sectors = disk.sector_count();
-    let _ = disk.block_status(0, sectors);
-    let mut buf = vec![0u8; MIB as usize];
-    let mut lba = 0;
-    while lba < sectors {
-        let n = (sectors - lba).min(2048);
-        let _ = disk.read_sectors(lba, &mut buf[..n as usize * 512]);
-        lba += n;
-    }
-}
 
 /// A small qemu-made image (1 MiB in 64 KiB clusters, three allocated).
 fn small_image(dir: &Path) -> (PathBuf, Vec<u8>) {
@@ -343,7 +294,7 @@ fn small_image(dir: &Path) -> (PathBuf, Vec<u8>) {
 fn with_damage(path: &Path, original: &[u8], at: usize, damaged: &[u8]) {
     let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     file.write_all_at(damaged, at as u64).unwrap();
-    open_and_read_everything(path);
+    support::fuzz::open_and_exercise(path);
     file.write_all_at(&original[at..at + damaged.len()], at as u64)
         .unwrap();
 }
@@ -382,7 +333,7 @@ fn damaged_headers_and_bats_never_panic() {
         original.len() - 1,
     ] {
         file.set_len(len as u64).unwrap();
-        open_and_read_everything(&path);
+        support::fuzz::open_and_exercise(&path);
     }
     drop(file);
     std::fs::write(&path, &original).unwrap();
@@ -417,7 +368,7 @@ proptest! {
         let damaged = dir.path().join("damaged.hdd");
         std::fs::write(&damaged, &bytes).unwrap();
         let damaged_before = support::fingerprint(&damaged);
-        open_and_read_everything(&damaged);
+        support::fuzz::open_and_exercise(&damaged);
         support::assert_unchanged(&damaged, &damaged_before);
         support::assert_unchanged(&path, &before);
     }

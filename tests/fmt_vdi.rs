@@ -544,23 +544,6 @@ fn two_level_chain_and_loops() {
 // ---------------------------------------------------------------------------
 // Bad input.
 
-/// Opens the (possibly damaged) image and reads every sector; any result
-/// is fine except a panic.
-fn open_and_read_everything(path: &Path) {
-    let Ok(mut disk) = formats::open_path(path, &OpenOptions::default()) else {
-        return;
-    };
-    let sectors = disk.sector_count();
-    let _ = disk.block_status(0, sectors);
-    let mut buf = vec![0u8; MIB as usize];
-    let mut lba = 0;
-    while lba < sectors {
-        let n = (sectors - lba).min(2048);
-        let _ = disk.read_sectors(lba, &mut buf[..n as usize * 512]);
-        lba += n;
-    }
-}
-
 /// A small qemu-made image with two stored blocks for the damage tests.
 fn small_image(dir: &Path) -> (PathBuf, Vec<u8>) {
     let path = make_vdi(
@@ -579,7 +562,7 @@ fn small_image(dir: &Path) -> (PathBuf, Vec<u8>) {
 fn with_damage(path: &Path, original: &[u8], at: usize, damaged: &[u8]) {
     let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     file.write_all_at(damaged, at as u64).unwrap();
-    open_and_read_everything(path);
+    support::fuzz::open_and_exercise(path);
     file.write_all_at(&original[at..at + damaged.len()], at as u64)
         .unwrap();
 }
@@ -629,7 +612,7 @@ fn damaged_headers_and_block_maps_never_panic() {
         original.len() - 1,
     ] {
         file.set_len(len as u64).unwrap();
-        open_and_read_everything(&path);
+        support::fuzz::open_and_exercise(&path);
     }
     drop(file);
     std::fs::write(&path, &original).unwrap();
@@ -666,7 +649,7 @@ proptest! {
         let damaged = dir.path().join("damaged.vdi");
         std::fs::write(&damaged, &bytes).unwrap();
         let damaged_before = support::fingerprint(&damaged);
-        open_and_read_everything(&damaged);
+        support::fuzz::open_and_exercise(&damaged);
         support::assert_unchanged(&damaged, &damaged_before);
         support::assert_unchanged(&path, &before);
     }

@@ -616,18 +616,6 @@ impl Rng {
     }
 }
 
-fn read_everything(disk: &mut dyn Disk) {
-    let total = disk.sector_count().min(1 << 16);
-    let mut buf = vec![0u8; 512 * 128];
-    let mut lba = 0;
-    while lba < total {
-        let n = (total - lba).min(128);
-        let _ = disk.read_sectors(lba, &mut buf[..(n * 512) as usize]);
-        let _ = disk.block_status(lba, n);
-        lba += n;
-    }
-}
-
 /// Returns how many damaged images opened and how many were refused.
 fn fuzz(
     original: &[u8],
@@ -697,7 +685,7 @@ fn fuzz(
         match opened {
             Ok(mut disk) => {
                 outcome.0 += 1;
-                read_everything(&mut disk);
+                support::fuzz::exercise(&mut disk);
             }
             Err(_) => outcome.1 += 1,
         }

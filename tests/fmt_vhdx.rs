@@ -1079,19 +1079,6 @@ impl Rng {
     }
 }
 
-fn read_everything(disk: &mut dyn Disk) {
-    let total = disk.sector_count().min(1 << 15);
-    let mut buf = vec![0u8; 512 * 256];
-    let mut lba = 0;
-    while lba < total {
-        let n = (total - lba).min(256);
-        let _ = disk.read_sectors(lba, &mut buf[..(n * 512) as usize]);
-        let _ = disk.block_status(lba, n);
-        lba += n;
-    }
-    let _ = disk.block_status(0, disk.sector_count());
-}
-
 /// Re-seals headers and region tables so damage reaches the parsers behind
 /// the CRCs.
 fn reseal(bytes: &mut [u8]) {
@@ -1159,7 +1146,7 @@ fn fuzz(
         {
             Ok(mut disk) => {
                 outcome.0 += 1;
-                read_everything(&mut disk);
+                support::fuzz::exercise(&mut disk);
             }
             Err(_) => outcome.1 += 1,
         }
@@ -1210,7 +1197,7 @@ fn damaged_images_give_errors_not_panics() {
         match VhdxDisk::open(&path, &OpenOptions::default()) {
             Ok(mut disk) => {
                 outcomes.0 += 1;
-                read_everything(&mut disk);
+                support::fuzz::exercise(&mut disk);
             }
             Err(_) => outcomes.1 += 1,
         }

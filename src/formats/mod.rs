@@ -115,6 +115,21 @@ pub fn open_parent(
     options: &OpenOptions,
     depth: usize,
 ) -> Result<Box<dyn Disk>> {
+    open_parent_as(child, named, None, options, depth)
+}
+
+/// [`open_parent`] with the parent's format as the child names it, when it
+/// does (qcow2's backing-format header extension). With a hint the parent is
+/// opened as that format instead of being probed, so a raw parent whose data
+/// happens to start with another format's magic is still read as raw. The
+/// hint uses QEMU's format names (`vpc` is VHD); an unknown one is an error.
+pub fn open_parent_as(
+    child: &Path,
+    named: &str,
+    format: Option<&str>,
+    options: &OpenOptions,
+    depth: usize,
+) -> Result<Box<dyn Disk>> {
     if !options.follow_parent_paths {
         return Err(Error::Open(format!(
             "{}: needs its parent image '{named}'; following parent paths named \
@@ -145,7 +160,23 @@ pub fn open_parent(
             path.display()
         )));
     }
-    open_path_at_depth(&path, options, depth + 1)
+    match format {
+        None => open_path_at_depth(&path, options, depth + 1),
+        Some(hint) => {
+            let wanted = if hint == "vpc" { "vhd" } else { hint };
+            let format = builtin_formats()
+                .iter()
+                .find(|f| f.name == wanted)
+                .ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "{}: parent image '{named}' has format '{hint}', which this \
+                         library does not read",
+                        child.display()
+                    ))
+                })?;
+            (format.open_at_depth)(&path, options, depth + 1)
+        }
+    }
 }
 
 /// `open_path` for an image that is `depth` links down a parent chain.

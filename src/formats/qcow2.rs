@@ -40,6 +40,13 @@
 //!   read (QEMU too opens such images read-only).
 //! * Internal snapshots have their own L1 tables; only the active L1 (the one
 //!   in the header) describes the current disk.
+//! * Header extensions follow the header (at byte 72 in version 2, at the
+//!   header length in version 3), inside the first cluster: each is a u32
+//!   type, a u32 data length, then the data padded to a multiple of 8 bytes;
+//!   type 0 ends the list. Type `0xE2792ACA` holds the backing file's format
+//!   name (e.g. `raw`); with it the backing file is opened as that format
+//!   rather than probed, so a raw backing file is never mistaken for an image
+//!   because of what its data starts with. Other types are skipped.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -49,13 +56,18 @@ use std::path::{Path, PathBuf};
 use flate2::{Decompress, FlushDecompress, Status};
 
 use super::mapped::{self, MappedImage, Mapping};
-use super::{open_parent, open_read_only, OpenOptions};
+use super::{open_parent_as, open_read_only, OpenOptions};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
 
 const MAGIC: [u8; 4] = *b"QFI\xfb";
 const V2_HEADER_LEN: u64 = 72;
 const V3_MIN_HEADER_LEN: u64 = 104;
+/// Header extension types: end of the list, backing file format.
+const EXT_END: u32 = 0;
+const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
+/// The longest backing format name we accept (names are short words).
+const MAX_FORMAT_NAME: u32 = 64;
 /// Smallest and largest cluster sizes we accept (the specification's floor
 /// and QEMU's own ceiling of 2 MiB).
 const MIN_CLUSTER_BITS: u32 = 9;
@@ -188,6 +200,8 @@ pub struct Qcow2Disk {
     l1: Vec<u64>,
     l2_cache: TableCache<u64>,
     backing_name: Option<String>,
+    /// The backing file's format from the header extension, if named.
+    backing_format: Option<String>,
     parent: Option<Box<dyn Disk>>,
     /// The last decompressed cluster and its L2 descriptor: sequential
     /// reads of a compressed cluster inflate it once.
@@ -215,6 +229,7 @@ struct Header {
     l1_offset: u64,
     extended_l2: bool,
     backing_name: Option<String>,
+    backing_format: Option<String>,
 }
 
 impl Qcow2Disk {
@@ -228,7 +243,14 @@ impl Qcow2Disk {
     pub fn open_at_depth(path: &Path, options: &OpenOptions, depth: usize) -> Result<Qcow2Disk> {
         let mut disk = Self::open_without_parent(path)?;
         if let Some(name) = disk.backing_name.clone() {
-            disk.parent = Some(open_parent(path, &name, options, depth)?);
+            let format = disk.backing_format.clone();
+            disk.parent = Some(open_parent_as(
+                path,
+                &name,
+                format.as_deref(),
+                options,
+                depth,
+            )?);
         }
         Ok(disk)
     }
@@ -250,6 +272,12 @@ impl Qcow2Disk {
     /// The backing file name stored in the image, if any.
     pub fn backing_file_name(&self) -> Option<&str> {
         self.backing_name.as_deref()
+    }
+
+    /// The backing file's format as the image names it (QEMU's names:
+    /// `raw`, `qcow2`, `vpc`, ...), if it has the header extension.
+    pub fn backing_format(&self) -> Option<&str> {
+        self.backing_format.as_deref()
     }
 
     fn open_without_parent(path: &Path) -> Result<Qcow2Disk> {
@@ -280,6 +308,7 @@ impl Qcow2Disk {
             l1,
             l2_cache: TableCache::new(L2_CACHE_BYTES / table_bytes),
             backing_name: header.backing_name,
+            backing_format: header.backing_format,
             parent: None,
             last_inflated: None,
         })
@@ -508,6 +537,7 @@ fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Header> {
     }
 
     let mut extended_l2 = false;
+    let mut header_len = V2_HEADER_LEN;
     if version >= 3 {
         if (have as u64) < V3_MIN_HEADER_LEN {
             return Err(corrupt(format!(
@@ -515,7 +545,7 @@ fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Header> {
             )));
         }
         let incompatible = be64(&raw, 72);
-        let header_len = u64::from(be32(&raw, 100));
+        header_len = u64::from(be32(&raw, 100));
         if header_len < V3_MIN_HEADER_LEN || header_len > cluster_size.min(file_len) {
             return Err(corrupt(format!(
                 "header length {header_len} at byte offset 100 is invalid"
@@ -599,6 +629,12 @@ fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Header> {
         Some(text)
     };
 
+    let backing_format = if backing_name.is_some() {
+        read_backing_format(file, header_len, cluster_size.min(file_len), &corrupt)?
+    } else {
+        None
+    };
+
     Ok(Header {
         version,
         cluster_bits,
@@ -607,7 +643,64 @@ fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Header> {
         l1_offset,
         extended_l2,
         backing_name,
+        backing_format,
     })
+}
+
+/// Walks the header extensions between `start` and `end` (the end of the
+/// first cluster, or of a shorter file) and returns the backing format
+/// name, if one is there.
+fn read_backing_format(
+    file: &File,
+    start: u64,
+    end: u64,
+    corrupt: &dyn Fn(String) -> Error,
+) -> Result<Option<String>> {
+    if start >= end {
+        return Ok(None);
+    }
+    let mut area = vec![0u8; (end - start) as usize];
+    file.read_exact_at(&mut area, start)
+        .map_err(|e| Error::read("qcow2 header extensions", start, e))?;
+    let mut at = 0usize;
+    let mut found = None;
+    // Each extension takes at least 8 bytes, so the walk ends.
+    while at + 8 <= area.len() {
+        let kind = be32(&area, at);
+        let len = be32(&area, at + 4);
+        if kind == EXT_END {
+            break;
+        }
+        let data = at + 8;
+        let padded = (u64::from(len) + 7) & !7;
+        if padded > (area.len() - data) as u64 {
+            return Err(corrupt(format!(
+                "header extension {kind:#x} at byte offset {} ({len} bytes) runs past the \
+                 first cluster",
+                start + at as u64
+            )));
+        }
+        if kind == EXT_BACKING_FORMAT {
+            let bytes = &area[data..data + len as usize];
+            let text = std::str::from_utf8(bytes).ok().filter(|t| {
+                !t.is_empty()
+                    && len <= MAX_FORMAT_NAME
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            });
+            match text {
+                Some(t) => found = Some(t.to_owned()),
+                None => {
+                    return Err(corrupt(format!(
+                        "backing format extension at byte offset {} is not a format name",
+                        start + at as u64
+                    )))
+                }
+            }
+        }
+        at = data + padded as usize;
+    }
+    Ok(found)
 }
 
 /// Reads the active L1 table and checks every L2 table it names is

@@ -5,6 +5,12 @@
 
 pub mod model;
 
+/// The fuzz harness's driver (`fuzz/src/lib.rs`): the shared way to open and
+/// read a possibly damaged image with a cap on work.
+#[path = "../../fuzz/src/lib.rs"]
+pub mod fuzz;
+
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
@@ -72,6 +78,25 @@ pub struct MapEntry {
 /// output is one flat object per line).
 pub fn qemu_map(image: &Path) -> Vec<MapEntry> {
     let out = qemu_img(&["map", "--output=json", &image.display().to_string()]);
+    parse_map(out)
+}
+
+/// `qemu-img map` over `len` bytes from byte `start` only (for images too
+/// big to map whole).
+pub fn qemu_map_range(image: &Path, start: u64, len: u64) -> Vec<MapEntry> {
+    let out = qemu_img(&[
+        "map",
+        "--output=json",
+        &format!("--start-offset={start}"),
+        &format!("--max-length={len}"),
+        &image.display().to_string(),
+    ]);
+    let entries = parse_map(out);
+    assert!(!entries.is_empty(), "no map entries from qemu-img");
+    entries
+}
+
+fn parse_map(out: Vec<u8>) -> Vec<MapEntry> {
     let text = String::from_utf8(out).unwrap();
     let field = |obj: &str, name: &str| -> String {
         let key = format!("\"{name}\":");
@@ -106,17 +131,27 @@ pub struct Fingerprint {
     mtime: SystemTime,
 }
 
-/// FNV-1a over the file's bytes plus its length and mtime.
+/// FNV-1a over the file's bytes plus its length and mtime, read in 1 MiB
+/// chunks (images may be large).
 pub fn fingerprint(path: &Path) -> Fingerprint {
-    let bytes = std::fs::read(path).unwrap();
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut chunk = vec![0u8; 1 << 20];
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in &bytes {
-        hash ^= u64::from(*b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    let mut len = 0u64;
+    loop {
+        let n = file.read(&mut chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        for b in &chunk[..n] {
+            hash ^= u64::from(*b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        len += n as u64;
     }
     Fingerprint {
         hash,
-        len: bytes.len() as u64,
+        len,
         mtime: std::fs::metadata(path).unwrap().modified().unwrap(),
     }
 }

@@ -359,3 +359,37 @@ pub fn random_op(rng: &mut u64) -> Op {
         _ => Op::Status(next(), next()),
     }
 }
+
+impl Model {
+    /// A model of a drive holding `data` with one status per sector.
+    pub fn new(data: Vec<u8>, status: Vec<SectorStatus>, granularity: u64) -> Model {
+        assert_eq!(data.len(), status.len() * S, "one status per sector");
+        Model {
+            data,
+            status,
+            granularity,
+        }
+    }
+}
+
+/// `Result<T, Error>` as `Result<T, code>`, to compare with the model.
+pub fn code_of<T>(r: cowdisk::Result<T>) -> Result<T, u32> {
+    r.map_err(|e| e.code())
+}
+
+/// Runs `ops` on the overlay and the model side by side, comparing every
+/// result, error code and the drive's size after each step, then the whole
+/// drive byte for byte and sector by sector.
+pub fn run_ops(overlay: &mut cowdisk::Overlay, model: &mut Model, ops: &[Op]) {
+    use cowdisk::Disk;
+    for (step, op) in ops.iter().enumerate() {
+        apply(overlay, model, op)
+            .unwrap_or_else(|e| panic!("step {step}: {op:?}: unexpected error {e}"));
+        assert_eq!(
+            overlay.sector_count(),
+            model.sectors(),
+            "size after step {step}: {op:?}"
+        );
+    }
+    assert_same(overlay, model, "after the last step");
+}

@@ -1,0 +1,176 @@
+//! Sequential read speed of each source reader against qemu-img.
+//!
+//! For each format: makes a 1 GiB image with qemu-img (mostly allocated,
+//! patterned by qemu-io, every eighth 16 MiB left unwritten), reads it
+//! front to back through our reader in 1 MiB reads, then times
+//! `qemu-img convert -O raw IMAGE /dev/shm/...raw` of the same image, and
+//! prints both rates and their ratio (ours / qemu's; at least 1.0x is the
+//! target). Both read the image from the page cache (it was just written).
+//! A few MiB of our reads are compared with qemu's output, so a fast wrong
+//! reader does not pass.
+//!
+//!   cargo run --release --example bench_formats [-- --quick] [-- FORMAT...]
+//!
+//! `--quick` uses 256 MiB images. Naming formats (raw, vdi, parallels, vhd,
+//! vhdx, qcow2, vmdk) runs only those.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use cowdisk::formats::{open_path, OpenOptions};
+
+const MIB: u64 = 1 << 20;
+const CHUNK: u64 = 16 * MIB;
+
+/// Our name, qemu's format name, qemu-img create options, file name.
+const FORMATS: &[(&str, &str, &str, &str)] = &[
+    ("raw", "raw", "", "bench.raw"),
+    ("vdi", "vdi", "", "bench.vdi"),
+    ("parallels", "parallels", "", "bench.hdd"),
+    ("vhd", "vpc", "subformat=dynamic,force_size=on", "bench.vhd"),
+    ("vhdx", "vhdx", "", "bench.vhdx"),
+    ("qcow2", "qcow2", "", "bench.qcow2"),
+    ("vmdk", "vmdk", "subformat=monolithicSparse", "bench.vmdk"),
+];
+
+fn run(program: &str, args: &[String]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn make_image(dir: &Path, format: &str, opts: &str, file: &str, size: u64) -> PathBuf {
+    let path = dir.join(file);
+    let p = path.display().to_string();
+    let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), format.into()];
+    if !opts.is_empty() {
+        args.extend(["-o".into(), opts.into()]);
+    }
+    args.extend([p.clone(), size.to_string()]);
+    run("qemu-img", &args);
+    let mut io: Vec<String> = vec!["-f".into(), format.into()];
+    for i in 0..size / CHUNK {
+        if i % 8 == 7 {
+            continue; // left unwritten
+        }
+        io.push("-c".into());
+        io.push(format!(
+            "write -P {:#x} {} {CHUNK}",
+            0x40 + i % 64,
+            i * CHUNK
+        ));
+    }
+    io.push(p);
+    run("qemu-io", &io);
+    path
+}
+
+/// Reads the whole image through our reader in 1 MiB reads; returns the
+/// rate in MiB/s and a few sampled MiB (offset, bytes) to check.
+fn ours(path: &Path) -> (f64, Vec<(u64, Vec<u8>)>) {
+    let mut disk = open_path(path, &OpenOptions::default()).expect("open");
+    let sectors = disk.sector_count();
+    let per_read = MIB / 512;
+    let mut buf = vec![0u8; MIB as usize];
+    let mut samples = Vec::new();
+    let mut checksum = 0u64;
+    let started = Instant::now();
+    let mut lba = 0;
+    let mut n_read = 0u64;
+    while lba < sectors {
+        let n = per_read.min(sectors - lba);
+        let part = &mut buf[..(n * 512) as usize];
+        disk.read_sectors(lba, part).expect("read");
+        checksum = checksum.wrapping_add(u64::from(part[0]) ^ u64::from(part[part.len() - 1]));
+        if n_read % 97 == 5 {
+            samples.push((lba * 512, part.to_vec()));
+        }
+        n_read += 1;
+        lba += n;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    std::hint::black_box(checksum);
+    ((sectors * 512) as f64 / MIB as f64 / secs, samples)
+}
+
+/// Times `qemu-img convert -O raw` of the image into /dev/shm; returns the
+/// rate in MiB/s and the output's path.
+fn qemu(path: &Path, size: u64) -> (f64, PathBuf) {
+    let out = PathBuf::from(format!("/dev/shm/cowdisk-bench-{}.raw", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let started = Instant::now();
+    run(
+        "qemu-img",
+        &[
+            "convert".into(),
+            "-O".into(),
+            "raw".into(),
+            path.display().to_string(),
+            out.display().to_string(),
+        ],
+    );
+    let secs = started.elapsed().as_secs_f64();
+    (size as f64 / MIB as f64 / secs, out)
+}
+
+fn check_samples(format: &str, raw: &Path, samples: &[(u64, Vec<u8>)]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(raw).unwrap();
+    for (offset, bytes) in samples {
+        let mut theirs = vec![0u8; bytes.len()];
+        file.read_exact_at(&mut theirs, *offset).unwrap();
+        assert!(
+            &theirs == bytes,
+            "{format}: our bytes at {offset} differ from qemu-img convert"
+        );
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let wanted: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(String::as_str)
+        .collect();
+    let size = if quick { 256 * MIB } else { 1024 * MIB };
+    let dir = tempfile::Builder::new()
+        .prefix("cowdisk-bench-formats")
+        .tempdir()
+        .expect("temp dir");
+    println!(
+        "sequential read of a {} MiB image (7/8 written), 1 MiB reads; ratio = ours / qemu-img convert",
+        size / MIB
+    );
+    let mut slowest: Option<(&str, f64)> = None;
+    for &(name, format, opts, file) in FORMATS {
+        if !wanted.is_empty() && !wanted.contains(&name) {
+            continue;
+        }
+        let image = make_image(dir.path(), format, opts, file, size);
+        let (our_rate, samples) = ours(&image);
+        let (qemu_rate, raw) = qemu(&image, size);
+        check_samples(name, &raw, &samples);
+        let _ = std::fs::remove_file(&raw);
+        std::fs::remove_file(&image).unwrap();
+        let ratio = our_rate / qemu_rate;
+        println!(
+            "{name:<10} ours {our_rate:>6.0} MiB/s   qemu-img convert {qemu_rate:>6.0} MiB/s   ratio {ratio:.2}x"
+        );
+        if slowest.is_none_or(|(_, r)| ratio < r) {
+            slowest = Some((name, ratio));
+        }
+    }
+    if let Some((name, ratio)) = slowest {
+        println!("lowest ratio: {name} {ratio:.2}x (target: at least 1.00x)");
+    }
+}

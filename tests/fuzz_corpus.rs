@@ -1,0 +1,477 @@
+//! Every fuzz target of `fuzz/` (the same functions the libFuzzer targets
+//! call) over a deterministic corpus, in a normal `cargo test`: seed images
+//! made by qemu-img/qemu-io, then thousands of mutations of them
+//! (truncations, bit flips, random runs, extreme field values, shifted
+//! bytes, spliced chunks; for checksummed formats also with the checksums
+//! recomputed so the damage reaches the parsers behind them). Errors are
+//! fine; a panic, a case that takes seconds, or a modified input fails.
+//! The loop per target is bounded by a case count and by wall-clock time.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use support::fuzz::{run, Target, DESCRIPTOR_EXTENT};
+
+/// Cases per target, unless the time budget runs out first.
+const MAX_CASES: usize = 1500;
+/// Wall-clock budget per target.
+const BUDGET: Duration = Duration::from_secs(5);
+/// Fewest cases a target must get through (else the run proves little).
+const MIN_CASES: usize = 150;
+/// One case taking this long is a hang.
+const SLOW_CASE: Duration = Duration::from_secs(3);
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * 1024;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// A seed image and the byte windows where its metadata lives.
+struct Seed {
+    bytes: Vec<u8>,
+    hot: Vec<(usize, usize)>,
+}
+
+fn create(dir: &Path, name: &str, format: &str, opts: &[&str], size: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let mut args = vec!["create", "-q", "-f", format];
+    args.extend_from_slice(opts);
+    let p = path.display().to_string();
+    args.extend([p.as_str(), size]);
+    support::qemu_img(&args);
+    path
+}
+
+fn io(path: &Path, format: &str, cmds: &[&str]) {
+    let cmds: Vec<String> = cmds.iter().map(|c| c.to_string()).collect();
+    support::qemu_io(path, format, &cmds);
+}
+
+fn seed(path: &Path, hot: Vec<(usize, usize)>) -> Seed {
+    Seed {
+        bytes: std::fs::read(path).unwrap(),
+        hot,
+    }
+}
+
+fn head(len: usize) -> Vec<(usize, usize)> {
+    vec![(0, len)]
+}
+
+/// Seed images for a target, made by qemu.
+fn seeds(target: Target, dir: &Path) -> Vec<Seed> {
+    let writes = ["write -P 0x5a 1000 300000", "write -P 0x5b 700000 5000"];
+    match target {
+        Target::Vdi => {
+            let d = create(dir, "d.vdi", "vdi", &[], "2M");
+            io(&d, "vdi", &writes);
+            let f = create(dir, "f.vdi", "vdi", &["-o", "static=on"], "1M");
+            vec![seed(&d, head(8 * KIB)), seed(&f, head(8 * KIB))]
+        }
+        Target::Parallels => {
+            let p = create(dir, "p.hdd", "parallels", &["-o", "cluster_size=64k"], "2M");
+            io(&p, "parallels", &writes);
+            vec![seed(&p, head(4 * KIB))]
+        }
+        Target::Vhd => {
+            let opts = ["-o", "subformat=dynamic,force_size=on"];
+            let d = create(dir, "d.vhd", "vpc", &opts, "4M");
+            io(&d, "vpc", &[writes[0], writes[1], "write -P 0x5c 3M 4k"]);
+            let opts = ["-o", "subformat=fixed,force_size=on"];
+            let f = create(dir, "f.vhd", "vpc", &opts, "1M");
+            let d_len = std::fs::metadata(&d).unwrap().len() as usize;
+            let f_len = std::fs::metadata(&f).unwrap().len() as usize;
+            vec![
+                seed(&d, vec![(0, 8 * KIB), (d_len - 512, 512)]),
+                seed(&f, vec![(f_len - 512, 512)]),
+            ]
+        }
+        Target::Vhdx => {
+            let v = create(dir, "v.vhdx", "vhdx", &["-o", "block_size=1M"], "4M");
+            io(&v, "vhdx", &writes);
+            let hot = vec![
+                (64 * KIB, 4 * KIB),
+                (128 * KIB, 4 * KIB),
+                (192 * KIB, 512),
+                (256 * KIB, 512),
+                (MIB, 8 * KIB),
+                (2 * MIB, 64 * KIB + 512),
+                (3 * MIB, 512),
+            ];
+            vec![seed(&v, hot)]
+        }
+        Target::Qcow2 => {
+            let plain = create(dir, "p.qcow2", "qcow2", &["-o", "cluster_size=4096"], "1M");
+            io(&plain, "qcow2", &[writes[0], "write -z 400000 20000"]);
+            let v2 = create(
+                dir,
+                "v2.qcow2",
+                "qcow2",
+                &["-o", "compat=0.10,cluster_size=512"],
+                "256k",
+            );
+            io(&v2, "qcow2", &["write -P 0x5c 1000 100000"]);
+            let ext = create(
+                dir,
+                "e.qcow2",
+                "qcow2",
+                &["-o", "extended_l2=on,cluster_size=16k"],
+                "1M",
+            );
+            io(&ext, "qcow2", &["write -P 0x5d 1000 30000"]);
+            let raw = dir.join("c.raw");
+            std::fs::write(&raw, support::pattern(256 * KIB, 9)).unwrap();
+            let compressed = dir.join("c.qcow2");
+            support::qemu_img(&[
+                "convert",
+                "-q",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=4096",
+                &raw.display().to_string(),
+                &compressed.display().to_string(),
+            ]);
+            [plain, v2, ext, compressed]
+                .iter()
+                .map(|p| seed(p, head(64 * KIB)))
+                .collect()
+        }
+        Target::VmdkSparse => {
+            let s = create(dir, "s.vmdk", "vmdk", &[], "1M");
+            io(&s, "vmdk", &writes);
+            let stream = dir.join("so.vmdk");
+            support::qemu_img(&[
+                "convert",
+                "-q",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=streamOptimized",
+                &s.display().to_string(),
+                &stream.display().to_string(),
+            ]);
+            vec![seed(&s, head(64 * KIB)), seed(&stream, head(64 * KIB))]
+        }
+        Target::VmdkDescriptor => {
+            // qemu names the extent of `extent.vmdk` `extent-flat.vmdk`, the
+            // companion file the harness keeps next to its input.
+            let sub = dir.join("descriptor");
+            std::fs::create_dir(&sub).unwrap();
+            let opts = ["-o", "subformat=monolithicFlat"];
+            let d = create(&sub, "extent.vmdk", "vmdk", &opts, "1M");
+            let text = std::fs::read_to_string(&d).unwrap();
+            assert!(text.contains(DESCRIPTOR_EXTENT), "{text}");
+            let len = text.len();
+            vec![seed(&d, head(len))]
+        }
+    }
+}
+
+/// Recomputes the checksums of a VHD's footers and dynamic header.
+fn fix_vhd(bytes: &mut [u8]) {
+    fn seal(b: &mut [u8], at: usize, len: usize, field: usize) {
+        b[at + field..at + field + 4].fill(0);
+        let sum = b[at..at + len]
+            .iter()
+            .fold(0u32, |s, x| s.wrapping_add(u32::from(*x)));
+        b[at + field..at + field + 4].copy_from_slice(&(!sum).to_be_bytes());
+    }
+    let n = bytes.len();
+    if n >= 512 && &bytes[..8] == b"conectix" {
+        seal(bytes, 0, 512, 64);
+    }
+    if n >= 1536 && &bytes[512..520] == b"cxsparse" {
+        seal(bytes, 512, 1024, 36);
+    }
+    if n >= 1024 && &bytes[n - 512..n - 504] == b"conectix" {
+        seal(bytes, n - 512, 512, 64);
+    }
+}
+
+/// Recomputes the CRC-32C of a VHDX's headers and region tables.
+fn fix_vhdx(bytes: &mut [u8]) {
+    for (at, len) in [
+        (64 * KIB, 4 * KIB),
+        (128 * KIB, 4 * KIB),
+        (192 * KIB, 64 * KIB),
+        (256 * KIB, 64 * KIB),
+    ] {
+        if bytes.len() >= at + len {
+            bytes[at + 4..at + 8].fill(0);
+            let crc = crc32c::crc32c(&bytes[at..at + len]);
+            bytes[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+}
+
+/// One mutation of `seed`.
+fn mutate(target: Target, seed: &Seed, rng: &mut Rng) -> Vec<u8> {
+    let mut b = seed.bytes.clone();
+    let (start, len) = seed.hot[rng.below(seed.hot.len())];
+    let len = len.min(b.len().saturating_sub(start)).max(1);
+    let blen = b.len();
+    let pick = move |rng: &mut Rng| (start + rng.below(len)).min(blen - 1);
+    match rng.below(7) {
+        0 => {
+            // Truncation: mostly inside the metadata.
+            let to = if rng.below(2) == 0 {
+                pick(rng)
+            } else {
+                rng.below(b.len())
+            };
+            b.truncate(to);
+        }
+        1 => {
+            for _ in 0..1 + rng.below(6) {
+                let at = if rng.below(8) == 0 {
+                    rng.below(b.len())
+                } else {
+                    pick(rng)
+                };
+                b[at] ^= 1 << rng.below(8);
+            }
+        }
+        2 => {
+            let at = pick(rng);
+            let n = (1 + rng.below(64)).min(b.len() - at);
+            for x in &mut b[at..at + n] {
+                *x = rng.next() as u8;
+            }
+        }
+        3 => {
+            // An aligned 2-, 4- or 8-byte field set to an extreme, in
+            // either byte order.
+            let width = [2usize, 4, 8][rng.below(3)];
+            let at = pick(rng) & !(width - 1);
+            let values = [
+                0u64,
+                1,
+                u64::MAX,
+                u64::MAX - 1,
+                1 << 31,
+                1 << 40,
+                1 << 62,
+                0x7FFF_FFFF,
+                rng.next(),
+            ];
+            let v = values[rng.below(values.len())];
+            let bytes = if rng.below(2) == 0 {
+                v.to_le_bytes()
+            } else {
+                v.to_be_bytes()
+            };
+            let n = width.min(b.len() - at);
+            if rng.below(2) == 0 {
+                b[at..at + n].copy_from_slice(&bytes[..n]);
+            } else {
+                b[at..at + n].copy_from_slice(&bytes[8 - width..8 - width + n]);
+            }
+        }
+        4 if target == Target::VmdkDescriptor => {
+            // A number in the text replaced with an extreme one.
+            let text = String::from_utf8_lossy(&b).into_owned();
+            let digits: Vec<usize> = text
+                .char_indices()
+                .filter(|(_, c)| c.is_ascii_digit())
+                .map(|(i, _)| i)
+                .collect();
+            if !digits.is_empty() {
+                let at = digits[rng.below(digits.len())];
+                let end = text[at..]
+                    .find(|c: char| !c.is_ascii_digit())
+                    .map_or(text.len(), |e| at + e);
+                let numbers = [
+                    "0",
+                    "18446744073709551615",
+                    "4294967296",
+                    "-1",
+                    "99999999999999999999999",
+                    "1",
+                ];
+                let mut out = text[..at].to_string();
+                out.push_str(numbers[rng.below(numbers.len())]);
+                out.push_str(&text[end..]);
+                b = out.into_bytes();
+            }
+        }
+        4 => {
+            // A chunk of the image copied over its metadata.
+            let from = rng.below(b.len());
+            let n = (1 + rng.below(512)).min(b.len() - from);
+            let at = pick(rng);
+            let n = n.min(b.len() - at);
+            let chunk = b[from..from + n].to_vec();
+            b[at..at + n].copy_from_slice(&chunk);
+        }
+        5 => {
+            // Bytes inserted or removed: everything after shifts.
+            let at = pick(rng);
+            if rng.below(2) == 0 {
+                let n = 1 + rng.below(16);
+                b.splice(at..at, (0..n).map(|_| rng.next() as u8));
+            } else {
+                let n = (1 + rng.below(16)).min(b.len() - at);
+                b.drain(at..at + n);
+            }
+        }
+        _ => {
+            // Several bytes of the metadata replaced.
+            for _ in 0..2 + rng.below(3) {
+                let at = pick(rng);
+                b[at] = rng.next() as u8;
+            }
+        }
+    }
+    let fix = rng.below(4) != 0;
+    match target {
+        Target::Vhd if fix => fix_vhd(&mut b),
+        Target::Vhdx if fix => fix_vhdx(&mut b),
+        _ => {}
+    }
+    b
+}
+
+/// Saves a failing input where `cargo fuzz run TARGET FILE` can replay it.
+fn save_failure(target: Target, case: usize, bytes: &[u8]) -> String {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-failures");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{}-{case}.bin", target.name()));
+    std::fs::write(&path, bytes).unwrap();
+    path.display().to_string()
+}
+
+fn drive(target: Target, rng_seed: u64) {
+    let dir = support::temp_dir();
+    let seeds = seeds(target, dir.path());
+    let originals: Vec<_> = seeds.iter().map(|s| s.bytes.clone()).collect();
+    let mut rng = Rng(rng_seed);
+    let started = Instant::now();
+    let (mut cases, mut ours, mut refused) = (0usize, 0usize, 0usize);
+    // The seeds themselves first: they must open as the target's format.
+    for (i, s) in seeds.iter().enumerate() {
+        let outcome = run(target, &s.bytes);
+        assert_eq!(
+            outcome.opened_as,
+            Some(target.drive_type()),
+            "{} seed {i}",
+            target.name()
+        );
+        assert_eq!(outcome.failed_reads, 0, "{} seed {i}", target.name());
+    }
+    while cases < MAX_CASES && started.elapsed() < BUDGET {
+        let s = &seeds[cases % seeds.len()];
+        let input = mutate(target, s, &mut rng);
+        let case_started = Instant::now();
+        let result = std::panic::catch_unwind(|| run(target, &input));
+        let took = case_started.elapsed();
+        let outcome = match result {
+            Ok(o) => o,
+            Err(_) => {
+                let saved = save_failure(target, cases, &input);
+                panic!(
+                    "{}: case {cases} panicked; input saved as {saved}",
+                    target.name()
+                );
+            }
+        };
+        if took > SLOW_CASE {
+            let saved = save_failure(target, cases, &input);
+            panic!(
+                "{}: case {cases} took {took:?}; input saved as {saved}",
+                target.name()
+            );
+        }
+        match outcome.opened_as {
+            Some(t) if t == target.drive_type() => ours += 1,
+            Some(_) => {}
+            None => refused += 1,
+        }
+        cases += 1;
+    }
+    eprintln!(
+        "{}: {cases} cases in {:?}: {ours} opened as the format, {refused} refused",
+        target.name(),
+        started.elapsed()
+    );
+    assert!(cases >= MIN_CASES, "{}: only {cases} cases", target.name());
+    // The corpus reaches past the header checks into the read paths, and
+    // also gets refused.
+    assert!(
+        ours * 10 >= cases,
+        "{}: only {ours} of {cases} opened",
+        target.name()
+    );
+    assert!(refused > 0, "{}: nothing was refused", target.name());
+    for (s, original) in seeds.iter().zip(&originals) {
+        assert!(&s.bytes == original);
+    }
+}
+
+#[test]
+fn vdi() {
+    drive(Target::Vdi, 0x1111_2222_3333_4444);
+}
+
+#[test]
+fn parallels() {
+    drive(Target::Parallels, 0x5555_6666_7777_8888);
+}
+
+#[test]
+fn vhd() {
+    drive(Target::Vhd, 0x9999_AAAA_BBBB_CCCC);
+}
+
+#[test]
+fn vhdx() {
+    drive(Target::Vhdx, 0xDDDD_EEEE_FFFF_0001);
+}
+
+#[test]
+fn qcow2() {
+    drive(Target::Qcow2, 0x1234_5678_9ABC_DEF0);
+}
+
+#[test]
+fn vmdk_sparse() {
+    drive(Target::VmdkSparse, 0x0DDB_1A5E_5BAD_5EED);
+}
+
+#[test]
+fn vmdk_descriptor() {
+    drive(Target::VmdkDescriptor, 0xC0FF_EE00_D15C_0123);
+}
+
+/// Every target's name has a libFuzzer target file.
+#[test]
+fn every_target_has_a_fuzz_target_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    for target in Target::ALL {
+        let file = root
+            .join("fuzz_targets")
+            .join(format!("{}.rs", target.name()));
+        let body = std::fs::read_to_string(&file).unwrap();
+        assert!(body.contains("fuzz_target!"), "{}", file.display());
+        assert!(
+            manifest.contains(&format!("name = \"{}\"", target.name())),
+            "{} not in fuzz/Cargo.toml",
+            target.name()
+        );
+    }
+}
