@@ -12,6 +12,7 @@ fn main() {
     for file in [
         "src/ffi/types.rs",
         "src/ffi/api.rs",
+        "src/ffi/clone.rs",
         "cbindgen.toml",
         "build.rs",
     ] {
@@ -25,6 +26,7 @@ fn main() {
         .with_config(config)
         .with_src(dir.join("src/ffi/types.rs"))
         .with_src(dir.join("src/ffi/api.rs"))
+        .with_src(dir.join("src/ffi/clone.rs"))
         .generate()
         .expect("cbindgen could not generate the header");
     let include = dir.join("include");

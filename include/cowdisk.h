@@ -200,6 +200,12 @@ typedef struct COWOVL *HCOW;
 #define COW_EXTENT_STORE 2
 
 /**
+ * COW_CloneToFile flags: replace an existing file at `path` (by default
+ * an existing file is an error and is left alone).
+ */
+#define COW_CLONE_REPLACE 1
+
+/**
  * Options of COW_CreateCowOverlayEx. Fill with COW_InitOptions first, then
  * change what you need; `struct_size` lets later versions grow it.
  */
@@ -253,6 +259,15 @@ typedef struct COW_EXTENT {
   uint32_t kind;
   uint32_t reserved;
 } COW_EXTENT;
+
+/**
+ * A progress callback: called with `user` and a percentage, 0 first and
+ * 100 last, never going down, each value at most once. Return 0 to go on;
+ * any other value cancels the operation (which then fails with
+ * COW_ERR_CANCELLED). It must not call functions on the disk being
+ * cloned.
+ */
+typedef int (*COW_PROGRESS_FN)(void *user, uint32_t percent);
 
 /**
  * The disk method table, in the legacy layout. Every open disk - ours or
@@ -508,6 +523,35 @@ int COW_GetExtent(HCOW h, uint64_t index, struct COW_EXTENT *extent);
  * COW_ERR_INVBLOCK when LBA is past the end.
  */
 int COW_GetExtentAt(HCOW h, uint64_t LBA, struct COW_EXTENT *extent);
+
+/**
+ * Writes the whole of `disk` (any HVDDR: an opened image, an overlay, or
+ * the caller's own object starting with a VDDR table) to a new image file
+ * at `path`, in `format`:
+ * - VDD_TYPE_RAW: a flat image, sparse (holes where pages are NOTALLOC,
+ *   BLANKPAGE or all zeros);
+ * - VDD_TYPE_VDI: a dynamic VDI image with 1 MiB blocks; such pages are
+ *   left unallocated.
+ *
+ * `flags` is 0 or COW_CLONE_REPLACE. `progress` may be NULL; otherwise it
+ * is called with `user` as COW_PROGRESS_FN says, and may cancel.
+ *
+ * The finish is atomic: the image is written to a temporary file in the
+ * same folder, synced, and renamed to `path` only when complete. On any
+ * failure - a cancel (COW_ERR_CANCELLED), a read error, a full disk
+ * (COW_ERR_NO_SPACE) - the temporary file is removed and nothing is left
+ * at `path`. Returns TRUE on success, FALSE on failure (COW_GetLastError
+ * says why: also COW_ERR_INVHANDLE, COW_ERR_INVALID_ARG for NULL `path`
+ * or unknown flags, COW_ERR_UNSUPPORTED for another format, COW_ERR_OPEN
+ * when `path` exists or its folder is not writable). `disk` stays open
+ * and owned by the caller; its lock is held for the whole clone.
+ */
+int COW_CloneToFile(HVDDR disk,
+                    const char *path,
+                    uint32_t format,
+                    uint32_t flags,
+                    COW_PROGRESS_FN progress,
+                    void *user);
 
 #ifdef __cplusplus
 }  // extern "C"

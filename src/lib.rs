@@ -12,10 +12,12 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(unsafe_code)]
 
+pub mod clone;
 pub mod disk;
 pub mod error;
 pub mod formats;
 pub mod overlay;
+pub mod partition;
 
 pub mod ffi;
 

@@ -11,6 +11,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 pub mod api;
+mod clone;
 mod handle;
 mod source;
 pub mod types;
