@@ -36,7 +36,21 @@ fn err(e: impl std::fmt::Display) -> String {
     format!("bench: {e}")
 }
 
-pub fn run(quick: bool, dir: Option<&Path>) -> Bench<()> {
+/// How big a run is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    Full,
+    Quick,
+    /// A smoke run for the CLI tests: tiny sizes, figures meaningless.
+    Tiny,
+}
+
+pub fn run(scale: Scale, dir: Option<&Path>) -> Bench<()> {
+    let pick = |full: u64, quick: u64, tiny: u64| match scale {
+        Scale::Full => full,
+        Scale::Quick => quick,
+        Scale::Tiny => tiny,
+    };
     let temp = match dir {
         Some(d) => {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
@@ -48,22 +62,25 @@ pub fn run(quick: bool, dir: Option<&Path>) -> Bench<()> {
     let dir = temp.path();
     // Memory first: peak RSS growth is only meaningful before the other
     // cases have raised the peak.
-    let memory: Vec<(u64, usize, u64)> = [100_000u64, 1_000_000]
-        .into_iter()
-        .map(|n| map_memory(n).map(|(bytes, rss)| (n, bytes, rss)))
-        .collect::<Bench<_>>()?;
-    let size_mib = if quick { 256 } else { 1024 };
+    let memory: Vec<(u64, usize, u64)> = [
+        pick(100_000, 100_000, 1_000),
+        pick(1_000_000, 1_000_000, 10_000),
+    ]
+    .into_iter()
+    .map(|n| map_memory(n).map(|(bytes, rss)| (n, bytes, rss)))
+    .collect::<Bench<_>>()?;
+    let size_mib = pick(1024, 256, 16) as usize;
     let path = dir.join("source.raw");
     make_source(&path, size_mib)?;
     println!(
         "cowdisk benchmark ({}; source {size_mib} MiB raw, page cache warm, in {})",
-        if quick { "quick" } else { "full" },
+        ["full", "quick", "tiny"][pick(0, 1, 2) as usize],
         dir.display()
     );
     println!();
 
     // 1. Sequential reads, interleaved rounds, best of each.
-    let rounds = if quick { 3 } else { 5 };
+    let rounds = pick(5, 3, 1);
     let (mut best_pread, mut best_overlay) = (Duration::MAX, Duration::MAX);
     for _ in 0..rounds {
         best_pread = best_pread.min(time_pread(&path, size_mib)?);
@@ -107,7 +124,7 @@ pub fn run(quick: bool, dir: Option<&Path>) -> Bench<()> {
     println!();
 
     // 2. Random 4 KiB reads against extent count.
-    let reads = if quick { 100_000 } else { 300_000 };
+    let reads = pick(300_000, 100_000, 2_000);
     println!("random 4 KiB reads ({reads} per case)");
     let mut base_rate = 0.0;
     for extents in [10u64, 1_000, 10_000, 100_000] {
@@ -126,7 +143,7 @@ pub fn run(quick: bool, dir: Option<&Path>) -> Bench<()> {
     println!();
 
     // 3. Random COW writes.
-    let count = if quick { 5_000 } else { 20_000 };
+    let count = pick(20_000, 5_000, 200) as usize;
     let offsets = random_offsets(size_mib as u64 * MIB as u64, 4096, count);
     let ours = time_overlay_writes(&path, &offsets)?;
     let qemu = time_qemu_io_writes(&path, &dir.join("writes.qcow2"), &offsets)?;
@@ -141,7 +158,7 @@ pub fn run(quick: bool, dir: Option<&Path>) -> Bench<()> {
     println!();
 
     // 4. Clone.
-    let clone_mib = if quick { 512 } else { 2048 };
+    let clone_mib = pick(2048, 512, 32) as usize;
     let big = dir.join("clone-base.raw");
     make_source(&big, clone_mib)?;
     let writes = ten_percent_writes(clone_mib as u64);
@@ -153,7 +170,7 @@ pub fn run(quick: bool, dir: Option<&Path>) -> Bench<()> {
     );
     for (format, qemu_format) in [(CloneFormat::Raw, "raw"), (CloneFormat::Vdi, "vdi")] {
         let (mut best_ours, mut best_qemu) = (Duration::MAX, Duration::MAX);
-        for _ in 0..if quick { 2 } else { 3 } {
+        for _ in 0..pick(3, 2, 1) {
             let out = dir.join(format!("clone-ours.{qemu_format}"));
             best_ours = best_ours.min(time_clone(&big, &writes, &out, format)?);
             std::fs::remove_file(&out).map_err(err)?;

@@ -103,6 +103,9 @@ enum Command {
         /// A short run.
         #[arg(long)]
         quick: bool,
+        /// A smoke run with tiny sizes (for tests; the figures mean nothing).
+        #[arg(long, hide = true)]
+        tiny: bool,
         /// Folder for the generated data (default: a temporary folder).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -181,7 +184,14 @@ fn main() -> ExitCode {
             sample::write_sample(&dest, matches!(table, TableArg::Gpt))
                 .map(|()| println!("wrote {}", dest.display()))
         }
-        Command::Bench { quick, dir } => bench::run(quick, dir.as_deref()),
+        Command::Bench { quick, tiny, dir } => {
+            let scale = match (tiny, quick) {
+                (true, _) => bench::Scale::Tiny,
+                (false, true) => bench::Scale::Quick,
+                (false, false) => bench::Scale::Full,
+            };
+            bench::run(scale, dir.as_deref())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -541,6 +551,14 @@ fn enlarge(
     }
     let disk = open_image(source, open)?;
     let old = disk.byte_size();
+    if bytes <= old {
+        return Err(format!(
+            "{}: --size {size_text} ({}) is not larger than the disk's current {}",
+            source.display(),
+            human(bytes),
+            human(old)
+        ));
+    }
     let mut overlay =
         Overlay::new(disk, OverlayOptions::default()).map_err(|e| about(source, e))?;
     let options = EnlargeOptions {
@@ -552,14 +570,7 @@ fn enlarge(
         },
     };
     let what = source.display().to_string();
-    let report = partition::enlarge(&mut overlay, &options, &what).map_err(|e| {
-        let text = about(source, e);
-        if bytes <= old {
-            format!("--size {size_text}: {text}")
-        } else {
-            text
-        }
-    })?;
+    let report = partition::enlarge(&mut overlay, &options, &what).map_err(|e| about(source, e))?;
     println!(
         "{}: {} table, {} -> {}; partition {} grows by {}, the partitions after it move up",
         source.display(),
