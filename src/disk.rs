@@ -148,7 +148,7 @@ pub fn check_range(lba: u64, count: u64, size: u64) -> Result<()> {
 
 /// Checks that a buffer holds whole sectors and returns how many.
 pub fn sectors_in(buf_len: usize) -> Result<u64> {
-    if buf_len % SECTOR_SIZE != 0 {
+    if !buf_len.is_multiple_of(SECTOR_SIZE) {
         return Err(Error::InvalidArgument(format!(
             "buffer of {buf_len} bytes is not a whole number of sectors"
         )));

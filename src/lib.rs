@@ -18,6 +18,7 @@ pub mod error;
 pub mod formats;
 pub mod overlay;
 pub mod partition;
+pub mod store;
 
 pub mod ffi;
 

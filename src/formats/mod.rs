@@ -9,8 +9,12 @@ use crate::error::{Error, Result};
 
 pub mod mapped;
 pub mod parallels;
+pub mod qcow2;
 pub mod raw;
 pub mod vdi;
+pub mod vhd;
+pub mod vhdx;
+pub mod vmdk;
 
 /// How a source image may be opened.
 #[derive(Debug, Clone, Default)]
@@ -37,6 +41,16 @@ pub struct FormatProbe {
 pub fn builtin_formats() -> &'static [FormatProbe] {
     &[
         FormatProbe {
+            name: "qcow2",
+            probe: qcow2::probe,
+            open_at_depth: qcow2::open_boxed,
+        },
+        FormatProbe {
+            name: "vmdk",
+            probe: vmdk::probe,
+            open_at_depth: vmdk::open_boxed,
+        },
+        FormatProbe {
             name: "vdi",
             probe: vdi::probe,
             open_at_depth: vdi::open_boxed,
@@ -45,6 +59,16 @@ pub fn builtin_formats() -> &'static [FormatProbe] {
             name: "parallels",
             probe: parallels::probe,
             open_at_depth: parallels::open_boxed,
+        },
+        FormatProbe {
+            name: "vhdx",
+            probe: vhdx::probe,
+            open_at_depth: vhdx::open_boxed,
+        },
+        FormatProbe {
+            name: "vhd",
+            probe: vhd::probe,
+            open_at_depth: vhd::open_boxed,
         },
         FormatProbe {
             name: "raw",

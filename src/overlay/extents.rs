@@ -6,6 +6,8 @@
 //! a sequence of extents elsewhere are all O(log n) expected; nothing walks
 //! the extents linearly except iteration over a requested range.
 
+use std::collections::BTreeSet;
+
 use crate::error::{Error, Result};
 
 /// What backs an extent.
@@ -75,7 +77,15 @@ impl Extent {
     }
 }
 
-const NIL: u32 = u32::MAX;
+/// The "no node" index (also on disk).
+pub const NIL: u32 = u32::MAX;
+/// Bytes of one node record on disk.
+pub const NODE_RECORD_BYTES: usize = 48;
+/// Node records per 4 KiB map page (after the 16-byte page header).
+pub const NODES_PER_PAGE: u64 = (4080 / NODE_RECORD_BYTES) as u64;
+/// A tree deeper than this (possible only if priorities on disk were not
+/// random) is rebuilt on load, so recursion stays shallow.
+const MAX_LOADED_DEPTH: usize = 160;
 
 #[derive(Debug, Clone)]
 struct Node {
@@ -99,6 +109,9 @@ pub struct ExtentMap {
     free_nodes: Vec<u32>,
     root: Tree,
     rng: u64,
+    /// Record which pages of the node arena change (for the journal).
+    track_dirty: bool,
+    dirty_pages: BTreeSet<u64>,
 }
 
 impl Default for ExtentMap {
@@ -115,6 +128,8 @@ impl ExtentMap {
             free_nodes: Vec::new(),
             root: NIL,
             rng: 0x2545_F491_4F6C_DD1D,
+            track_dirty: false,
+            dirty_pages: BTreeSet::new(),
         }
     }
 
@@ -184,6 +199,7 @@ impl ExtentMap {
         };
         if let Some(index) = self.free_nodes.pop() {
             self.nodes[index as usize] = node;
+            self.mark(index);
             return Ok(index);
         }
         if self.nodes.len() >= NIL as usize {
@@ -195,7 +211,15 @@ impl ExtentMap {
             .try_reserve(1)
             .map_err(|e| Error::OutOfMemory(format!("extent map: {e}")))?;
         self.nodes.push(node);
-        Ok((self.nodes.len() - 1) as u32)
+        let index = (self.nodes.len() - 1) as u32;
+        self.mark(index);
+        Ok(index)
+    }
+
+    fn mark(&mut self, t: Tree) {
+        if self.track_dirty {
+            self.dirty_pages.insert(u64::from(t) / NODES_PER_PAGE);
+        }
     }
 
     fn update(&mut self, t: Tree) {
@@ -208,6 +232,7 @@ impl ExtentMap {
         let n = &mut self.nodes[t as usize];
         n.sectors = sectors;
         n.count = count;
+        self.mark(t);
     }
 
     fn merge(&mut self, a: Tree, b: Tree) -> Tree {
@@ -434,6 +459,243 @@ impl ExtentMap {
     }
 }
 
+/// The persisted form of the map: the node arena, page by page.
+impl ExtentMap {
+    /// Starts recording which node pages change.
+    pub fn track_dirty_pages(&mut self) {
+        self.track_dirty = true;
+    }
+
+    /// Node pages changed since the last call.
+    pub fn take_dirty_pages(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.dirty_pages).into_iter().collect()
+    }
+
+    /// Number of node pages changed and not yet taken.
+    pub fn dirty_page_count(&self) -> usize {
+        self.dirty_pages.len()
+    }
+
+    /// Marks every node page changed (after a rebuild).
+    pub fn mark_all_dirty(&mut self) {
+        for page in 0..self.node_pages() {
+            self.dirty_pages.insert(page);
+        }
+    }
+
+    /// Length of the node arena (slots, used or free).
+    pub fn node_slots(&self) -> u32 {
+        self.nodes.len() as u32
+    }
+
+    /// Pages the node arena spans.
+    pub fn node_pages(&self) -> u64 {
+        (self.nodes.len() as u64).div_ceil(NODES_PER_PAGE)
+    }
+
+    /// The root node's index (`NIL` for an empty map).
+    pub fn root_index(&self) -> u32 {
+        self.root
+    }
+
+    /// The priority generator's state.
+    pub fn rng_state(&self) -> u64 {
+        self.rng
+    }
+
+    /// The payload of node page `page`: `NODES_PER_PAGE` records of
+    /// `NODE_RECORD_BYTES` (slots past the arena's end are zero).
+    pub fn page_payload(&self, page: u64) -> Vec<u8> {
+        let mut out = vec![0u8; 4080];
+        let first = page * NODES_PER_PAGE;
+        for i in 0..NODES_PER_PAGE {
+            let Some(n) = self.nodes.get((first + i) as usize) else {
+                break;
+            };
+            let r = &mut out[i as usize * NODE_RECORD_BYTES..][..NODE_RECORD_BYTES];
+            r[0..8].copy_from_slice(&n.extent.len.to_le_bytes());
+            r[8..16].copy_from_slice(&n.extent.base.to_le_bytes());
+            r[16..24].copy_from_slice(&n.sectors.to_le_bytes());
+            r[24] = n.extent.kind as u8;
+            r[28..32].copy_from_slice(&n.priority.to_le_bytes());
+            r[32..36].copy_from_slice(&n.left.to_le_bytes());
+            r[36..40].copy_from_slice(&n.right.to_le_bytes());
+            r[40..44].copy_from_slice(&n.count.to_le_bytes());
+        }
+        out
+    }
+
+    /// Rebuilds a map from its persisted node pages, validating everything:
+    /// record fields, child indices, that the tree is a tree (no node
+    /// reachable twice), and every subtree total. `page(i)` returns the
+    /// payload of node page `i`; `what(i)` names it in errors. Slots not
+    /// reachable from the root become free slots.
+    pub fn from_pages(
+        slots: u32,
+        root: u32,
+        rng: u64,
+        page: &mut dyn FnMut(u64) -> Result<Vec<u8>>,
+        what: &dyn Fn(u64) -> String,
+    ) -> Result<ExtentMap> {
+        if slots == NIL {
+            return Err(Error::Corrupt("node slot count is the NIL marker".into()));
+        }
+        if root != NIL && root >= slots {
+            return Err(Error::Corrupt(format!(
+                "root node {root} outside {slots} node slots"
+            )));
+        }
+        let mut nodes = Vec::new();
+        nodes
+            .try_reserve_exact(slots as usize)
+            .map_err(|e| Error::OutOfMemory(format!("{slots} extent map nodes: {e}")))?;
+        let pages = u64::from(slots).div_ceil(NODES_PER_PAGE);
+        for p in 0..pages {
+            let payload = page(p)?;
+            for i in 0..NODES_PER_PAGE {
+                let index = p * NODES_PER_PAGE + i;
+                if index >= u64::from(slots) {
+                    break;
+                }
+                let r = &payload[i as usize * NODE_RECORD_BYTES..][..NODE_RECORD_BYTES];
+                let u64_at =
+                    |o: usize| u64::from_le_bytes(r[o..o + 8].try_into().unwrap_or([0; 8]));
+                let u32_at =
+                    |o: usize| u32::from_le_bytes(r[o..o + 4].try_into().unwrap_or([0; 4]));
+                let kind = match r[24] {
+                    0 => ExtentKind::None,
+                    1 => ExtentKind::Source,
+                    2 => ExtentKind::Store,
+                    k => {
+                        return Err(Error::Corrupt(format!(
+                            "{}: node {index} has unknown kind {k}",
+                            what(p)
+                        )))
+                    }
+                };
+                nodes.push(Node {
+                    extent: Extent {
+                        len: u64_at(0),
+                        kind,
+                        base: u64_at(8),
+                    },
+                    sectors: u64_at(16),
+                    priority: u32_at(28),
+                    left: u32_at(32),
+                    right: u32_at(36),
+                    count: u32_at(40),
+                });
+            }
+        }
+        let mut map = ExtentMap {
+            nodes,
+            free_nodes: Vec::new(),
+            root,
+            rng: rng | 1,
+            track_dirty: false,
+            dirty_pages: BTreeSet::new(),
+        };
+        let depth = map.validate(&what)?;
+        if depth > MAX_LOADED_DEPTH {
+            map.rebuild_balanced()?;
+        }
+        Ok(map)
+    }
+
+    /// Checks the loaded arena is a well-formed tree with correct totals;
+    /// collects unreachable slots as free. Returns the tree's depth.
+    fn validate(&mut self, what: &dyn Fn(u64) -> String) -> Result<usize> {
+        let slots = self.nodes.len();
+        let page_of = |t: u32| what(u64::from(t) / NODES_PER_PAGE);
+        let mut seen = vec![false; slots];
+        // Iterative post-order: (node, depth, children done).
+        let mut stack: Vec<(u32, usize, bool)> = Vec::new();
+        let mut max_depth = 0;
+        if self.root != NIL {
+            stack.push((self.root, 1, false));
+        }
+        while let Some((t, depth, done)) = stack.pop() {
+            let n = &self.nodes[t as usize];
+            if !done {
+                if seen[t as usize] {
+                    return Err(Error::Corrupt(format!(
+                        "{}: node {t} is reachable twice (the map is not a tree)",
+                        page_of(t)
+                    )));
+                }
+                seen[t as usize] = true;
+                max_depth = max_depth.max(depth);
+                if n.extent.len == 0 {
+                    return Err(Error::Corrupt(format!(
+                        "{}: node {t} has length 0",
+                        page_of(t)
+                    )));
+                }
+                for child in [n.left, n.right] {
+                    if child != NIL && child as usize >= slots {
+                        return Err(Error::Corrupt(format!(
+                            "{}: node {t} points to node {child} outside {slots} slots",
+                            page_of(t)
+                        )));
+                    }
+                }
+                let (left, right) = (n.left, n.right);
+                stack.push((t, depth, true));
+                for child in [left, right] {
+                    if child != NIL {
+                        stack.push((child, depth + 1, false));
+                    }
+                }
+            } else {
+                let child_total = |c: u32, nodes: &[Node]| {
+                    if c == NIL {
+                        (0u64, 0u32)
+                    } else {
+                        (nodes[c as usize].sectors, nodes[c as usize].count)
+                    }
+                };
+                let (ls, lc) = child_total(n.left, &self.nodes);
+                let (rs, rc) = child_total(n.right, &self.nodes);
+                let sectors = ls
+                    .checked_add(rs)
+                    .and_then(|x| x.checked_add(n.extent.len))
+                    .filter(|x| x.checked_mul(512).is_some());
+                let count = lc.checked_add(rc).and_then(|x| x.checked_add(1));
+                if sectors != Some(n.sectors) || count != Some(n.count) {
+                    return Err(Error::Corrupt(format!(
+                        "{}: node {t} subtree totals ({} sectors, {} extents) do not add up",
+                        page_of(t),
+                        n.sectors,
+                        n.count
+                    )));
+                }
+            }
+        }
+        self.free_nodes = (0..slots as u32)
+            .rev()
+            .filter(|&t| !seen[t as usize])
+            .collect();
+        Ok(max_depth)
+    }
+
+    /// Rebuilds the tree from its extents in order with fresh priorities.
+    fn rebuild_balanced(&mut self) -> Result<()> {
+        let extents: Vec<Extent> = self.to_vec().into_iter().map(|(_, e)| e).collect();
+        let track = self.track_dirty;
+        let rng = self.rng;
+        *self = ExtentMap::new();
+        self.rng = rng;
+        self.track_dirty = track;
+        let mut root = NIL;
+        for e in extents {
+            let node = self.new_node(e)?;
+            root = self.merge(root, node);
+        }
+        self.root = root;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,6 +749,38 @@ mod tests {
             map.to_vec(),
             vec![(0, src(5, 0)), (5, Extent::none(5)), (10, src(5, 5))]
         );
+    }
+
+    #[test]
+    fn pages_round_trip_and_damage_is_detected() {
+        let mut map = ExtentMap::with_extent(src(10_000, 0));
+        for i in 0..300u64 {
+            map.replace(i * 20, 3, Extent::none(3)).unwrap();
+        }
+        map.remove(50, 10).unwrap(); // leaves free slots
+        let pages: Vec<Vec<u8>> = (0..map.node_pages()).map(|p| map.page_payload(p)).collect();
+        let name = |p: u64| format!("page {p}");
+        let loaded = ExtentMap::from_pages(
+            map.node_slots(),
+            map.root_index(),
+            map.rng_state(),
+            &mut |p| Ok(pages[p as usize].clone()),
+            &name,
+        )
+        .unwrap();
+        assert_eq!(loaded.to_vec(), map.to_vec());
+        // A flipped length breaks the subtree totals.
+        let mut bad = pages.clone();
+        bad[0][0] ^= 0x40;
+        let err = ExtentMap::from_pages(
+            map.node_slots(),
+            map.root_index(),
+            map.rng_state(),
+            &mut |p| Ok(bad[p as usize].clone()),
+            &name,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("page 0"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,12 @@
 //! - `delete` removes a range (the drive shrinks), `discard` turns it into
 //!   unallocated space; both free the store space it used, which later
 //!   writes reuse.
+//!
+//! An overlay's store is either anonymous (a temporary file, the legacy
+//! behaviour) or persistent (`create_persistent`/`open_persistent`): a
+//! journaled store file that survives close and crashes (see `crate::store`
+//! and docs/FORMAT.md). In a persistent store, data a durable map refers to
+//! is never overwritten in place: a write to it goes to fresh units.
 
 pub mod extents;
 pub mod space;
@@ -22,7 +28,10 @@ use crate::disk::{
 };
 use crate::error::{Error, Result};
 use extents::{Extent, ExtentKind, ExtentMap};
-use space::{FileStorage, SpaceMap, Storage};
+use space::{FileStorage, Storage, UnitMap};
+use std::path::Path;
+
+use crate::store::{self, Journal, OpenedStore, SourceIdentity};
 
 /// The legacy module's COW granularity: 2048 sectors (1 MiB).
 pub const DEFAULT_GRANULARITY: u64 = 2048;
@@ -73,10 +82,15 @@ pub struct Overlay {
     source: Box<dyn Disk>,
     map: ExtentMap,
     store: Box<dyn Storage>,
-    space: SpaceMap,
+    units: UnitMap,
+    /// Byte offset of the store's data area (unit 0).
+    data_offset: u64,
     /// Bytes the store file is known to span (to trim it when space frees).
     store_file_len: u64,
     options: OverlayOptions,
+    /// The journal of a persistent store (`None`: anonymous, or read-only).
+    journal: Option<Journal>,
+    read_only: bool,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -122,10 +136,180 @@ impl Overlay {
                 base: 0,
             }),
             store,
-            space: SpaceMap::new(),
+            units: UnitMap::new(options.granularity, false),
+            data_offset: 0,
             store_file_len: 0,
             options,
+            journal: None,
+            read_only: false,
         }
+    }
+
+    /// An overlay over `source` with a new persistent store at `path` (which
+    /// must not exist). The store records the source's identity; it is
+    /// locked against other writers while open.
+    pub fn create_persistent(
+        mut source: Box<dyn Disk>,
+        path: &Path,
+        options: OverlayOptions,
+    ) -> Result<Overlay> {
+        let prepared = Overlay::prepare_persistent(path, source.as_mut(), options)?;
+        Ok(prepared.attach(source))
+    }
+
+    /// The fallible half of `create_persistent`: creates and initialises the
+    /// store file for `source` without taking the source.
+    pub fn prepare_persistent(
+        path: &Path,
+        source: &mut dyn Disk,
+        options: OverlayOptions,
+    ) -> Result<PreparedStore> {
+        Overlay::check_source(source, &options)?;
+        let identity = store::identify(source)?;
+        let storage = open_store_file(path, StoreFileMode::Create)?;
+        PreparedStore::create(Box::new(storage), source.sector_count(), identity, options)
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(path);
+            })
+    }
+
+    /// `create_persistent` on any empty storage (tests put a fault-injecting
+    /// layer here). `identity` is the source's (`store::identify`).
+    pub fn create_on(
+        store: Box<dyn Storage>,
+        source: Box<dyn Disk>,
+        identity: SourceIdentity,
+        options: OverlayOptions,
+    ) -> Result<Overlay> {
+        Overlay::check_source(source.as_ref(), &options)?;
+        let prepared = PreparedStore::create(store, source.sector_count(), identity, options)?;
+        Ok(prepared.attach(source))
+    }
+
+    /// Reopens the persistent store at `path` over `source`: replays its log
+    /// (in memory only when `read_only`), and refuses a source that is not
+    /// the disk the store was made on (`SourceMismatch`). A writer holds an
+    /// exclusive lock; a reader a shared one (`Locked` when taken).
+    pub fn open_persistent(path: &Path, source: Box<dyn Disk>, read_only: bool) -> Result<Overlay> {
+        let (storage, opened) = Overlay::load_persistent(path, read_only)?;
+        let mut source = source;
+        Overlay::check_store_source(&opened, source.as_mut())?;
+        Ok(Overlay::from_opened(storage, opened, source, read_only))
+    }
+
+    /// First half of `open_persistent`: opens, locks and loads the store.
+    pub fn load_persistent(
+        path: &Path,
+        read_only: bool,
+    ) -> Result<(Box<dyn Storage>, OpenedStore)> {
+        let mode = if read_only {
+            StoreFileMode::ReadOnly
+        } else {
+            StoreFileMode::ReadWrite
+        };
+        let mut storage: Box<dyn Storage> = Box::new(open_store_file(path, mode)?);
+        let opened =
+            store::open_store(storage.as_mut(), read_only).map_err(|e| prefix_error(e, path))?;
+        Ok((storage, opened))
+    }
+
+    /// Checks that `source` is the disk the loaded store was made on.
+    pub fn check_store_source(opened: &OpenedStore, source: &mut dyn Disk) -> Result<()> {
+        let found = store::identify(source)?;
+        store::compare_identity(&opened.source, &found)
+    }
+
+    /// Second half of `open_persistent`: joins a loaded store to its
+    /// (checked) source.
+    pub fn from_opened(
+        store: Box<dyn Storage>,
+        opened: OpenedStore,
+        source: Box<dyn Disk>,
+        read_only: bool,
+    ) -> Overlay {
+        let options = OverlayOptions {
+            granularity: opened.granularity,
+            detect_zeros: false,
+        };
+        Overlay {
+            source,
+            map: opened.map,
+            store,
+            units: opened.units,
+            data_offset: store::format::DATA_OFFSET,
+            store_file_len: 0,
+            options,
+            journal: opened.journal,
+            read_only,
+        }
+    }
+
+    /// Sets zero detection (reads and status report all-zero data as
+    /// `Blank`).
+    pub fn set_detect_zeros(&mut self, on: bool) {
+        self.options.detect_zeros = on;
+    }
+
+    /// True for an overlay on a persistent store.
+    pub fn is_persistent(&self) -> bool {
+        self.journal.is_some() || self.read_only
+    }
+
+    /// True when opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The durability point: every edit and write acknowledged before it
+    /// survives a crash. A no-op for an anonymous store.
+    pub fn flush(&mut self) -> Result<()> {
+        if let Some(journal) = self.journal.as_mut() {
+            journal.flush(&mut self.map, &mut self.units, self.store.as_mut())?;
+        }
+        Ok(())
+    }
+
+    /// Flushes, checkpoints the log (so the next open has nothing to
+    /// replay) and closes. Dropping an overlay does the same but cannot
+    /// report errors.
+    pub fn close(mut self) -> Result<()> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if let Some(journal) = self.journal.as_mut() {
+            journal.flush(&mut self.map, &mut self.units, self.store.as_mut())?;
+            journal.checkpoint(self.store.as_mut())?;
+        }
+        self.journal = None;
+        Ok(())
+    }
+
+    /// The persistent store's UUID and the current modification UUID.
+    pub fn store_uuids(&self) -> Option<([u8; 16], [u8; 16])> {
+        self.journal
+            .as_ref()
+            .map(|j| (j.store_uuid(), j.modification_uuid()))
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly(
+                "the overlay store was opened read-only".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// After an edit: a persistent store logs a transaction once enough
+    /// metadata pages are dirty, so no transaction outgrows the log.
+    fn after_edit(&mut self) -> Result<()> {
+        if let Some(journal) = self.journal.as_mut() {
+            if self.map.dirty_page_count() >= store::DIRTY_PAGE_THRESHOLD {
+                journal.write_transaction(&mut self.map, &mut self.units, self.store.as_mut())?;
+            }
+        }
+        Ok(())
     }
 
     /// Checks that an overlay with `options` can be built over `source`;
@@ -155,14 +339,9 @@ impl Overlay {
         self.source.as_ref()
     }
 
-    /// Gives the source back, dropping the overlay and its store.
-    pub fn into_source(self) -> Box<dyn Disk> {
-        self.source
-    }
-
-    /// Sectors of store space in use.
-    pub fn store_sectors_used(&self) -> u64 {
-        self.space.end() - self.space.free_sectors()
+    /// Store units in use (data and, for a persistent store, metadata).
+    pub fn store_units_used(&self) -> u64 {
+        self.units.units_in_use()
     }
 
     /// Inserts `count` unallocated sectors before `lba` (`lba == size`
@@ -184,7 +363,9 @@ impl Overlay {
         if count == 0 {
             return Ok(());
         }
-        self.map.insert(lba, &[Extent::none(count)])
+        self.check_writable()?;
+        self.map.insert(lba, &[Extent::none(count)])?;
+        self.after_edit()
     }
 
     /// Cuts `[from, from + count)` and pastes it so that it starts at what
@@ -207,9 +388,11 @@ impl Overlay {
         if count == 0 {
             return Ok(());
         }
+        self.check_writable()?;
         let cut = self.map.remove(from, count)?;
         let destination = if to < from { to } else { to - count };
-        self.map.insert(destination, &cut)
+        self.map.insert(destination, &cut)?;
+        self.after_edit()
     }
 
     /// Removes `[lba, lba + count)`; the drive shrinks by `count` and the
@@ -219,8 +402,10 @@ impl Overlay {
         if count == 0 {
             return Ok(());
         }
+        self.check_writable()?;
         let removed = self.map.remove(lba, count)?;
-        self.release(&removed)
+        self.release(&removed)?;
+        self.after_edit()
     }
 
     /// Makes `[lba, lba + count)` unallocated (zeros, `NotAlloc`) and frees
@@ -230,20 +415,30 @@ impl Overlay {
         if count == 0 {
             return Ok(());
         }
+        self.check_writable()?;
         let replaced = self.map.replace(lba, count, Extent::none(count))?;
-        self.release(&replaced)
+        self.release(&replaced)?;
+        self.after_edit()
     }
 
     fn release(&mut self, extents: &[Extent]) -> Result<()> {
         for e in extents.iter().filter(|e| e.kind == ExtentKind::Store) {
-            self.space.free(e.base, e.len);
+            self.units.release(e.base, e.len);
         }
-        let needed = self.space.end() * SECTOR_BYTES;
-        if needed < self.store_file_len {
-            self.store.set_len(needed)?;
-            self.store_file_len = needed;
+        if self.journal.is_none() {
+            // The anonymous store shrinks when its tail frees.
+            let needed =
+                self.data_offset + self.units.end() * self.units.granularity() * SECTOR_BYTES;
+            if needed < self.store_file_len {
+                self.store.set_len(needed)?;
+                self.store_file_len = needed;
+            }
         }
         Ok(())
+    }
+
+    fn store_byte(&self, sector: u64) -> u64 {
+        self.data_offset + sector * SECTOR_BYTES
     }
 
     /// Writes whole sectors at `lba`, copying on write (see the module doc).
@@ -255,6 +450,7 @@ impl Overlay {
         if count == 0 {
             return Ok(());
         }
+        self.check_writable()?;
         let g = self.options.granularity;
         let end = lba + count;
         let unit_start = lba / g * g;
@@ -263,28 +459,35 @@ impl Overlay {
         let mut i = 0;
         while i < pieces.len() {
             let (start, extent) = pieces[i];
-            if extent.kind == ExtentKind::Store {
+            if self.in_place(&extent) {
                 let from = start.max(lba);
                 let to = (start + extent.len).min(end);
                 if from < to {
                     let bytes = &data[byte_index(from - lba)..byte_index(to - lba)];
-                    self.store
-                        .write_at(bytes, (extent.base + (from - start)) * SECTOR_BYTES)?;
+                    let at = self.store_byte(extent.base + (from - start));
+                    self.store.write_at(bytes, at)?;
                 }
                 i += 1;
                 continue;
             }
-            // A maximal run of pieces not yet in the store moves there.
+            // A maximal run of pieces that cannot be written in place moves
+            // to fresh store units.
             let mut run_end = start + extent.len;
             let mut j = i + 1;
-            while j < pieces.len() && pieces[j].1.kind != ExtentKind::Store {
+            while j < pieces.len() && !self.in_place(&pieces[j].1) {
                 run_end = pieces[j].0 + pieces[j].1.len;
                 j += 1;
             }
             self.copy_run_to_store(start, run_end, lba, data)?;
             i = j;
         }
-        Ok(())
+        self.after_edit()
+    }
+
+    /// Store space that can take a write in place: in the store, and not
+    /// referred to by a durable map (always true for an anonymous store).
+    fn in_place(&self, extent: &Extent) -> bool {
+        extent.kind == ExtentKind::Store && self.units.writable_in_place(extent.base, extent.len)
     }
 
     /// Moves the virtual run `[run_start, run_end)` into fresh store space:
@@ -301,22 +504,22 @@ impl Overlay {
         let write_end = lba + (data.len() / SECTOR_SIZE) as u64;
         let data_from = lba.clamp(run_start, run_end);
         let data_to = write_end.clamp(data_from, run_end);
-        let base = self.space.allocate(len)?;
+        let base = self.units.allocate(len)?;
         let filled = (|| {
             self.copy_old_to_store(run_start, data_from, base)?;
             if data_from < data_to {
                 let bytes = &data[byte_index(data_from - lba)..byte_index(data_to - lba)];
-                self.store
-                    .write_at(bytes, (base + (data_from - run_start)) * SECTOR_BYTES)?;
+                let at = self.store_byte(base + (data_from - run_start));
+                self.store.write_at(bytes, at)?;
             }
             self.copy_old_to_store(data_to, run_end, base + (data_to - run_start))
         })();
         if let Err(e) = filled {
-            self.space.free(base, len);
+            self.units.release(base, len);
             return Err(e);
         }
-        self.store_file_len = self.store_file_len.max((base + len) * SECTOR_BYTES);
-        self.map.replace(
+        self.store_file_len = self.store_file_len.max(self.store_byte(base + len));
+        let replaced = self.map.replace(
             run_start,
             len,
             Extent {
@@ -325,7 +528,7 @@ impl Overlay {
                 base,
             },
         )?;
-        Ok(())
+        self.release(&replaced)
     }
 
     fn copy_old_to_store(&mut self, from: u64, to: u64, store_sector: u64) -> Result<()> {
@@ -335,8 +538,8 @@ impl Overlay {
             let n = (to - pos).min(COPY_CHUNK_SECTORS);
             buf.resize(byte_index(n), 0);
             self.read_unfiltered(pos, &mut buf)?;
-            self.store
-                .write_at(&buf, (store_sector + (pos - from)) * SECTOR_BYTES)?;
+            let at = self.store_byte(store_sector + (pos - from));
+            self.store.write_at(&buf, at)?;
             pos += n;
         }
         Ok(())
@@ -356,7 +559,7 @@ impl Overlay {
                 }
                 ExtentKind::Source => self.source.read_sectors(extent.base, part)?,
                 ExtentKind::Store => {
-                    self.store.read_at(part, extent.base * SECTOR_BYTES)?;
+                    self.store.read_at(part, self.store_byte(extent.base))?;
                     SectorStatus::Normal
                 }
             };
@@ -396,6 +599,118 @@ impl Overlay {
             pos += n;
         }
         Ok(true)
+    }
+}
+
+/// A new persistent store, initialised, waiting for its source.
+pub struct PreparedStore {
+    store: Box<dyn Storage>,
+    map: ExtentMap,
+    units: UnitMap,
+    journal: Journal,
+    options: OverlayOptions,
+}
+
+impl PreparedStore {
+    /// Initialises a store for a source of `sectors` sectors on empty
+    /// `store`.
+    pub fn create(
+        mut store: Box<dyn Storage>,
+        sectors: u64,
+        identity: SourceIdentity,
+        options: OverlayOptions,
+    ) -> Result<PreparedStore> {
+        options.validate()?;
+        let mut map = ExtentMap::with_extent(Extent {
+            len: sectors,
+            kind: ExtentKind::Source,
+            base: 0,
+        });
+        let mut units = UnitMap::new(options.granularity, true);
+        let journal = Journal::create(store.as_mut(), identity, &mut map, &mut units)?;
+        Ok(PreparedStore {
+            store,
+            map,
+            units,
+            journal,
+            options,
+        })
+    }
+
+    /// The overlay over `source` (the disk the store was prepared for).
+    pub fn attach(self, source: Box<dyn Disk>) -> Overlay {
+        Overlay {
+            source,
+            map: self.map,
+            store: self.store,
+            units: self.units,
+            data_offset: store::format::DATA_OFFSET,
+            store_file_len: 0,
+            options: self.options,
+            journal: Some(self.journal),
+            read_only: false,
+        }
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        // Best effort: `close` reports errors; a drop cannot.
+        let _ = self.finish();
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StoreFileMode {
+    Create,
+    ReadWrite,
+    ReadOnly,
+}
+
+/// Opens (or creates) a store file and takes its advisory lock: exclusive
+/// for writers, shared for readers.
+fn open_store_file(path: &Path, mode: StoreFileMode) -> Result<FileStorage> {
+    let shown = path.display();
+    let file = match mode {
+        StoreFileMode::Create => std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path),
+        StoreFileMode::ReadWrite => std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path),
+        StoreFileMode::ReadOnly => std::fs::File::open(path),
+    }
+    .map_err(|e| Error::Open(format!("overlay store {shown}: {e}")))?;
+    let locked = match mode {
+        StoreFileMode::ReadOnly => file.try_lock_shared(),
+        _ => file.try_lock(),
+    };
+    locked.map_err(|_| {
+        Error::Locked(format!(
+            "overlay store {shown} is open for writing elsewhere{}",
+            if mode == StoreFileMode::ReadOnly {
+                ""
+            } else {
+                " (or being read)"
+            }
+        ))
+    })?;
+    Ok(FileStorage::new(file, format!("overlay store {shown}")))
+}
+
+/// Names the store file in an error that does not already.
+fn prefix_error(error: Error, path: &Path) -> Error {
+    let shown = path.display().to_string();
+    if error.to_string().contains(&shown) {
+        return error;
+    }
+    match error {
+        Error::Corrupt(m) => Error::Corrupt(format!("overlay store {shown}: {m}")),
+        Error::Unsupported(m) => Error::Unsupported(format!("overlay store {shown}: {m}")),
+        other => other,
     }
 }
 

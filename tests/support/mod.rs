@@ -3,6 +3,8 @@
 //! `mod support;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod model;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
