@@ -422,3 +422,116 @@ fn bench_runs_and_prints_every_comparison() {
     // It cleans up after itself.
     assert!(entries(dir.path()).is_empty());
 }
+
+#[test]
+fn overlay_store_step_by_step_then_commit() {
+    let dir = support::temp_dir();
+    let img = sample(dir.path(), "mbr.img", "mbr");
+    let other = sample(dir.path(), "other.img", "gpt");
+    let print = fingerprint(&img);
+    let store = dir.path().join("work.cow");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    cowdisk()
+        .args([
+            "overlay",
+            "create",
+            &s(&img),
+            &s(&store),
+            "--granularity",
+            "128",
+        ])
+        .assert()
+        .success();
+    let data = support::pattern(1024, 9);
+    let file = dir.path().join("two-sectors.bin");
+    std::fs::write(&file, &data).unwrap();
+    // Order matters: the insert happens first, then the move sees it.
+    let write_arg = format!("7:{}", s(&file));
+    cowdisk()
+        .args([
+            "overlay",
+            "edit",
+            &s(&img),
+            &s(&store),
+            "--insert",
+            "131072:2048",
+            "--move",
+            "83968:133120:40960",
+            "--write",
+            &write_arg,
+            "--discard",
+            "100:3",
+        ])
+        .assert()
+        .success();
+    // A second session, after a reopen.
+    cowdisk()
+        .args([
+            "overlay",
+            "edit",
+            &s(&img),
+            &s(&store),
+            "--delete",
+            "0:0",
+            "--insert",
+            "0:0",
+        ])
+        .assert()
+        .success();
+    let out = cowdisk()
+        .args(["overlay", "info", "--json", &s(&img), &s(&store)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["virtual_size"].as_u64(), Some(133120 * 512));
+    assert_eq!(info["consistent"], true);
+
+    // The expected drive, built from the source's bytes by hand.
+    let src = std::fs::read(&img).unwrap();
+    let sec = |a: u64, b: u64| &src[(a * 512) as usize..(b * 512) as usize];
+    let mut expect = Vec::new();
+    expect.extend_from_slice(sec(0, 83968));
+    expect.extend_from_slice(sec(124928, 131072));
+    expect.extend(std::iter::repeat_n(0u8, 2048 * 512));
+    expect.extend_from_slice(sec(83968, 124928));
+    expect[7 * 512..9 * 512].copy_from_slice(&data);
+    expect[100 * 512..103 * 512].fill(0);
+    let expected = dir.path().join("expected.raw");
+    std::fs::write(&expected, &expect).unwrap();
+
+    let vdi = dir.path().join("result.vdi");
+    cowdisk()
+        .args(["overlay", "commit", &s(&img), &s(&store), &s(&vdi)])
+        .assert()
+        .success()
+        .stdout(contains("verified"));
+    let check = String::from_utf8(qemu_img(&["check", &s(&vdi)])).unwrap();
+    assert!(check.contains("No errors were found"), "{check}");
+    qemu_img(&["compare", "-f", "raw", "-F", "vdi", &s(&expected), &s(&vdi)]);
+
+    // Bad input: another source, an edit outside the drive, a bad edit.
+    let err = fails(&["overlay", "info", &s(&other), &s(&store)]);
+    assert!(err.contains("work.cow"), "{err}");
+    let err = fails(&[
+        "overlay",
+        "edit",
+        &s(&img),
+        &s(&store),
+        "--delete",
+        "999999999:5",
+    ]);
+    assert!(
+        err.contains("work.cow") && err.contains("999999999"),
+        "{err}"
+    );
+    let err = fails(&["overlay", "edit", &s(&img), &s(&store), "--move", "1:2"]);
+    assert!(err.contains("FROM:TO:N"), "{err}");
+    let err = fails(&["overlay", "create", &s(&img), &s(&store)]);
+    assert!(err.contains("exists"), "{err}");
+    assert_unchanged(&img, &print);
+}

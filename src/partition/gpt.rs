@@ -177,7 +177,7 @@ impl Gpt {
                 header.my_lba
             )));
         }
-        if header.entry_size < 128 || header.entry_size % 8 != 0 {
+        if header.entry_size < 128 || !header.entry_size.is_multiple_of(8) {
             return Err(Error::Corrupt(format!(
                 "{what}: GPT entry size {} is not a multiple of 8 of at least 128",
                 header.entry_size

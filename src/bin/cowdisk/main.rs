@@ -4,13 +4,14 @@
 //! never written. See docs/CLI.md.
 
 mod bench;
+mod overlay;
 mod sample;
 mod size;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -89,6 +90,10 @@ enum Command {
         #[command(flatten)]
         open: OpenArgs,
     },
+    /// Work with a persistent overlay store step by step: create, edit,
+    /// info, commit (clone it out).
+    #[command(subcommand)]
+    Overlay(overlay::OverlayCommand),
     /// Write a 64 MiB sample disk with recognisable data: two partitions
     /// (MBR or GPT) whose sectors read "PARTITION-<n> sector <lba>".
     Sample {
@@ -113,14 +118,14 @@ enum Command {
 }
 
 #[derive(clap::Args)]
-struct OpenArgs {
+pub(crate) struct OpenArgs {
     /// Follow parent (backing) image paths named inside an image.
     #[arg(long)]
-    follow_parents: bool,
+    pub(crate) follow_parents: bool,
 }
 
 #[derive(clap::Args)]
-struct WriteArgs {
+pub(crate) struct WriteArgs {
     /// Format of the new image (default: from DEST's extension, .vdi for
     /// VDI, else raw).
     #[arg(long, value_enum)]
@@ -152,11 +157,15 @@ enum AlignArg {
 }
 
 /// A failure: one line for the user.
-type Fallible<T> = Result<T, String>;
+pub(crate) type Fallible<T> = Result<T, String>;
 
 fn main() -> ExitCode {
     restore_sigpipe();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
         Command::Info { image, open, json } => info(&image, &open, json),
         Command::Map {
@@ -180,6 +189,12 @@ fn main() -> ExitCode {
             write,
             open,
         } => enlarge(&source, &dest, &size, partition, align, &write, &open),
+        Command::Overlay(command) => {
+            let edit = matches
+                .subcommand_matches("overlay")
+                .and_then(|m| m.subcommand_matches("edit"));
+            overlay::run(command, edit)
+        }
         Command::Sample { dest, table } => {
             sample::write_sample(&dest, matches!(table, TableArg::Gpt))
                 .map(|()| println!("wrote {}", dest.display()))
@@ -213,7 +228,7 @@ fn restore_sigpipe() {
 }
 
 /// An error's text, starting with the file's name unless it names it.
-fn about(path: &Path, error: impl std::fmt::Display) -> String {
+pub(crate) fn about(path: &Path, error: impl std::fmt::Display) -> String {
     let text = error.to_string();
     let name = path.display().to_string();
     if text.contains(&name) {
@@ -223,7 +238,7 @@ fn about(path: &Path, error: impl std::fmt::Display) -> String {
     }
 }
 
-fn open_image(path: &Path, open: &OpenArgs) -> Fallible<Box<dyn Disk>> {
+pub(crate) fn open_image(path: &Path, open: &OpenArgs) -> Fallible<Box<dyn Disk>> {
     let options = OpenOptions {
         follow_parent_paths: open.follow_parents,
     };
@@ -476,7 +491,11 @@ fn check_distinct(source: &Path, dest: &Path) -> Fallible<()> {
 /// Clones `disk` to `dest` with a progress bar, then (unless told not to)
 /// reads `dest` back and compares it with `reference` (which is `disk`
 /// itself, or the disk it was made from).
-fn write_and_verify(disk: &mut dyn Disk, dest: &Path, write: &WriteArgs) -> Fallible<()> {
+pub(crate) fn write_and_verify(
+    disk: &mut dyn Disk,
+    dest: &Path,
+    write: &WriteArgs,
+) -> Fallible<()> {
     let format = destination_format(dest, write);
     let options = CloneOptions {
         format,
