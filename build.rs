@@ -13,6 +13,7 @@ fn main() {
         "src/ffi/types.rs",
         "src/ffi/api.rs",
         "src/ffi/backend.rs",
+        "src/ffi/clone.rs",
         "cbindgen.toml",
         "build.rs",
     ] {
@@ -27,6 +28,7 @@ fn main() {
         .with_src(dir.join("src/ffi/types.rs"))
         .with_src(dir.join("src/ffi/api.rs"))
         .with_src(dir.join("src/ffi/backend.rs"))
+        .with_src(dir.join("src/ffi/clone.rs"))
         .generate()
         .expect("cbindgen could not generate the header");
     let include = dir.join("include");

@@ -267,6 +267,12 @@ typedef struct COWOVL *HCOW;
 #define COW_IMAGE_DIFF 2
 
 /**
+ * COW_CloneToFile flags: replace an existing file at `path` (by default
+ * an existing file is an error and is left alone).
+ */
+#define COW_CLONE_REPLACE 1
+
+/**
  * Options of COW_CreateCowOverlayEx. Fill with COW_InitOptions first, then
  * change what you need; `struct_size` lets later versions grow it.
  */
@@ -365,10 +371,14 @@ typedef struct COW_CHECK_REPORT {
 } COW_CHECK_REPORT;
 
 /**
- * Progress callback of pfnCreate: `percent` from 0 to 100. Its return
- * value is ignored.
+ * A progress callback: called with the caller's `user` pointer and a
+ * percentage, 0 first and 100 last, never going down, each value at most
+ * once. Return 0 to go on; any other value cancels the operation where it
+ * can be cancelled (COW_CloneToFile then fails with COW_ERR_CANCELLED; a
+ * backend's pfnCreate may ignore it). It must not call functions on the
+ * disk the operation works on.
  */
-typedef int (*COW_PROGRESS_FN)(void *pvUser, unsigned int percent);
+typedef int (*COW_PROGRESS_FN)(void *user, uint32_t percent);
 
 /**
  * A format driver (modelled on VirtualBox's VDCACHEBACKEND, with plain
@@ -816,6 +826,35 @@ HVDDR VDDR_OpenUmlCow(const char *path, const char *backing, uint32_t flags);
  * FALSE (COW_ERR_OPEN, COW_ERR_INVALID_ARG, COW_ERR_WRITE, ...).
  */
 int COW_UmlCowCreate(const char *path, const char *backing, uint32_t version);
+
+/**
+ * Writes the whole of `disk` (any HVDDR: an opened image, an overlay, or
+ * the caller's own object starting with a VDDR table) to a new image file
+ * at `path`, in `format`:
+ * - VDD_TYPE_RAW: a flat image, sparse (holes where pages are NOTALLOC,
+ *   BLANKPAGE or all zeros);
+ * - VDD_TYPE_VDI: a dynamic VDI image with 1 MiB blocks; such pages are
+ *   left unallocated.
+ *
+ * `flags` is 0 or COW_CLONE_REPLACE. `progress` may be NULL; otherwise it
+ * is called with `user` as COW_PROGRESS_FN says, and may cancel.
+ *
+ * The finish is atomic: the image is written to a temporary file in the
+ * same folder, synced, and renamed to `path` only when complete. On any
+ * failure - a cancel (COW_ERR_CANCELLED), a read error, a full disk
+ * (COW_ERR_NO_SPACE) - the temporary file is removed and nothing is left
+ * at `path`. Returns TRUE on success, FALSE on failure (COW_GetLastError
+ * says why: also COW_ERR_INVHANDLE, COW_ERR_INVALID_ARG for NULL `path`
+ * or unknown flags, COW_ERR_UNSUPPORTED for another format, COW_ERR_OPEN
+ * when `path` exists or its folder is not writable). `disk` stays open
+ * and owned by the caller; its lock is held for the whole clone.
+ */
+int COW_CloneToFile(HVDDR disk,
+                    const char *path,
+                    uint32_t format,
+                    uint32_t flags,
+                    COW_PROGRESS_FN progress,
+                    void *user);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -13,10 +13,12 @@
 #![deny(unsafe_code)]
 
 pub mod backend;
+pub mod clone;
 pub mod disk;
 pub mod error;
 pub mod formats;
 pub mod overlay;
+pub mod partition;
 pub mod store;
 
 pub mod ffi;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use super::handle::{self, Object};
-use super::types::{COW_OPEN_FOLLOW_PARENTS, HVDDR, S_UUID};
+use super::types::{COW_OPEN_FOLLOW_PARENTS, COW_PROGRESS_FN, HVDDR, S_UUID};
 use super::{guard, guard_or, non_null};
 use crate::backend::{self as core, BackendInfo, CreateParams, Image};
 use crate::disk::{check_range, sectors_in, Disk, DriveType, SectorStatus, SECTOR_SIZE};
@@ -48,11 +48,6 @@ pub const COW_OPEN_REPAIR: u32 = 4;
 pub const COW_IMAGE_FIXED: u32 = 1;
 /// pfnGetImageFlags: a differencing image over a backing file.
 pub const COW_IMAGE_DIFF: u32 = 2;
-
-/// Progress callback of pfnCreate: `percent` from 0 to 100. Its return
-/// value is ignored.
-pub type COW_PROGRESS_FN =
-    Option<unsafe extern "C" fn(pvUser: *mut c_void, percent: c_uint) -> c_int>;
 
 /// A format driver (modelled on VirtualBox's VDCACHEBACKEND, with plain
 /// buffers). Functions returning int return COW_ERR_NONE (0) on success or

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod backend;
+mod clone;
 mod handle;
 mod source;
 pub mod types;

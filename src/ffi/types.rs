@@ -186,3 +186,11 @@ pub struct COW_EXTENT {
     pub kind: u32,
     pub reserved: u32,
 }
+
+/// A progress callback: called with the caller's `user` pointer and a
+/// percentage, 0 first and 100 last, never going down, each value at most
+/// once. Return 0 to go on; any other value cancels the operation where it
+/// can be cancelled (COW_CloneToFile then fails with COW_ERR_CANCELLED; a
+/// backend's pfnCreate may ignore it). It must not call functions on the
+/// disk the operation works on.
+pub type COW_PROGRESS_FN = Option<unsafe extern "C" fn(user: *mut c_void, percent: u32) -> c_int>;

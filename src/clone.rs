@@ -1,0 +1,494 @@
+//! Writing any [`Disk`] to a new image file: the clone writer.
+//!
+//! The disk is read in pages of [`PAGE_SECTORS`] sectors (1 MiB). A page
+//! whose status is `NotAlloc` or `Blank`, or whose bytes are all zeros, is
+//! not stored: in a raw clone it stays a hole (the file is sparse), in a VDI
+//! clone its block is left unallocated. Everything else is copied.
+//!
+//! The finish is atomic: the image is written to a temporary file in the
+//! destination's folder and renamed to the destination only once it is
+//! complete and synced. A clone that fails or is cancelled removes its
+//! temporary file and leaves nothing at the destination.
+//!
+//! # VDI facts relied on (for the writer)
+//!
+//! The layout read by [`crate::formats::vdi`] (see its module doc): a
+//! 64-byte text, the signature `0xBEDA107F` at 0x40, version 1.1 at 0x44, a
+//! header of 0x190 bytes from 0x48 (type at 0x4C: 1 = dynamic), the block
+//! map and data offsets at 0x154/0x158, the legacy geometry's sector size
+//! at 0x168 (512), the disk size at 0x170, the block size at 0x178, extra
+//! bytes per block at 0x17C (0), the block count at 0x180, the allocated
+//! block count at 0x184, then the image, modification, link and parent
+//! UUIDs (0x188, 0x198, 0x1A8, 0x1B8; the last two zero for an image without
+//! a parent), and the LCHS geometry at 0x1C8 (zero: let the reader choose).
+//! The block map holds one u32 per block: its index in the data area, or
+//! `0xFFFFFFFF` for a block that was never written (reads as zeros).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::disk::{Disk, SectorStatus, SECTOR_BYTES};
+use crate::error::{Error, Result};
+
+/// Sectors per page read and per VDI block (1 MiB).
+pub const PAGE_SECTORS: u64 = 2048;
+const PAGE_BYTES: u64 = PAGE_SECTORS * SECTOR_BYTES;
+
+/// The image formats the clone writer produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloneFormat {
+    /// A flat image, sparse where the disk is unallocated or zero.
+    Raw,
+    /// A dynamic VirtualBox VDI image with 1 MiB blocks; unallocated and
+    /// zero blocks are not stored.
+    Vdi,
+}
+
+impl CloneFormat {
+    /// Every writable format, for help texts and messages.
+    pub const ALL: [CloneFormat; 2] = [CloneFormat::Raw, CloneFormat::Vdi];
+
+    /// The format's short name ("raw", "vdi").
+    pub fn name(self) -> &'static str {
+        match self {
+            CloneFormat::Raw => "raw",
+            CloneFormat::Vdi => "vdi",
+        }
+    }
+
+    /// Parses a short name (case-insensitive).
+    pub fn from_name(name: &str) -> Result<CloneFormat> {
+        CloneFormat::ALL
+            .into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(name))
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "cannot write images of format '{name}' (writable formats: raw, vdi)"
+                ))
+            })
+    }
+
+    /// The format a destination file name suggests (`.vdi` → VDI, anything
+    /// else raw).
+    pub fn from_path(path: &Path) -> CloneFormat {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("vdi") => CloneFormat::Vdi,
+            _ => CloneFormat::Raw,
+        }
+    }
+}
+
+/// How to clone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloneOptions {
+    /// The destination's format.
+    pub format: CloneFormat,
+    /// Replace an existing destination file (otherwise its existence is an
+    /// error and it is left alone).
+    pub replace: bool,
+}
+
+impl Default for CloneOptions {
+    fn default() -> Self {
+        CloneOptions {
+            format: CloneFormat::Raw,
+            replace: false,
+        }
+    }
+}
+
+/// What a clone wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CloneStats {
+    /// The virtual size of the clone in bytes.
+    pub virtual_bytes: u64,
+    /// Pages (1 MiB) whose data was written.
+    pub pages_written: u64,
+    /// Pages left out: unallocated, blank, or all zeros.
+    pub pages_skipped: u64,
+}
+
+impl CloneStats {
+    /// Bytes of data written (whole pages; the last may be shorter).
+    pub fn data_bytes(&self) -> u64 {
+        self.pages_written * PAGE_BYTES
+    }
+}
+
+/// Progress reporting: called with a percentage (0 to 100, never going
+/// down, each value at most once); returning `false` cancels the clone.
+pub trait Progress {
+    fn update(&mut self, percent: u32) -> bool;
+}
+
+impl<F: FnMut(u32) -> bool> Progress for F {
+    fn update(&mut self, percent: u32) -> bool {
+        self(percent)
+    }
+}
+
+/// No progress reporting.
+pub fn no_progress() -> impl Progress {
+    |_: u32| true
+}
+
+/// Calls a [`Progress`] only when the percentage grows.
+struct Tracker<'a> {
+    progress: &'a mut dyn Progress,
+    total: u64,
+    last: Option<u32>,
+}
+
+impl Tracker<'_> {
+    fn report(&mut self, done: u64) -> Result<()> {
+        let percent = if self.total == 0 {
+            100
+        } else {
+            (u128::from(done) * 100 / u128::from(self.total)) as u32
+        };
+        if self.last.is_some_and(|l| l >= percent) {
+            return Ok(());
+        }
+        self.last = Some(percent);
+        if self.progress.update(percent) {
+            Ok(())
+        } else {
+            Err(Error::Cancelled(format!(
+                "the progress callback stopped the operation at {percent}%"
+            )))
+        }
+    }
+}
+
+/// True when every byte is zero (written so the compiler vectorises it).
+pub fn is_zero(buf: &[u8]) -> bool {
+    buf.chunks(4096)
+        .all(|chunk| chunk.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+/// One page of the disk: its first sector and length in sectors.
+fn pages(sectors: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..sectors.div_ceil(PAGE_SECTORS)).map(move |i| {
+        let start = i * PAGE_SECTORS;
+        (start, PAGE_SECTORS.min(sectors - start))
+    })
+}
+
+/// Reads one page into `buf` (resized to it) and tells whether it holds
+/// data worth storing.
+fn read_page(disk: &mut dyn Disk, start: u64, len: u64, buf: &mut Vec<u8>) -> Result<bool> {
+    match disk.block_status(start, len)? {
+        SectorStatus::NotAlloc | SectorStatus::Blank => return Ok(false),
+        SectorStatus::Normal => {}
+    }
+    buf.resize((len * SECTOR_BYTES) as usize, 0);
+    let status = disk.read_sectors(start, buf)?;
+    Ok(status == SectorStatus::Normal && !is_zero(buf))
+}
+
+/// Writes `disk` to a new image at `path`. The result is complete and
+/// durable when this returns `Ok`; on any error (including cancellation by
+/// `progress`) nothing is left at `path` (an existing file there is kept
+/// unless the clone succeeded with `options.replace`).
+pub fn clone_to_file(
+    disk: &mut dyn Disk,
+    path: &Path,
+    options: &CloneOptions,
+    progress: &mut dyn Progress,
+) -> Result<CloneStats> {
+    let what = path.display().to_string();
+    if !options.replace && path.symlink_metadata().is_ok() {
+        return Err(Error::Open(format!(
+            "{what}: already exists (not replacing it)"
+        )));
+    }
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidArgument(format!("{what}: not a file name")))?;
+    let temp = tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.to_string_lossy()))
+        .suffix(".partial")
+        .tempfile_in(&folder)
+        .map_err(|e| Error::Open(format!("{what}: cannot create a file in its folder: {e}")))?;
+    let mut tracker = Tracker {
+        progress,
+        total: disk.sector_count(),
+        last: None,
+    };
+    tracker.report(0)?;
+    let file = temp.as_file();
+    let stats = match options.format {
+        CloneFormat::Raw => write_raw(disk, file, &what, &mut tracker)?,
+        CloneFormat::Vdi => write_vdi(disk, file, &what, &mut tracker)?,
+    };
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| Error::write(&what, 0, e))?;
+    file.sync_all()
+        .map_err(|e| Error::write(&format!("{what} (sync)"), 0, e))?;
+    let persisted = if options.replace {
+        temp.persist(path).map(|_| ())
+    } else {
+        temp.persist_noclobber(path).map(|_| ())
+    };
+    // On failure the PersistError still owns the temporary file and
+    // removes it when dropped.
+    persisted.map_err(|e| {
+        Error::Write(format!(
+            "{what}: cannot rename the finished clone into place: {}",
+            e.error
+        ))
+    })?;
+    Ok(stats)
+}
+
+fn write_raw(
+    disk: &mut dyn Disk,
+    file: &File,
+    what: &str,
+    tracker: &mut Tracker<'_>,
+) -> Result<CloneStats> {
+    let sectors = disk.sector_count();
+    let mut stats = CloneStats {
+        virtual_bytes: disk.byte_size(),
+        ..CloneStats::default()
+    };
+    let mut buf = Vec::with_capacity(PAGE_BYTES as usize);
+    for (start, len) in pages(sectors) {
+        if read_page(disk, start, len, &mut buf)? {
+            let offset = start * SECTOR_BYTES;
+            file.write_all_at(&buf, offset)
+                .map_err(|e| Error::write(what, offset, e))?;
+            stats.pages_written += 1;
+        } else {
+            stats.pages_skipped += 1;
+        }
+        tracker.report(start + len)?;
+    }
+    // Sets the size (leaving holes) and cuts the zero padding of an odd-
+    // sized last sector.
+    file.set_len(stats.virtual_bytes)
+        .map_err(|e| Error::write(what, stats.virtual_bytes, e))?;
+    Ok(stats)
+}
+
+const VDI_TEXT: &[u8] = b"<<< cowdisk Virtual Disk Image >>>\n";
+const VDI_SIGNATURE: u32 = 0xBEDA_107F;
+const VDI_VERSION: u32 = 0x0001_0001;
+const VDI_HEADER_SIZE: u32 = 0x190;
+const VDI_DYNAMIC: u32 = 1;
+const VDI_BLOCK_FREE: u32 = 0xFFFF_FFFF;
+/// Where the block map starts: the first sector after the header.
+const VDI_MAP_OFFSET: u64 = 0x200;
+/// The data area starts on this boundary.
+const VDI_DATA_ALIGN: u64 = 4096;
+/// The largest block map this writer makes (as the reader accepts).
+const VDI_MAX_BLOCKS: u64 = 1 << 26;
+
+fn put_u32(bytes: &mut [u8], at: usize, value: u32) {
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+}
+
+fn put_u64(bytes: &mut [u8], at: usize, value: u64) {
+    bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
+}
+
+/// A UUID (RFC 4122 bytes) in the GUID layout VDI stores: the first three
+/// fields little-endian.
+fn guid_bytes(uuid: [u8; 16]) -> [u8; 16] {
+    let mut out = uuid;
+    out[0..4].reverse();
+    out[4..6].reverse();
+    out[6..8].reverse();
+    out
+}
+
+fn write_vdi(
+    disk: &mut dyn Disk,
+    file: &File,
+    what: &str,
+    tracker: &mut Tracker<'_>,
+) -> Result<CloneStats> {
+    let sectors = disk.sector_count();
+    let blocks = sectors.div_ceil(PAGE_SECTORS);
+    if blocks > VDI_MAX_BLOCKS {
+        return Err(Error::Unsupported(format!(
+            "{what}: a VDI image of {blocks} blocks of 1 MiB is larger than this writer makes \
+             ({VDI_MAX_BLOCKS} blocks)"
+        )));
+    }
+    let map_bytes = blocks * 4;
+    let data_offset = (VDI_MAP_OFFSET + map_bytes).div_ceil(VDI_DATA_ALIGN) * VDI_DATA_ALIGN;
+    let mut map = vec![VDI_BLOCK_FREE; blocks as usize];
+    let mut stats = CloneStats {
+        virtual_bytes: sectors * SECTOR_BYTES,
+        ..CloneStats::default()
+    };
+    let mut buf = Vec::with_capacity(PAGE_BYTES as usize);
+    let mut allocated: u32 = 0;
+    for (index, (start, len)) in pages(sectors).enumerate() {
+        if read_page(disk, start, len, &mut buf)? {
+            // A short last block is stored whole, zero-padded.
+            buf.resize(PAGE_BYTES as usize, 0);
+            let offset = data_offset + u64::from(allocated) * PAGE_BYTES;
+            file.write_all_at(&buf, offset)
+                .map_err(|e| Error::write(what, offset, e))?;
+            map[index] = allocated;
+            allocated += 1;
+            stats.pages_written += 1;
+        } else {
+            stats.pages_skipped += 1;
+        }
+        tracker.report(start + len)?;
+    }
+    let map_raw: Vec<u8> = map.iter().flat_map(|e| e.to_le_bytes()).collect();
+    file.write_all_at(&map_raw, VDI_MAP_OFFSET)
+        .map_err(|e| Error::write(what, VDI_MAP_OFFSET, e))?;
+    let mut header = vec![0u8; VDI_MAP_OFFSET as usize];
+    header[..VDI_TEXT.len()].copy_from_slice(VDI_TEXT);
+    put_u32(&mut header, 0x40, VDI_SIGNATURE);
+    put_u32(&mut header, 0x44, VDI_VERSION);
+    put_u32(&mut header, 0x48, VDI_HEADER_SIZE);
+    put_u32(&mut header, 0x4C, VDI_DYNAMIC);
+    put_u32(&mut header, 0x154, VDI_MAP_OFFSET as u32);
+    put_u32(&mut header, 0x158, data_offset as u32);
+    put_u32(&mut header, 0x168, SECTOR_BYTES as u32);
+    put_u64(&mut header, 0x170, stats.virtual_bytes);
+    put_u32(&mut header, 0x178, PAGE_BYTES as u32);
+    put_u32(&mut header, 0x180, blocks as u32);
+    put_u32(&mut header, 0x184, allocated);
+    header[0x188..0x198].copy_from_slice(&guid_bytes(*uuid::Uuid::new_v4().as_bytes()));
+    header[0x198..0x1A8].copy_from_slice(&guid_bytes(*uuid::Uuid::new_v4().as_bytes()));
+    file.write_all_at(&header, 0)
+        .map_err(|e| Error::write(what, 0, e))?;
+    // The file always covers the data area's start, even with no block.
+    let end = data_offset + u64::from(allocated) * PAGE_BYTES;
+    file.set_len(end).map_err(|e| Error::write(what, end, e))?;
+    Ok(stats)
+}
+
+/// Compares two disks byte for byte, page by page (skipping pages both
+/// report as `NotAlloc`/`Blank`). Returns the first sector that differs, or
+/// `None` when they are equal. Disks of different sizes differ at the
+/// smaller size.
+pub fn first_difference(
+    a: &mut dyn Disk,
+    b: &mut dyn Disk,
+    progress: &mut dyn Progress,
+) -> Result<Option<u64>> {
+    let sectors = a.sector_count().min(b.sector_count());
+    let mut tracker = Tracker {
+        progress,
+        total: sectors,
+        last: None,
+    };
+    let (mut buf_a, mut buf_b) = (Vec::new(), Vec::new());
+    for (start, len) in pages(sectors) {
+        let data_a = read_page(a, start, len, &mut buf_a)?;
+        let data_b = read_page(b, start, len, &mut buf_b)?;
+        match (data_a, data_b) {
+            (false, false) => {}
+            (true, true) => {
+                if buf_a != buf_b {
+                    let at = buf_a
+                        .chunks(SECTOR_BYTES as usize)
+                        .zip(buf_b.chunks(SECTOR_BYTES as usize))
+                        .position(|(x, y)| x != y)
+                        .unwrap_or(0);
+                    return Ok(Some(start + at as u64));
+                }
+            }
+            // One side holds non-zero data, the other zeros.
+            (true, false) | (false, true) => {
+                let buf = if data_a { &buf_a } else { &buf_b };
+                let at = buf
+                    .chunks(SECTOR_BYTES as usize)
+                    .position(|x| !is_zero(x))
+                    .unwrap_or(0);
+                return Ok(Some(start + at as u64));
+            }
+        }
+        tracker.report(start + len)?;
+    }
+    if a.sector_count() != b.sector_count() {
+        return Ok(Some(sectors));
+    }
+    Ok(None)
+}
+
+/// Bytes a file occupies on disk (its allocated blocks), for reports on
+/// sparseness.
+pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.blocks() * 512)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::MemDisk;
+
+    fn disk_with(pages_with_data: &[u64], sectors: u64) -> MemDisk {
+        let mut data = vec![0u8; (sectors * SECTOR_BYTES) as usize];
+        let mut status = vec![SectorStatus::NotAlloc; sectors as usize];
+        for &p in pages_with_data {
+            let s = p * PAGE_SECTORS + 3;
+            data[(s * SECTOR_BYTES) as usize] = 0xAB;
+            status[s as usize] = SectorStatus::Normal;
+        }
+        MemDisk::new(data, status).unwrap()
+    }
+
+    #[test]
+    fn cancelling_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.raw");
+        let mut disk = disk_with(&[0, 1, 2, 3], 4 * PAGE_SECTORS);
+        let mut seen = Vec::new();
+        let err = clone_to_file(&mut disk, &path, &CloneOptions::default(), &mut |p: u32| {
+            seen.push(p);
+            p < 50
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::Cancelled(_)), "{err}");
+        assert_eq!(seen, vec![0, 25, 50]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_existing_destination_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.raw");
+        std::fs::write(&path, b"keep").unwrap();
+        let mut disk = disk_with(&[0], PAGE_SECTORS);
+        let err = clone_to_file(
+            &mut disk,
+            &path,
+            &CloneOptions::default(),
+            &mut no_progress(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("already exists"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn first_difference_finds_the_sector() {
+        let mut a = disk_with(&[1], 3 * PAGE_SECTORS);
+        let mut b = disk_with(&[1], 3 * PAGE_SECTORS);
+        assert_eq!(
+            first_difference(&mut a, &mut b, &mut no_progress()).unwrap(),
+            None
+        );
+        let mut c = disk_with(&[1, 2], 3 * PAGE_SECTORS);
+        assert_eq!(
+            first_difference(&mut a, &mut c, &mut no_progress()).unwrap(),
+            Some(2 * PAGE_SECTORS + 3)
+        );
+    }
+}
