@@ -14,7 +14,11 @@
 //! 4. clone of a 2 GiB image with 10% written through an overlay to raw
 //!    (and to VDI) vs `qemu-img convert` of the equivalent qcow2 overlay,
 //!    on the same filesystem (target: at least as fast);
-//! 5. memory per extent of the extent map (100,000 and 1,000,000 extents).
+//! 5. memory per extent of the extent map (100,000 and 1,000,000 extents);
+//! 6. sequential reads of an image of each format vs `qemu-img convert`
+//!    (`bench_formats.rs`);
+//! 7. the persistent store: flush cost, random writes vs `qemu-io`, open
+//!    time with 1,000,000 extents (`bench_store.rs`).
 
 use std::fs::File;
 use std::io::Write;
@@ -212,6 +216,60 @@ pub fn run(scale: Scale, dir: Option<&Path>) -> Bench<()> {
             rss as f64 / extents as f64
         );
     }
+    println!();
+
+    // 6. Each format's reader.
+    super::bench_formats::run_formats(pick(1024, 256, 16), dir)?;
+    println!();
+
+    // 7. The persistent store.
+    let store = dir.join("bench.cow");
+    println!("persistent overlay store (64 KiB units)");
+    let count = pick(20_000, 5_000, 200) as usize;
+    let offsets = random_offsets(size_mib as u64 * MIB as u64, 4096, count);
+    let (mut best_ours, mut best_qemu) = (Duration::MAX, Duration::MAX);
+    for _ in 0..pick(3, 2, 1) {
+        settle()?;
+        best_ours = best_ours.min(super::bench_store::persistent_writes(
+            &path, &store, &offsets,
+        )?);
+        settle()?;
+        best_qemu = best_qemu.min(super::bench_store::qemu_io_writes(
+            &path,
+            &dir.join("w.qcow2"),
+            &offsets,
+        )?);
+    }
+    let rate = |d: Duration| count as f64 / d.as_secs_f64();
+    println!(
+        "  {count} random 4 KiB writes, then flush and close (qemu-io: start-up, writes, flush)"
+    );
+    println!(
+        "    cowdisk persistent store {:>9.0} writes/s",
+        rate(best_ours)
+    );
+    println!(
+        "    qemu-io (qcow2 overlay)  {:>9.0} writes/s",
+        rate(best_qemu)
+    );
+    println!(
+        "    ratio cowdisk/qemu-io    {:>9.2}x   (target >= 1.00x)",
+        best_qemu.as_secs_f64() / best_ours.as_secs_f64()
+    );
+    for writes in [1usize, 100, pick(10_000, 10_000, 1_000) as usize] {
+        let d = super::bench_store::flush_after(&path, &store, &offsets, writes)?;
+        println!(
+            "  flush after {writes:>6} writes: {:>8.2} ms",
+            d.as_secs_f64() * 1000.0
+        );
+    }
+    let (made, rw, ro) =
+        super::bench_store::open_time(&path, &store, pick(1_000_000, 1_000_000, 10_000))?;
+    println!(
+        "  open a store of {made} extents: {:.0} ms read-write, {:.0} ms read-only   (target < 1000 ms)",
+        rw.as_secs_f64() * 1000.0,
+        ro.as_secs_f64() * 1000.0
+    );
     Ok(())
 }
 

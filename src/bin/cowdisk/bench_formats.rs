@@ -1,6 +1,7 @@
-//! Sequential read speed of each source reader against qemu-img.
+//! `cowdisk bench`, part 6: sequential read speed of each source reader
+//! against qemu-img.
 //!
-//! For each format: makes a 1 GiB image with qemu-img (mostly allocated,
+//! For each format: makes an image with qemu-img (mostly allocated,
 //! patterned by qemu-io, every eighth 16 MiB left unwritten), reads it
 //! front to back through our reader in 1 MiB reads, then times
 //! `qemu-img convert -O raw IMAGE /dev/shm/...raw` of the same image, and
@@ -8,11 +9,6 @@
 //! target). Both read the image from the page cache (it was just written).
 //! A few MiB of our reads are compared with qemu's output, so a fast wrong
 //! reader does not pass.
-//!
-//!   cargo run --release --example bench_formats [-- --quick] [-- FORMAT...]
-//!
-//! `--quick` uses 256 MiB images. Naming formats (raw, vdi, parallels, vhd,
-//! vhdx, qcow2, vmdk) runs only those.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,20 +30,28 @@ const FORMATS: &[(&str, &str, &str, &str)] = &[
     ("vmdk", "vmdk", "subformat=monolithicSparse", "bench.vmdk"),
 ];
 
-fn run(program: &str, args: &[String]) {
+fn run(program: &str, args: &[String]) -> Result<(), String> {
     let out = Command::new(program)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        .map_err(|e| format!("bench: cannot run {program}: {e} (is qemu-utils installed?)"))?;
     if !out.status.success() {
-        panic!(
-            "{program} {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        return Err(format!(
+            "bench: {program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
+    Ok(())
 }
 
-fn make_image(dir: &Path, format: &str, opts: &str, file: &str, size: u64) -> PathBuf {
+fn make_image(
+    dir: &Path,
+    format: &str,
+    opts: &str,
+    file: &str,
+    size: u64,
+) -> Result<PathBuf, String> {
     let path = dir.join(file);
     let p = path.display().to_string();
     let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), format.into()];
@@ -55,7 +59,7 @@ fn make_image(dir: &Path, format: &str, opts: &str, file: &str, size: u64) -> Pa
         args.extend(["-o".into(), opts.into()]);
     }
     args.extend([p.clone(), size.to_string()]);
-    run("qemu-img", &args);
+    run("qemu-img", &args)?;
     let mut io: Vec<String> = vec!["-f".into(), format.into()];
     for i in 0..size / CHUNK {
         if i % 8 == 7 {
@@ -69,14 +73,14 @@ fn make_image(dir: &Path, format: &str, opts: &str, file: &str, size: u64) -> Pa
         ));
     }
     io.push(p);
-    run("qemu-io", &io);
-    path
+    run("qemu-io", &io)?;
+    Ok(path)
 }
 
 /// Reads the whole image through our reader in 1 MiB reads; returns the
 /// rate in MiB/s and a few sampled MiB (offset, bytes) to check.
-fn ours(path: &Path) -> (f64, Vec<(u64, Vec<u8>)>) {
-    let mut disk = open_path(path, &OpenOptions::default()).expect("open");
+fn ours(path: &Path) -> Result<(f64, Vec<(u64, Vec<u8>)>), String> {
+    let mut disk = open_path(path, &OpenOptions::default()).map_err(|e| format!("bench: {e}"))?;
     let sectors = disk.sector_count();
     let per_read = MIB / 512;
     let mut buf = vec![0u8; MIB as usize];
@@ -88,7 +92,8 @@ fn ours(path: &Path) -> (f64, Vec<(u64, Vec<u8>)>) {
     while lba < sectors {
         let n = per_read.min(sectors - lba);
         let part = &mut buf[..(n * 512) as usize];
-        disk.read_sectors(lba, part).expect("read");
+        disk.read_sectors(lba, part)
+            .map_err(|e| format!("bench: {e}"))?;
         checksum = checksum.wrapping_add(u64::from(part[0]) ^ u64::from(part[part.len() - 1]));
         if n_read % 97 == 5 {
             samples.push((lba * 512, part.to_vec()));
@@ -98,12 +103,12 @@ fn ours(path: &Path) -> (f64, Vec<(u64, Vec<u8>)>) {
     }
     let secs = started.elapsed().as_secs_f64();
     std::hint::black_box(checksum);
-    ((sectors * 512) as f64 / MIB as f64 / secs, samples)
+    Ok(((sectors * 512) as f64 / MIB as f64 / secs, samples))
 }
 
 /// Times `qemu-img convert -O raw` of the image into /dev/shm; returns the
 /// rate in MiB/s and the output's path.
-fn qemu(path: &Path, size: u64) -> (f64, PathBuf) {
+fn qemu(path: &Path, size: u64) -> Result<(f64, PathBuf), String> {
     let out = PathBuf::from(format!("/dev/shm/cowdisk-bench-{}.raw", std::process::id()));
     let _ = std::fs::remove_file(&out);
     let started = Instant::now();
@@ -116,61 +121,53 @@ fn qemu(path: &Path, size: u64) -> (f64, PathBuf) {
             path.display().to_string(),
             out.display().to_string(),
         ],
-    );
+    )?;
     let secs = started.elapsed().as_secs_f64();
-    (size as f64 / MIB as f64 / secs, out)
+    Ok((size as f64 / MIB as f64 / secs, out))
 }
 
-fn check_samples(format: &str, raw: &Path, samples: &[(u64, Vec<u8>)]) {
+fn check_samples(format: &str, raw: &Path, samples: &[(u64, Vec<u8>)]) -> Result<(), String> {
     use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(raw).unwrap();
+    let file = std::fs::File::open(raw).map_err(|e| format!("bench: {e}"))?;
     for (offset, bytes) in samples {
         let mut theirs = vec![0u8; bytes.len()];
-        file.read_exact_at(&mut theirs, *offset).unwrap();
-        assert!(
-            &theirs == bytes,
-            "{format}: our bytes at {offset} differ from qemu-img convert"
-        );
+        file.read_exact_at(&mut theirs, *offset)
+            .map_err(|e| format!("bench: {e}"))?;
+        if &theirs != bytes {
+            return Err(format!(
+                "bench: {format}: our bytes at {offset} differ from qemu-img convert"
+            ));
+        }
     }
+    Ok(())
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let wanted: Vec<&str> = args
-        .iter()
-        .filter(|a| !a.starts_with("--"))
-        .map(String::as_str)
-        .collect();
-    let size = if quick { 256 * MIB } else { 1024 * MIB };
-    let dir = tempfile::Builder::new()
-        .prefix("cowdisk-bench-formats")
-        .tempdir()
-        .expect("temp dir");
+/// Runs the format benchmark on images of `size_mib` MiB made in `dir`.
+pub fn run_formats(size_mib: u64, dir: &Path) -> Result<(), String> {
+    let size = size_mib * MIB;
     println!(
-        "sequential read of a {} MiB image (7/8 written), 1 MiB reads; ratio = ours / qemu-img convert",
-        size / MIB
+        "sequential read of a {size_mib} MiB image of each format (7/8 written), 1 MiB reads; \
+         ratio = ours / qemu-img convert -O raw to /dev/shm"
     );
     let mut slowest: Option<(&str, f64)> = None;
     for &(name, format, opts, file) in FORMATS {
-        if !wanted.is_empty() && !wanted.contains(&name) {
-            continue;
-        }
-        let image = make_image(dir.path(), format, opts, file, size);
-        let (our_rate, samples) = ours(&image);
-        let (qemu_rate, raw) = qemu(&image, size);
-        check_samples(name, &raw, &samples);
+        let image = make_image(dir, format, opts, file, size)?;
+        let (our_rate, samples) = ours(&image)?;
+        let (qemu_rate, raw) = qemu(&image, size)?;
+        let checked = check_samples(name, &raw, &samples);
         let _ = std::fs::remove_file(&raw);
-        std::fs::remove_file(&image).unwrap();
+        let _ = std::fs::remove_file(&image);
+        checked?;
         let ratio = our_rate / qemu_rate;
         println!(
-            "{name:<10} ours {our_rate:>6.0} MiB/s   qemu-img convert {qemu_rate:>6.0} MiB/s   ratio {ratio:.2}x"
+            "  {name:<10} ours {our_rate:>6.0} MiB/s   qemu-img convert {qemu_rate:>6.0} MiB/s   ratio {ratio:.2}x"
         );
         if slowest.is_none_or(|(_, r)| ratio < r) {
             slowest = Some((name, ratio));
         }
     }
     if let Some((name, ratio)) = slowest {
-        println!("lowest ratio: {name} {ratio:.2}x (target: at least 1.00x)");
+        println!("  lowest ratio: {name} {ratio:.2}x (target: at least 1.00x)");
     }
+    Ok(())
 }
