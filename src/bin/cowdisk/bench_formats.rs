@@ -17,6 +17,9 @@ use std::time::Instant;
 use cowdisk::formats::{open_path, OpenOptions};
 
 const MIB: u64 = 1 << 20;
+
+/// A byte offset and the MiB read there.
+type Sample = (u64, Vec<u8>);
 const CHUNK: u64 = 16 * MIB;
 
 /// Our name, qemu's format name, qemu-img create options, file name.
@@ -79,7 +82,7 @@ fn make_image(
 
 /// Reads the whole image through our reader in 1 MiB reads; returns the
 /// rate in MiB/s and a few sampled MiB (offset, bytes) to check.
-fn ours(path: &Path) -> Result<(f64, Vec<(u64, Vec<u8>)>), String> {
+fn ours(path: &Path) -> Result<(f64, Vec<Sample>), String> {
     let mut disk = open_path(path, &OpenOptions::default()).map_err(|e| format!("bench: {e}"))?;
     let sectors = disk.sector_count();
     let per_read = MIB / 512;
@@ -126,7 +129,7 @@ fn qemu(path: &Path, size: u64) -> Result<(f64, PathBuf), String> {
     Ok((size as f64 / MIB as f64 / secs, out))
 }
 
-fn check_samples(format: &str, raw: &Path, samples: &[(u64, Vec<u8>)]) -> Result<(), String> {
+fn check_samples(format: &str, raw: &Path, samples: &[Sample]) -> Result<(), String> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(raw).map_err(|e| format!("bench: {e}"))?;
     for (offset, bytes) in samples {
