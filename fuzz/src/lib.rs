@@ -211,3 +211,30 @@ pub fn exercise(disk: &mut dyn Disk) -> u64 {
     }
     failed
 }
+
+/// The overlay store's parser: opens `data` as a store read-only (the log
+/// replayed in memory), walks its extent map, and runs the consistency
+/// check. Panics only if the library does, or if the file changed.
+pub fn run_store(data: &[u8]) -> bool {
+    with_scratch(|dir| {
+        let path = dir.join("input.cow");
+        std::fs::write(&path, data).expect("write the input");
+        let opened = {
+            let file = std::fs::File::open(&path).expect("open the input");
+            let mut storage = cowdisk::overlay::space::FileStorage::new(file, "fuzz input".into());
+            let report = cowdisk::store::check_store(&storage);
+            let _ = report.is_consistent();
+            match cowdisk::store::open_store(&mut storage, true) {
+                Ok(store) => {
+                    let _ = store.map.to_vec();
+                    true
+                }
+                Err(_) => false,
+            }
+        };
+        let after = std::fs::read(&path).expect("read the input back");
+        assert!(after == data, "opening a store read-only changed the file");
+        std::fs::remove_file(&path).expect("remove the input");
+        opened
+    })
+}
