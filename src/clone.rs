@@ -247,6 +247,22 @@ pub fn clone_to_file(
     Ok(stats)
 }
 
+/// Bytes per write call when storing a page.
+const WRITE_PIECE: usize = 256 * 1024;
+
+/// Writes a page in 256 KiB pieces. Measured on Linux 6.18/ext4: whole
+/// 1 MiB writes at 1 MiB-aligned offsets into a new file were erratically
+/// up to ten times slower (page-cache folio allocation), while 256 KiB
+/// pieces ran steadily at full speed.
+fn write_in_pieces(file: &File, buf: &[u8], offset: u64, what: &str) -> Result<()> {
+    for (i, piece) in buf.chunks(WRITE_PIECE).enumerate() {
+        let at = offset + (i * WRITE_PIECE) as u64;
+        file.write_all_at(piece, at)
+            .map_err(|e| Error::write(what, at, e))?;
+    }
+    Ok(())
+}
+
 fn write_raw(
     disk: &mut dyn Disk,
     file: &File,
@@ -262,8 +278,7 @@ fn write_raw(
     for (start, len) in pages(sectors) {
         if read_page(disk, start, len, &mut buf)? {
             let offset = start * SECTOR_BYTES;
-            file.write_all_at(&buf, offset)
-                .map_err(|e| Error::write(what, offset, e))?;
+            write_in_pieces(file, &buf, offset, what)?;
             stats.pages_written += 1;
         } else {
             stats.pages_skipped += 1;
@@ -336,8 +351,7 @@ fn write_vdi(
             // A short last block is stored whole, zero-padded.
             buf.resize(PAGE_BYTES as usize, 0);
             let offset = data_offset + u64::from(allocated) * PAGE_BYTES;
-            file.write_all_at(&buf, offset)
-                .map_err(|e| Error::write(what, offset, e))?;
+            write_in_pieces(file, &buf, offset, what)?;
             map[index] = allocated;
             allocated += 1;
             stats.pages_written += 1;
