@@ -11,36 +11,13 @@ use std::time::{Duration, Instant};
 use cowdisk::formats::mapped::{MappedImage, Mapping};
 use cowdisk::formats::qcow2::Qcow2Disk;
 use cowdisk::formats::{open_path, OpenOptions};
-use cowdisk::{Disk, DriveType, Error, SectorStatus, SECTOR_SIZE};
+use cowdisk::{Disk, DriveType, Error, SectorStatus};
 use support::*;
 
 const MIB: u64 = 1 << 20;
 
-/// The error of an open that must fail (`Box<dyn Disk>` is not Debug).
-fn open_err(path: &Path, options: &OpenOptions) -> Error {
-    match open_path(path, options) {
-        Ok(_) => panic!("{} opened but should not have", path.display()),
-        Err(e) => e,
-    }
-}
-
-fn follow() -> OpenOptions {
-    OpenOptions {
-        follow_parent_paths: true,
-    }
-}
-
 fn create(dir: &Path, name: &str, opts: &[&str], size: &str) -> PathBuf {
-    let path = path_in(dir, name);
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    args.extend_from_slice(opts);
-    let p = path.display().to_string();
-    args.push(&p);
-    if !size.is_empty() {
-        args.push(size);
-    }
-    qemu_img(&args);
-    path
+    support::qemu_create(dir, name, "qcow2", opts, size)
 }
 
 fn io(image: &Path, cmds: &[&str]) {
@@ -75,52 +52,10 @@ fn check_matches_qemu(image: &Path, dir: &Path, options: &OpenOptions) -> Box<dy
     let mut disk = open_path(image, options).unwrap();
     assert_eq!(disk.drive_type(), DriveType::Qcow2);
     assert_eq!(disk.byte_size(), expected.len() as u64);
-    compare_bytes(disk.as_mut(), &expected);
-    compare_allocation(disk.as_mut(), image);
+    support::compare_bytes(disk.as_mut(), &expected);
+    support::compare_allocation(disk.as_mut(), image);
     assert_unchanged(image, &before);
     disk
-}
-
-/// Reads the whole disk in 1 MiB chunks and in odd-sized chunks, checking
-/// bytes and that each read's status agrees with `block_status`.
-fn compare_bytes(disk: &mut dyn Disk, expected: &[u8]) {
-    let sectors = disk.sector_count();
-    assert_eq!(sectors, (expected.len() as u64).div_ceil(512));
-    for chunk_sectors in [2048u64, 7] {
-        let mut lba = 0;
-        while lba < sectors {
-            let n = chunk_sectors.min(sectors - lba);
-            let mut buf = vec![0xAAu8; n as usize * SECTOR_SIZE];
-            let status = disk.read_sectors(lba, &mut buf).unwrap();
-            let start = lba as usize * SECTOR_SIZE;
-            let end = (start + buf.len()).min(expected.len());
-            assert!(
-                buf[..end - start] == expected[start..end],
-                "bytes differ in sectors {lba}..+{n}"
-            );
-            assert_eq!(status, disk.block_status(lba, n).unwrap(), "at {lba}+{n}");
-            lba += n;
-        }
-    }
-}
-
-/// qemu's data ranges must not be NotAlloc for us; ranges qemu says hold no
-/// data must not be Normal for us.
-fn compare_allocation(disk: &mut dyn Disk, image: &Path) {
-    for entry in qemu_map(image) {
-        let lba = entry.start / 512;
-        let count = entry.length.div_ceil(512);
-        let ours = disk.block_status(lba, count).unwrap();
-        if entry.data {
-            assert_ne!(ours, SectorStatus::NotAlloc, "qemu has data at {entry:?}");
-        } else {
-            assert_ne!(ours, SectorStatus::Normal, "qemu has no data at {entry:?}");
-            if entry.zero && !entry.data {
-                // Either a zero cluster (Blank) or unallocated.
-                assert!(matches!(ours, SectorStatus::Blank | SectorStatus::NotAlloc));
-            }
-        }
-    }
 }
 
 #[test]
@@ -281,7 +216,7 @@ fn extended_l2_over_backing_falls_through_per_subcluster() {
     );
     io(&top, &["write -P 0x20 4096 2048", "write -z 65536 4096"]);
     let base_before = fingerprint(&base);
-    let disk = check_matches_qemu(&top, dir.path(), &follow());
+    let disk = check_matches_qemu(&top, dir.path(), &support::follow());
     assert!(disk.is_snapshot());
     assert_unchanged(&base, &base_before);
 }
@@ -315,14 +250,14 @@ fn backing_chain_needs_the_flag_and_then_matches_qemu() {
     );
 
     let top_before = fingerprint(&top);
-    let err = open_err(&top, &OpenOptions::default());
+    let err = support::open_error(&top, &OpenOptions::default());
     assert!(matches!(err, Error::Open(_)), "{err}");
     assert!(err.to_string().contains("mid.qcow2"), "{err}");
     assert_unchanged(&top, &top_before);
 
     let base_before = fingerprint(&base_raw);
     let mid_before = fingerprint(&mid);
-    let mut disk = check_matches_qemu(&top, dir.path(), &follow());
+    let mut disk = check_matches_qemu(&top, dir.path(), &support::follow());
     assert!(disk.is_snapshot());
     // A zero cluster in the child hides the parent's data.
     assert_eq!(disk.block_status(2048, 128).unwrap(), SectorStatus::Blank);
@@ -334,11 +269,11 @@ fn backing_chain_needs_the_flag_and_then_matches_qemu() {
     drop(disk);
 
     // The caller may supply the parent instead.
-    let parent = open_path(&mid, &follow()).unwrap();
+    let parent = open_path(&mid, &support::follow()).unwrap();
     let mut supplied = Qcow2Disk::open_with_parent(&top, parent).unwrap();
     assert_eq!(supplied.backing_file_name(), Some("mid.qcow2"));
     let expected = qemu_raw_bytes(&top, dir.path());
-    compare_bytes(&mut supplied, &expected);
+    support::compare_bytes(&mut supplied, &expected);
     assert_unchanged(&top, &top_before);
     assert_unchanged(&mid, &mid_before);
     assert_unchanged(&base_raw, &base_before);
@@ -374,11 +309,11 @@ fn backing_format_extension_wins_over_the_probe() {
         );
         io(&child, &["write -P 0x21 100000 3000"]);
         let base_before = fingerprint(&base_raw);
-        let disk = Qcow2Disk::open(&child, &follow()).unwrap();
+        let disk = Qcow2Disk::open(&child, &support::follow()).unwrap();
         assert_eq!(disk.backing_format(), Some("raw"));
         drop(disk);
         // Bytes from qemu; the size is the raw file's, not the inner image's.
-        let mut disk = check_matches_qemu(&child, dir.path(), &follow());
+        let mut disk = check_matches_qemu(&child, dir.path(), &support::follow());
         assert_eq!(disk.byte_size(), 2 * MIB);
         let mut first = vec![0u8; 512];
         disk.read_sectors(0, &mut first).unwrap();
@@ -401,7 +336,7 @@ fn missing_backing_file_is_a_clear_error() {
         "",
     );
     std::fs::remove_file(&base).unwrap();
-    let err = open_err(&top, &follow());
+    let err = support::open_error(&top, &support::follow());
     assert!(matches!(err, Error::Open(_)), "{err}");
     assert!(err.to_string().contains("gone.qcow2"), "{err}");
 }
@@ -481,7 +416,7 @@ fn sequential_data_maps_as_one_run() {
 
 fn refused(image: &Path, needle: &str) {
     let before = fingerprint(image);
-    let err = open_err(image, &OpenOptions::default());
+    let err = support::open_error(image, &OpenOptions::default());
     assert!(matches!(err, Error::Unsupported(_)), "{err}");
     assert!(err.to_string().contains(needle), "{err}");
     assert_unchanged(image, &before);

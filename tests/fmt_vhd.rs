@@ -17,19 +17,6 @@ use cowdisk::{Disk, DriveType, Error, SectorStatus};
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 2 * MIB;
 
-fn follow() -> OpenOptions {
-    OpenOptions {
-        follow_parent_paths: true,
-    }
-}
-
-fn open_error(path: &Path, options: &OpenOptions) -> Error {
-    match open_path(path, options) {
-        Ok(_) => panic!("{} opened but should not have", path.display()),
-        Err(e) => e,
-    }
-}
-
 fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
     let path = dir.join(name);
     support::qemu_img(&[
@@ -488,7 +475,7 @@ fn windows_locators(_parent: &Path) -> Vec<([u8; 4], Vec<u8>)> {
 fn differencing_image_needs_the_follow_flag() {
     let setup = differencing_setup(windows_locators);
     let before = support::fingerprint(&setup.child);
-    let err = open_error(&setup.child, &OpenOptions::default());
+    let err = support::open_error(&setup.child, &OpenOptions::default());
     assert!(matches!(err, Error::Open(_)), "{err}");
     let text = err.to_string();
     assert!(text.contains("base/parent.vhd"), "{text}");
@@ -501,7 +488,7 @@ fn differencing_image_reads_through_to_its_parent() {
     let setup = differencing_setup(windows_locators);
     let child_before = support::fingerprint(&setup.child);
     let parent_before = support::fingerprint(&setup.parent);
-    let mut disk = open_path(&setup.child, &follow()).unwrap();
+    let mut disk = open_path(&setup.child, &support::follow()).unwrap();
     assert_eq!(disk.drive_type(), DriveType::Vhd);
     assert!(disk.is_snapshot());
     assert_eq!(disk.uuid(), Some([9; 16]));
@@ -573,7 +560,7 @@ fn differencing_image_rejects_a_parent_with_another_id() {
         "subformat=dynamic,force_size=on",
         &(6 * MIB).to_string(),
     );
-    let err = open_error(&setup.child, &follow());
+    let err = support::open_error(&setup.child, &support::follow());
     assert!(matches!(err, Error::SourceMismatch(_)), "{err}");
 }
 
@@ -586,7 +573,7 @@ fn differencing_image_finds_its_parent_through_a_macx_url() {
         );
         vec![(*b"MacX", url.into_bytes())]
     });
-    let mut disk = open_path(&setup.child, &follow()).unwrap();
+    let mut disk = open_path(&setup.child, &support::follow()).unwrap();
     assert!(read_all(disk.as_mut()) == setup.expected);
 }
 
@@ -594,7 +581,7 @@ fn differencing_image_finds_its_parent_through_a_macx_url() {
 fn missing_parent_is_a_clear_error() {
     let setup = differencing_setup(windows_locators);
     std::fs::remove_file(&setup.parent).unwrap();
-    let err = open_error(&setup.child, &follow());
+    let err = support::open_error(&setup.child, &support::follow());
     assert!(matches!(err, Error::Open(_)), "{err}");
     assert!(err.to_string().contains("parent.vhd"), "{err}");
 }

@@ -19,19 +19,6 @@ use cowdisk::{Disk, DriveType, Error, SectorStatus};
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
 
-fn follow() -> OpenOptions {
-    OpenOptions {
-        follow_parent_paths: true,
-    }
-}
-
-fn open_error(path: &Path, options: &OpenOptions) -> Error {
-    match open_path(path, options) {
-        Ok(_) => panic!("{} opened but should not have", path.display()),
-        Err(e) => e,
-    }
-}
-
 fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
     let path = dir.join(name);
     support::qemu_img(&[
@@ -678,7 +665,7 @@ fn differencing_setup(logical: u64) -> DiffSetup {
 fn differencing_image_needs_the_follow_flag() {
     let setup = differencing_setup(512);
     let before = support::fingerprint(&setup.child);
-    let err = open_error(&setup.child, &OpenOptions::default());
+    let err = support::open_error(&setup.child, &OpenOptions::default());
     assert!(matches!(err, Error::Open(_)), "{err}");
     assert!(err.to_string().contains("base/parent.vhdx"), "{err}");
     support::assert_unchanged(&setup.child, &before);
@@ -690,7 +677,7 @@ fn differencing_image_reads_through_to_its_parent() {
         let setup = differencing_setup(logical);
         let child_before = support::fingerprint(&setup.child);
         let parent_before = support::fingerprint(&setup.parent);
-        let mut disk = open_path(&setup.child, &follow()).unwrap();
+        let mut disk = open_path(&setup.child, &support::follow()).unwrap();
         assert_eq!(disk.drive_type(), DriveType::Vhdx);
         assert!(disk.is_snapshot());
         assert!(
@@ -761,10 +748,10 @@ fn differencing_image_checks_the_parent_linkage() {
         "block_size=1M",
         "8M",
     );
-    let err = open_error(&setup.child, &follow());
+    let err = support::open_error(&setup.child, &support::follow());
     assert!(matches!(err, Error::SourceMismatch(_)), "{err}");
     std::fs::remove_file(&setup.parent).unwrap();
-    let err = open_error(&setup.child, &follow());
+    let err = support::open_error(&setup.child, &support::follow());
     assert!(matches!(err, Error::Open(_)), "{err}");
     assert!(err.to_string().contains("parent.vhdx"), "{err}");
 }

@@ -12,36 +12,13 @@ use std::time::{Duration, Instant};
 
 use cowdisk::formats::vmdk::VmdkDisk;
 use cowdisk::formats::{open_path, OpenOptions};
-use cowdisk::{Disk, DriveType, Error, SectorStatus, SECTOR_SIZE};
+use cowdisk::{Disk, DriveType, Error, SectorStatus};
 use support::*;
 
 const MIB: u64 = 1 << 20;
 
-fn follow() -> OpenOptions {
-    OpenOptions {
-        follow_parent_paths: true,
-    }
-}
-
-/// The error of an open that must fail (`Box<dyn Disk>` is not Debug).
-fn open_err(path: &Path, options: &OpenOptions) -> Error {
-    match open_path(path, options) {
-        Ok(_) => panic!("{} opened but should not have", path.display()),
-        Err(e) => e,
-    }
-}
-
 fn create(dir: &Path, name: &str, opts: &[&str], size: &str) -> PathBuf {
-    let path = path_in(dir, name);
-    let mut args = vec!["create", "-q", "-f", "vmdk"];
-    args.extend_from_slice(opts);
-    let p = path.display().to_string();
-    args.push(&p);
-    if !size.is_empty() {
-        args.push(size);
-    }
-    qemu_img(&args);
-    path
+    support::qemu_create(dir, name, "vmdk", opts, size)
 }
 
 fn io(image: &Path, cmds: &[&str]) {
@@ -95,43 +72,10 @@ fn check_matches_qemu(image: &Path, dir: &Path, options: &OpenOptions) -> Box<dy
     let mut disk = open_path(image, options).unwrap();
     assert_eq!(disk.drive_type(), DriveType::Vmdk);
     assert_eq!(disk.byte_size(), expected.len() as u64);
-    compare_bytes(disk.as_mut(), &expected);
-    compare_allocation(disk.as_mut(), image);
+    support::compare_bytes(disk.as_mut(), &expected);
+    support::compare_allocation(disk.as_mut(), image);
     assert_all_unchanged(&before);
     disk
-}
-
-fn compare_bytes(disk: &mut dyn Disk, expected: &[u8]) {
-    let sectors = disk.sector_count();
-    assert_eq!(sectors, (expected.len() as u64).div_ceil(512));
-    for chunk_sectors in [2048u64, 7] {
-        let mut lba = 0;
-        while lba < sectors {
-            let n = chunk_sectors.min(sectors - lba);
-            let mut buf = vec![0xAAu8; n as usize * SECTOR_SIZE];
-            let status = disk.read_sectors(lba, &mut buf).unwrap();
-            let start = lba as usize * SECTOR_SIZE;
-            assert!(
-                buf[..] == expected[start..start + buf.len()],
-                "bytes differ in sectors {lba}..+{n}"
-            );
-            assert_eq!(status, disk.block_status(lba, n).unwrap(), "at {lba}+{n}");
-            lba += n;
-        }
-    }
-}
-
-fn compare_allocation(disk: &mut dyn Disk, image: &Path) {
-    for entry in qemu_map(image) {
-        let lba = entry.start / 512;
-        let count = entry.length.div_ceil(512);
-        let ours = disk.block_status(lba, count).unwrap();
-        if entry.data {
-            assert_ne!(ours, SectorStatus::NotAlloc, "qemu has data at {entry:?}");
-        } else {
-            assert_ne!(ours, SectorStatus::Normal, "qemu has no data at {entry:?}");
-        }
-    }
 }
 
 #[test]
@@ -320,7 +264,7 @@ fn zero_and_read_only_extents() {
     .unwrap();
     let before = fingerprints(dir.path());
     let mut disk = open_path(&descriptor, &OpenOptions::default()).unwrap();
-    compare_bytes(disk.as_mut(), &expected);
+    support::compare_bytes(disk.as_mut(), &expected);
     assert_eq!(disk.block_status(2048, 1024).unwrap(), SectorStatus::Blank);
     assert_eq!(disk.block_status(0, 100).unwrap(), SectorStatus::NotAlloc);
     assert_eq!(disk.block_status(3072, 2048).unwrap(), SectorStatus::Normal);
@@ -343,10 +287,10 @@ fn extent_paths_outside_the_folder_need_the_flag() {
          RW 2048 FLAT \"../outside.bin\" 0\n",
     )
     .unwrap();
-    let err = open_err(&descriptor, &OpenOptions::default());
+    let err = support::open_error(&descriptor, &OpenOptions::default());
     assert!(matches!(err, Error::Open(_)), "{err}");
     assert!(err.to_string().contains("../outside.bin"), "{err}");
-    let mut disk = open_path(&descriptor, &follow()).unwrap();
+    let mut disk = open_path(&descriptor, &support::follow()).unwrap();
     let mut buf = vec![0u8; MIB as usize];
     disk.read_sectors(0, &mut buf).unwrap();
     assert_eq!(buf, std::fs::read(&outside).unwrap());
@@ -411,7 +355,7 @@ fn two_gb_split_sparse_matches_qemu_in_windows() {
                 "{subformat}: bytes differ in the window at {start}"
             );
         }
-        compare_allocation(disk.as_mut(), &image);
+        support::compare_allocation(disk.as_mut(), &image);
         drop(disk);
         std::fs::remove_file(&raw).unwrap();
         assert_all_unchanged(&before);
@@ -463,12 +407,12 @@ fn parent_needs_the_flag_and_then_matches_qemu() {
         &["write -P 0x20 100000 5000", "write -P 0x21 3000000 70000"],
     );
     let before = fingerprints(dir.path());
-    let err = open_err(&child, &OpenOptions::default());
+    let err = support::open_error(&child, &OpenOptions::default());
     assert!(matches!(err, Error::Open(_)), "{err}");
     assert!(err.to_string().contains("base.vmdk"), "{err}");
     assert_all_unchanged(&before);
 
-    let disk = check_matches_qemu(&child, dir.path(), &follow());
+    let disk = check_matches_qemu(&child, dir.path(), &support::follow());
     assert!(disk.is_snapshot());
     drop(disk);
 
@@ -476,7 +420,7 @@ fn parent_needs_the_flag_and_then_matches_qemu() {
     let mut supplied = VmdkDisk::open_with_parent(&child, &OpenOptions::default(), parent).unwrap();
     assert_eq!(supplied.parent_file_name_hint(), Some("base.vmdk"));
     let expected = qemu_raw_bytes(&child, dir.path());
-    compare_bytes(&mut supplied, &expected);
+    support::compare_bytes(&mut supplied, &expected);
     assert_all_unchanged(&before);
 }
 
@@ -530,7 +474,7 @@ fn cowd_and_unknown_extent_types_are_refused() {
     let mut bytes = vec![0u8; 4096];
     bytes[..4].copy_from_slice(b"COWD");
     std::fs::write(&cowd, &bytes).unwrap();
-    let err = open_err(&cowd, &OpenOptions::default());
+    let err = support::open_error(&cowd, &OpenOptions::default());
     assert!(matches!(err, Error::Unsupported(_)), "{err}");
 
     let descriptor = path_in(dir.path(), "rdm.vmdk");
@@ -539,7 +483,7 @@ fn cowd_and_unknown_extent_types_are_refused() {
         "# Disk DescriptorFile\ncreateType=\"vmfsRawDeviceMap\"\nRW 100 VMFSRDM \"x-rdm.vmdk\"\n",
     )
     .unwrap();
-    let err = open_err(&descriptor, &OpenOptions::default());
+    let err = support::open_error(&descriptor, &OpenOptions::default());
     assert!(matches!(err, Error::Unsupported(_)), "{err}");
     assert!(err.to_string().contains("VMFSRDM"), "{err}");
 }

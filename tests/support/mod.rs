@@ -190,3 +190,73 @@ pub fn temp_dir() -> tempfile::TempDir {
 pub fn path_in(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+
+/// Open options that follow parent paths named inside an image.
+pub fn follow() -> cowdisk::formats::OpenOptions {
+    cowdisk::formats::OpenOptions {
+        follow_parent_paths: true,
+    }
+}
+
+/// The error of an open that must fail (`Box<dyn Disk>` is not Debug).
+pub fn open_error(path: &Path, options: &cowdisk::formats::OpenOptions) -> cowdisk::Error {
+    match cowdisk::formats::open_path(path, options) {
+        Ok(_) => panic!("{} opened but should not have", path.display()),
+        Err(e) => e,
+    }
+}
+
+/// `qemu-img create -q -f FORMAT OPTS... dir/name [SIZE]` (no size when
+/// `size` is empty, e.g. with a backing file).
+pub fn qemu_create(dir: &Path, name: &str, format: &str, opts: &[&str], size: &str) -> PathBuf {
+    let path = dir.join(name);
+    let p = path.display().to_string();
+    let mut args = vec!["create", "-q", "-f", format];
+    args.extend_from_slice(opts);
+    args.push(&p);
+    if !size.is_empty() {
+        args.push(size);
+    }
+    qemu_img(&args);
+    path
+}
+
+/// Reads the whole disk in 1 MiB and in 7-sector chunks and compares it
+/// with `expected` (qemu's bytes); each read's status must equal
+/// `block_status` of the same range.
+pub fn compare_bytes(disk: &mut dyn cowdisk::Disk, expected: &[u8]) {
+    let sectors = disk.sector_count();
+    assert_eq!(sectors, (expected.len() as u64).div_ceil(512));
+    for chunk_sectors in [2048u64, 7] {
+        let mut lba = 0;
+        while lba < sectors {
+            let n = chunk_sectors.min(sectors - lba);
+            let mut buf = vec![0xAAu8; n as usize * 512];
+            let status = disk.read_sectors(lba, &mut buf).unwrap();
+            let start = lba as usize * 512;
+            let end = (start + buf.len()).min(expected.len());
+            assert!(
+                buf[..end - start] == expected[start..end],
+                "bytes differ in sectors {lba}..+{n}"
+            );
+            assert_eq!(status, disk.block_status(lba, n).unwrap(), "at {lba}+{n}");
+            lba += n;
+        }
+    }
+}
+
+/// Allocation against `qemu-img map`: qemu's data ranges must not be
+/// NotAlloc for us; ranges qemu says hold no data must not be Normal.
+pub fn compare_allocation(disk: &mut dyn cowdisk::Disk, image: &Path) {
+    use cowdisk::SectorStatus;
+    for entry in qemu_map(image) {
+        let lba = entry.start / 512;
+        let count = entry.length.div_ceil(512);
+        let ours = disk.block_status(lba, count).unwrap();
+        if entry.data {
+            assert_ne!(ours, SectorStatus::NotAlloc, "qemu has data at {entry:?}");
+        } else {
+            assert_ne!(ours, SectorStatus::Normal, "qemu has no data at {entry:?}");
+        }
+    }
+}
