@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::handle::{self, Object};
 use super::source::CallerDisk;
 use super::types::*;
-use super::{guard, guard_or, last_error_code, last_error_text, non_null};
+use super::{guard, guard_or, guard_quiet, last_error_code, last_error_text, non_null};
 use crate::disk::{check_range, Disk, SectorStatus, SECTOR_SIZE};
 use crate::error::{describe, Error, Result};
 use crate::overlay::extents::{Extent, ExtentKind};
@@ -47,7 +47,7 @@ fn hcow(h: HCOW) -> HVDDR {
 /// that succeeded). Does not change the last error.
 #[no_mangle]
 pub extern "C" fn COW_GetLastError() -> u32 {
-    last_error_code()
+    guard_quiet(COW_ERR_INTERNAL, last_error_code)
 }
 
 /// Returns a description of error code `code`; for COW_LAST_ERROR
@@ -58,12 +58,14 @@ pub extern "C" fn COW_GetLastError() -> u32 {
 /// the library. Does not change the last error.
 #[no_mangle]
 pub extern "C" fn COW_GetErrorString(code: u32) -> *mut c_char {
-    let text: *const c_char = if code == COW_LAST_ERROR {
-        last_error_text()
-    } else {
-        static_description(code)
-    };
-    text.cast_mut()
+    guard_quiet(c"internal error".as_ptr().cast_mut(), || {
+        let text: *const c_char = if code == COW_LAST_ERROR {
+            last_error_text()
+        } else {
+            static_description(code)
+        };
+        text.cast_mut()
+    })
 }
 
 fn static_description(code: u32) -> *const c_char {
@@ -87,7 +89,7 @@ fn static_description(code: u32) -> *const c_char {
 /// Same as COW_GetLastError (one error state per thread serves both names).
 #[no_mangle]
 pub extern "C" fn VDDR_GetLastError() -> u32 {
-    last_error_code()
+    COW_GetLastError()
 }
 
 /// Same as COW_GetErrorString.

@@ -104,6 +104,12 @@ pub(crate) fn guard_or<T>(fallback: T, body: impl FnOnce() -> Result<T>) -> T {
     }
 }
 
+/// The panic boundary of the functions that read the last error: catches
+/// panics like `guard` but leaves the last error as it is.
+pub(crate) fn guard_quiet<T>(fallback: T, body: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or(fallback)
+}
+
 /// Checks a pointer argument is not NULL.
 pub(crate) fn non_null<T>(ptr: *const T, name: &str) -> Result<()> {
     if ptr.is_null() {
