@@ -989,33 +989,6 @@ impl Drop for TableDisk {
     }
 }
 
-/// A built-in image seen as a plain disk.
-struct ImageDisk(Box<dyn Image>);
-
-impl Disk for ImageDisk {
-    fn drive_type(&self) -> DriveType {
-        self.0.drive_type()
-    }
-    fn sector_count(&self) -> u64 {
-        self.0.sector_count()
-    }
-    fn byte_size(&self) -> u64 {
-        self.0.byte_size()
-    }
-    fn uuid(&self) -> Option<[u8; 16]> {
-        self.0.uuid()
-    }
-    fn is_snapshot(&self) -> bool {
-        self.0.is_snapshot()
-    }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
-        self.0.read_sectors(lba, buf)
-    }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
-        self.0.block_status(lba, count)
-    }
-}
-
 /// Opens `path` read-only as a disk: the registered caller backends are
 /// probed first (in registration order), then the built-in formats (raw
 /// last). Used by VDDR_Open/VDDR_OpenEx.
@@ -1244,8 +1217,7 @@ pub unsafe extern "C" fn VDDR_OpenWithBackend(
                                 path.display()
                             )));
                         }
-                        let d = (format.open_at_depth)(&path, &options, 0)?;
-                        Box::new(ImageDisk(Box::new(ReadOnly(d))))
+                        (format.open_at_depth)(&path, &options, 0)?
                     }
                 }
             }
@@ -1258,39 +1230,6 @@ pub unsafe extern "C" fn VDDR_OpenWithBackend(
         };
         Ok(handle::register(Object::Disk(disk)))
     })
-}
-
-/// A plain disk behind the Image wrapper (read-only).
-struct ReadOnly(Box<dyn Disk>);
-
-impl Disk for ReadOnly {
-    fn drive_type(&self) -> DriveType {
-        self.0.drive_type()
-    }
-    fn sector_count(&self) -> u64 {
-        self.0.sector_count()
-    }
-    fn byte_size(&self) -> u64 {
-        self.0.byte_size()
-    }
-    fn uuid(&self) -> Option<[u8; 16]> {
-        self.0.uuid()
-    }
-    fn is_snapshot(&self) -> bool {
-        self.0.is_snapshot()
-    }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
-        self.0.read_sectors(lba, buf)
-    }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
-        self.0.block_status(lba, count)
-    }
-}
-
-impl Image for ReadOnly {
-    fn close(self: Box<Self>) -> Result<()> {
-        Ok(())
-    }
 }
 
 /// Opens a UML COW file read-only over a backing file the caller names
