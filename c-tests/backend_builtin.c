@@ -73,7 +73,7 @@ int main(void)
 
     /* UML COW: create over the raw file, write through the table. */
     snprintf(cowpath, sizeof cowpath, "%s.cow", rawpath);
-    CHECK(COW_UmlCowCreate(cowpath, rawpath, 3));
+    CHECK_EQ_U64(COW_UmlCowCreate(cowpath, rawpath, 3), COW_ERR_NONE);
     cow = COW_FindBackend("cow");
     CHECK(cow != NULL);
     if (!cow) return tu_finish("backend_builtin");

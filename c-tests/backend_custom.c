@@ -119,7 +119,7 @@ int main(void)
         COW_Close(d);
     }
 
-    CHECK(COW_InitBackend(&t));
+    CHECK_EQ_U64(COW_InitBackend(&t), COW_ERR_NONE);
     CHECK_EQ_U64(t.u32Version, COW_BACKEND_VERSION);
     CHECK_EQ_U64(t.u32VersionEnd, COW_BACKEND_VERSION);
     CHECK(t.pfnRead == NULL);
@@ -134,41 +134,41 @@ int main(void)
 
     /* Bad version markers: COW_ERR_UNSUPPORTED. */
     t.u32Version = 0x12345678u;
-    CHECK(!COW_RegisterBackend(&t));
+    CHECK_EQ_U64(COW_RegisterBackend(&t), COW_ERR_UNSUPPORTED);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_UNSUPPORTED);
     CHECK(strstr(COW_GetErrorString(COW_LAST_ERROR), "u32Version") != NULL);
     t.u32Version = COW_BACKEND_VERSION;
     t.u32VersionEnd = 0;
-    CHECK(!COW_RegisterBackend(&t));
+    CHECK_EQ_U64(COW_RegisterBackend(&t), COW_ERR_UNSUPPORTED);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_UNSUPPORTED);
     CHECK(strstr(COW_GetErrorString(COW_LAST_ERROR), "u32VersionEnd") != NULL);
     t.u32VersionEnd = COW_BACKEND_VERSION;
 
     /* Missing required members: COW_ERR_INVALID_ARG naming them. */
     t.pfnRead = NULL;
-    CHECK(!COW_RegisterBackend(&t));
+    CHECK_EQ_U64(COW_RegisterBackend(&t), COW_ERR_INVALID_ARG);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALID_ARG);
     CHECK(strstr(COW_GetErrorString(COW_LAST_ERROR), "pfnRead") != NULL);
     t.pfnRead = cm_read;
     t.uBackendCaps = COW_CAP_FILE | COW_CAP_CREATE_DYNAMIC;
-    CHECK(!COW_RegisterBackend(&t));
+    CHECK_EQ_U64(COW_RegisterBackend(&t), COW_ERR_INVALID_ARG);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALID_ARG);
     CHECK(strstr(COW_GetErrorString(COW_LAST_ERROR), "pfnCreate") != NULL);
     t.uBackendCaps = COW_CAP_FILE | COW_CAP_WRITE;
-    CHECK(!COW_RegisterBackend(&t));
+    CHECK_EQ_U64(COW_RegisterBackend(&t), COW_ERR_INVALID_ARG);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALID_ARG);
     t.uBackendCaps = COW_CAP_FILE;
     t.pszBackendName = "raw"; /* a built-in's name */
-    CHECK(!COW_RegisterBackend(&t));
+    CHECK_EQ_U64(COW_RegisterBackend(&t), COW_ERR_INVALID_ARG);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALID_ARG);
     t.pszBackendName = "cmem";
-    CHECK(!COW_RegisterBackend(NULL));
+    CHECK_EQ_U64(COW_RegisterBackend(NULL), COW_ERR_INVALID_ARG);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALID_ARG);
 
     count_before = COW_GetBackendCount();
-    CHECK(COW_RegisterBackend(&t));
+    CHECK_EQ_U64(COW_RegisterBackend(&t), COW_ERR_NONE);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_NONE);
-    CHECK(!COW_RegisterBackend(&t)); /* twice */
+    CHECK_EQ_U64(COW_RegisterBackend(&t), COW_ERR_INVALID_ARG); /* twice */
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALID_ARG);
     CHECK_EQ_U64(COW_GetBackendCount(), count_before + 1);
     CHECK(COW_FindBackend("cmem") == &t);
@@ -193,13 +193,13 @@ int main(void)
     if (!ov) return tu_finish("backend_custom");
     cow = (HCOW)ov;
     memset(patch, 0xEE, sizeof patch);
-    CHECK(cow->WriteSectors(cow, patch, 3, 2)); /* over a free and a present sector */
+    CHECK_EQ_U64(cow->WriteSectors(cow, patch, 3, 2), VDDR_RSLT_NORMAL); /* over a free and a present sector */
     memcpy(expect + 3 * 512, patch, sizeof patch);
-    CHECK(cow->InsertSectors(cow, 0, 2)); /* two unallocated sectors in front */
+    CHECK_EQ_U64(cow->InsertSectors(cow, 0, 2), COW_ERR_NONE); /* two unallocated sectors in front */
     CHECK_EQ_U64(ov->ReadSectors(ov, buf, 0, 2), VDDR_RSLT_NOTALLOC);
     CHECK_EQ_U64(ov->ReadSectors(ov, buf, 2, SECTORS), VDDR_RSLT_NORMAL);
     CHECK(memcmp(buf, expect, SECTORS * 512) == 0);
-    CHECK(cow->MoveSectors(cow, 2, SECTORS + 2, 4)); /* first 4 source sectors to the end */
+    CHECK_EQ_U64(cow->MoveSectors(cow, 2, SECTORS + 2, 4), COW_ERR_NONE); /* first 4 source sectors to the end */
     CHECK_EQ_U64(ov->ReadSectors(ov, buf, SECTORS - 2, 4), VDDR_RSLT_NORMAL);
     CHECK(memcmp(buf, expect, 4 * 512) == 0);
     CHECK_EQ_U64(ov->ReadSectors(ov, buf, 2, 4), VDDR_RSLT_NORMAL);
@@ -216,8 +216,8 @@ int main(void)
     CHECK(VDDR_OpenWithBackend(&t, path, COW_OPEN_READ_WRITE) == NULL);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALID_ARG);
 
-    CHECK(COW_UnregisterBackend(&t));
-    CHECK(!COW_UnregisterBackend(&t));
+    CHECK_EQ_U64(COW_UnregisterBackend(&t), COW_ERR_NONE);
+    CHECK_EQ_U64(COW_UnregisterBackend(&t), COW_ERR_INVALID_ARG);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALID_ARG);
     CHECK(COW_FindBackend("cmem") == NULL);
     CHECK_EQ_U64(COW_GetBackendCount(), count_before);

@@ -15,19 +15,21 @@ typedef struct {
     int close_calls;
 } MemSource;
 
-static uint32_t ms_type(HVDDR h) { (void)h; return VDD_TYPE_RAW; }
-static int ms_size(HVDDR h, uint64_t *bytes) { (void)h; *bytes = SECTORS * 512; return 1; }
+/* The table's member types are the legacy ones: BOOL and UINT are
+ * unsigned int, HUGE is long long. */
+static unsigned int ms_type(HVDDR h) { (void)h; return VDD_TYPE_RAW; }
+static unsigned int ms_size(HVDDR h, long long *bytes) { (void)h; *bytes = SECTORS * 512; return 1; }
 /* Sectors 128..191 are "never allocated" in this source. */
-static int unallocated(uint64_t s) { return s >= 128 && s < 192; }
-static uint32_t ms_status(HVDDR h, uint64_t first, uint64_t last)
+static int unallocated(long long s) { return s >= 128 && s < 192; }
+static unsigned int ms_status(HVDDR h, long long first, long long last)
 {
-    uint64_t s;
+    long long s;
     (void)h;
     for (s = first; s <= last; s++)
         if (!unallocated(s)) return VDDR_RSLT_NORMAL;
     return VDDR_RSLT_NOTALLOC;
 }
-static int ms_read(HVDDR h, void *buf, uint64_t lba, uint32_t n)
+static int ms_read(HVDDR h, void *buf, long long lba, unsigned int n)
 {
     MemSource *m = (MemSource *)h;
     if (lba + n > SECTORS) return VDDR_RSLT_FAIL;
@@ -64,7 +66,7 @@ int main(void)
     init_source(&src);
 
     /* A failed creation (bad granularity) leaves the object to us. */
-    CHECK(COW_InitOptions(&opt));
+    CHECK_EQ_U64(COW_InitOptions(&opt), COW_ERR_NONE);
     opt.granularity = 100; /* not a power of two */
     CHECK(COW_CreateCowOverlayEx((HVDDR)&src, &opt) == NULL);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALID_ARG);
@@ -83,9 +85,9 @@ int main(void)
     CHECK_EQ_U64(ov->ReadSectors(ov, buf, 140, 16), VDDR_RSLT_NOTALLOC);
 
     /* Edits: move the first 8 sectors to the end, write one sector. */
-    CHECK(cow->MoveSectors(cow, 0, SECTORS, 8));
+    CHECK_EQ_U64(cow->MoveSectors(cow, 0, SECTORS, 8), COW_ERR_NONE);
     memset(patch, 0xC3, sizeof patch);
-    CHECK(cow->WriteSectors(cow, patch, 100, 1));
+    CHECK_EQ_U64(cow->WriteSectors(cow, patch, 100, 1), VDDR_RSLT_NORMAL);
     CHECK_EQ_U64(ov->ReadSectors(ov, buf, SECTORS - 8, 8), VDDR_RSLT_NORMAL);
     CHECK(memcmp(buf, src.data, 8 * 512) == 0);
     CHECK_EQ_U64(ov->ReadSectors(ov, buf, 92, 16), VDDR_RSLT_NORMAL);
@@ -97,23 +99,23 @@ int main(void)
     /* The extent map, walked both ways: by index and by LBA. Expected:
      * src 8..107 (with 100..107 copied to the store: one COW unit of 8
      * sectors aligned at virtual 96), store, src 112..255, src 0..7. */
-    CHECK(COW_GetExtentCount(cow, &count));
+    CHECK_EQ_U64(COW_GetExtentCount(cow, &count), COW_ERR_NONE);
     CHECK_EQ_U64(count, 4);
-    CHECK(COW_GetExtent(cow, 0, &e));
+    CHECK_EQ_U64(COW_GetExtent(cow, 0, &e), COW_ERR_NONE);
     CHECK_EQ_U64(e.start, 0); CHECK_EQ_U64(e.length, 96);
     CHECK_EQ_U64(e.kind, COW_EXTENT_SOURCE); CHECK_EQ_U64(e.position, 8);
-    CHECK(COW_GetExtent(cow, 1, &e));
+    CHECK_EQ_U64(COW_GetExtent(cow, 1, &e), COW_ERR_NONE);
     CHECK_EQ_U64(e.start, 96); CHECK_EQ_U64(e.length, 8); CHECK_EQ_U64(e.kind, COW_EXTENT_STORE);
-    CHECK(COW_GetExtent(cow, 2, &e));
+    CHECK_EQ_U64(COW_GetExtent(cow, 2, &e), COW_ERR_NONE);
     CHECK_EQ_U64(e.position, 112); CHECK_EQ_U64(e.length, SECTORS - 8 - 104);
-    CHECK(COW_GetExtent(cow, 3, &e));
+    CHECK_EQ_U64(COW_GetExtent(cow, 3, &e), COW_ERR_NONE);
     CHECK_EQ_U64(e.start, SECTORS - 8); CHECK_EQ_U64(e.position, 0);
-    CHECK(!COW_GetExtent(cow, 4, &e));
+    CHECK_EQ_U64(COW_GetExtent(cow, 4, &e), COW_ERR_INVALID_ARG);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALID_ARG);
     for (lba = 0, seen = 0; lba < SECTORS; lba = e.start + e.length, seen++) {
         COW_EXTENT by_index;
-        CHECK(COW_GetExtentAt(cow, lba, &e));
-        CHECK(COW_GetExtent(cow, seen, &by_index));
+        CHECK_EQ_U64(COW_GetExtentAt(cow, (uint64_t)lba, &e), COW_ERR_NONE);
+        CHECK_EQ_U64(COW_GetExtent(cow, seen, &by_index), COW_ERR_NONE);
         CHECK_EQ_U64(e.start, by_index.start);
         CHECK_EQ_U64(e.length, by_index.length);
         if (e.length == 0) break;

@@ -82,13 +82,13 @@ int main(void)
     ov = COW_CreateCowOverlay(disk);
     CHECK(ov != NULL);
     memset(sector, 0xEE, sizeof sector);
-    CHECK(COW_WriteSectors((HCOW)ov, sector, 100, 1));
+    CHECK_EQ_U64(COW_WriteSectors((HCOW)ov, sector, 100, 1), VDDR_RSLT_NORMAL);
 
-    /* Cancelled half-way: FALSE, COW_ERR_CANCELLED, nothing left. */
+    /* Cancelled half-way: COW_ERR_CANCELLED returned, nothing left. */
     memset(&ps, 0, sizeof ps);
     ps.cancel_at = 50;
     ps.monotonic = 1;
-    CHECK(COW_CloneToFile(ov, out, VDD_TYPE_RAW, 0, on_progress, &ps) == 0);
+    CHECK_EQ_U64(COW_CloneToFile(ov, out, VDD_TYPE_RAW, 0, on_progress, &ps), COW_ERR_CANCELLED);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_CANCELLED);
     CHECK(strstr(COW_GetErrorString(COW_LAST_ERROR), "cancel") != NULL);
     CHECK(ps.last >= 50 && ps.last < 100);
@@ -100,7 +100,7 @@ int main(void)
     memset(&ps, 0, sizeof ps);
     ps.cancel_at = 50;
     ps.monotonic = 1;
-    CHECK(COW_CloneToFile(ov, out, VDD_TYPE_VDI, 0, on_progress, &ps) == 0);
+    CHECK_EQ_U64(COW_CloneToFile(ov, out, VDD_TYPE_VDI, 0, on_progress, &ps), COW_ERR_CANCELLED);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_CANCELLED);
     CHECK_EQ_U64(entries_in(dir), 0);
 
@@ -108,7 +108,7 @@ int main(void)
     memset(&ps, 0, sizeof ps);
     ps.cancel_at = -1;
     ps.monotonic = 1;
-    CHECK(COW_CloneToFile(ov, out, VDD_TYPE_RAW, 0, on_progress, &ps) != 0);
+    CHECK_EQ_U64(COW_CloneToFile(ov, out, VDD_TYPE_RAW, 0, on_progress, &ps), COW_ERR_NONE);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_NONE);
     CHECK(ps.monotonic);
     CHECK_EQ_U64(ps.last, 100);
@@ -123,19 +123,19 @@ int main(void)
     free(cloned);
 
     /* An existing file is refused and kept; REPLACE replaces it. */
-    CHECK(COW_CloneToFile(ov, out, VDD_TYPE_RAW, 0, NULL, NULL) == 0);
+    CHECK_EQ_U64(COW_CloneToFile(ov, out, VDD_TYPE_RAW, 0, NULL, NULL), COW_ERR_OPEN);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_OPEN);
-    CHECK(COW_CloneToFile(ov, out, VDD_TYPE_RAW, COW_CLONE_REPLACE, NULL, NULL) != 0);
+    CHECK_EQ_U64(COW_CloneToFile(ov, out, VDD_TYPE_RAW, COW_CLONE_REPLACE, NULL, NULL), COW_ERR_NONE);
     CHECK_EQ_U64(entries_in(dir), 1);
 
     /* Bad arguments. */
-    CHECK(COW_CloneToFile(NULL, out, VDD_TYPE_RAW, 0, NULL, NULL) == 0);
+    CHECK_EQ_U64(COW_CloneToFile(NULL, out, VDD_TYPE_RAW, 0, NULL, NULL), COW_ERR_INVHANDLE);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVHANDLE);
-    CHECK(COW_CloneToFile(ov, NULL, VDD_TYPE_RAW, 0, NULL, NULL) == 0);
+    CHECK_EQ_U64(COW_CloneToFile(ov, NULL, VDD_TYPE_RAW, 0, NULL, NULL), COW_ERR_INVALID_ARG);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALID_ARG);
-    CHECK(COW_CloneToFile(ov, out, VDD_TYPE_RAW, 0x80, NULL, NULL) == 0);
+    CHECK_EQ_U64(COW_CloneToFile(ov, out, VDD_TYPE_RAW, 0x80, NULL, NULL), COW_ERR_INVALID_ARG);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALID_ARG);
-    CHECK(COW_CloneToFile(ov, out, VDD_TYPE_VMDK, COW_CLONE_REPLACE, NULL, NULL) == 0);
+    CHECK_EQ_U64(COW_CloneToFile(ov, out, VDD_TYPE_VMDK, COW_CLONE_REPLACE, NULL, NULL), COW_ERR_UNSUPPORTED);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_UNSUPPORTED);
 
     ov = COW_Close(ov);

@@ -29,8 +29,12 @@ int main(void)
     CHECK(!COW_GetDriveSize(NULL, &size));
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVHANDLE);
     CHECK_EQ_U64(COW_GetDriveType(NULL), VDD_TYPE_INVALID);
-    CHECK(!COW_InsertSectors(NULL, 0, 1));
+    /* Edits return their COW_ERR_* code (0 = no error), as the legacy
+     * header says, and set it as the last error too. */
+    CHECK_EQ_U64(COW_InsertSectors(NULL, 0, 1), COW_ERR_INVHANDLE);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVHANDLE);
+    CHECK_EQ_U64(COW_DeleteSectors(NULL, 0, 1), COW_ERR_INVHANDLE);
+    CHECK_EQ_U64(COW_Flush(NULL), COW_ERR_INVHANDLE);
     CHECK(COW_Close(NULL) == NULL);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVHANDLE);
     CHECK(COW_CreateCowOverlay(NULL) == NULL);
@@ -54,7 +58,7 @@ int main(void)
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_NONE);
 
     /* Edits on a disk that is not an overlay. */
-    CHECK(!COW_InsertSectors((HCOW)disk, 0, 1));
+    CHECK_EQ_U64(COW_InsertSectors((HCOW)disk, 0, 1), COW_ERR_NOT_OVERLAY);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_NOT_OVERLAY);
 
     /* A raw image has no UUID. */
@@ -81,24 +85,39 @@ int main(void)
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVBLOCK);
     CHECK(ov->ReadSectors(ov, buf, 63, 1) == VDDR_RSLT_NORMAL);
     CHECK(memcmp(buf, image + 63 * 512, 512) == 0);
-    CHECK(ov->ReadSectors(ov, buf, 0xFFFFFFFFFFFFFFFFULL, 2) == VDDR_RSLT_FAIL);
+    CHECK(ov->ReadSectors(ov, buf, -1, 2) == VDDR_RSLT_FAIL); /* a negative HUGE */
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVBLOCK);
+    CHECK(COW_ReadSectors(ov, buf, 0xFFFFFFFFFFFFFFFFULL, 2) == VDDR_RSLT_FAIL);
+    CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVBLOCK);
+    /* Reading zero sectors is NORMAL, wherever it points (legacy). */
+    CHECK_EQ_U64(ov->ReadSectors(ov, buf, 1000, 0), VDDR_RSLT_NORMAL);
+    CHECK_EQ_U64(COW_GetLastError(), COW_ERR_NONE);
     CHECK(ov->ReadPage(ov, buf, 1, 6) == VDDR_RSLT_FAIL); /* page 1 of 64 sectors: past the end */
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVBLOCK);
     CHECK(ov->ReadPage(ov, buf, 0, 40) == VDDR_RSLT_FAIL);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALID_ARG);
-    CHECK(!cow->InsertSectors(cow, 65, 1));
+    CHECK_EQ_U64(cow->InsertSectors(cow, 65, 1), COW_ERR_INVBLOCK);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVBLOCK);
-    CHECK(ov->BlockStatus(ov, 64, 70) == VDDR_RSLT_FAIL);
-    CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVBLOCK);
+    CHECK_EQ_U64(cow->InsertSectors(cow, -1, 1), COW_ERR_INVBLOCK);
+    CHECK_EQ_U64(cow->DeleteSectors(cow, 60, 5), COW_ERR_INVBLOCK);
+    CHECK_EQ_U64(cow->DiscardSectors(cow, 0, -2), COW_ERR_INVBLOCK);
+    /* BlockStatus: out-of-range sectors are NOTALLOC, not a failure (the
+     * legacy header's rule). */
+    CHECK_EQ_U64(ov->BlockStatus(ov, 64, 70), VDDR_RSLT_NOTALLOC);
+    CHECK_EQ_U64(COW_GetLastError(), COW_ERR_NONE);
+    CHECK_EQ_U64(ov->BlockStatus(ov, -10, -1), VDDR_RSLT_NOTALLOC);
+    CHECK_EQ_U64(ov->BlockStatus(ov, 10, 5), VDDR_RSLT_NOTALLOC); /* empty */
     CHECK_EQ_U64(ov->BlockStatus(ov, 60, 1000), VDDR_RSLT_NORMAL); /* clipped */
+    CHECK_EQ_U64(ov->BlockStatus(ov, -5, 0), VDDR_RSLT_NORMAL);    /* clipped */
+    CHECK_EQ_U64(COW_BlockStatus(NULL, 64, 70), VDDR_RSLT_FAIL);
+    CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVHANDLE);
 
     /* The invalid move: from <= to <= from + n, at both edges. */
-    CHECK(!cow->MoveSectors(cow, 10, 10, 5));
+    CHECK_EQ_U64(cow->MoveSectors(cow, 10, 10, 5), COW_ERR_INVALIDMOVE);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALIDMOVE);
-    CHECK(!cow->MoveSectors(cow, 10, 15, 5));
-    CHECK_EQ_U64(COW_GetLastError(), COW_ERR_INVALIDMOVE);
-    CHECK(cow->MoveSectors(cow, 10, 16, 5));
+    CHECK_EQ_U64(cow->MoveSectors(cow, 10, 15, 5), COW_ERR_INVALIDMOVE);
+    CHECK_EQ_U64(COW_MoveSectorsEx(cow, 10, 15, 5), COW_ERR_INVALIDMOVE);
+    CHECK_EQ_U64(cow->MoveSectors(cow, 10, 16, 5), COW_ERR_NONE);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_NONE);
 
     /* Strings: the fixed texts, and PSTR-style assignment compiles. */
@@ -108,7 +127,7 @@ int main(void)
     CHECK(strcmp(COW_GetErrorString(COW_ERR_INVBLOCK), "sector range outside the drive") == 0);
     CHECK(strcmp(COW_GetErrorString(COW_ERR_NONE), "no error") == 0);
     CHECK(strcmp(COW_GetErrorString(0x12345u), "unknown error code") == 0);
-    CHECK(!cow->MoveSectors(cow, 0, 3, 5));
+    CHECK_EQ_U64(cow->MoveSectors(cow, 0, 3, 5), COW_ERR_INVALIDMOVE);
     s = COW_GetErrorString(0xFFFFFFFFu);
     CHECK(strstr(s, "invalid move") != NULL && strstr(s, "destination 3") != NULL);
     /* Reading the error does not reset it. */

@@ -57,7 +57,7 @@ static void check_image(const char *dir, const struct image *img)
     char path[4096];
     tu_fingerprint before;
     HVDDR h;
-    uint64_t bytes = 0;
+    long long bytes = 0;
     size_t i;
     int rc;
 

@@ -76,7 +76,7 @@ int main(void)
     tu_fingerprint before;
     HVDDR hdisk, hcow;
     HCOW cow;
-    uint64_t bytes = 0;
+    long long bytes = 0;
     uint32_t pages, page;
     unsigned char mbr[512];
     static unsigned char page_buf[(1u << SPB_SHIFT) * 512];
@@ -98,12 +98,13 @@ int main(void)
 
     /* Enlarge: space after partition 1, slide partition 2 down so that
      * partition 1 can grow by P1_GROWTH, then patch the MBR. */
-    CHECK(cow->InsertSectors(cow, P1_START + P1_SIZE, INSERTED));
-    CHECK(cow->MoveSectors(cow, P2_START + INSERTED, NEW_P2_START, P2_SIZE));
+    /* The legacy header: "Returns an error code, 0 = no error." */
+    CHECK_EQ_U64(cow->InsertSectors(cow, P1_START + P1_SIZE, INSERTED), COW_ERR_NONE);
+    CHECK_EQ_U64(cow->MoveSectors(cow, P2_START + INSERTED, NEW_P2_START, P2_SIZE), COW_ERR_NONE);
     CHECK(((HVDDR)cow)->ReadSectors((HVDDR)cow, mbr, 0, 1) == VDDR_RSLT_NORMAL);
     set_partition(mbr, 0, P1_START, P1_SIZE + P1_GROWTH);
     set_partition(mbr, 1, NEW_P2_START, P2_SIZE);
-    CHECK(cow->WriteSectors(cow, mbr, 0, 1));
+    CHECK_EQ_U64(cow->WriteSectors(cow, mbr, 0, 1), VDDR_RSLT_NORMAL);
 
     CHECK(hcow->GetDriveSize(hcow, &bytes));
     CHECK_EQ_U64(bytes, (uint64_t)NEW_SECTORS * 512);

@@ -24,10 +24,10 @@ static int verify(HVDDR ov)
 {
     static unsigned char buf[64 * 512];
     unsigned char want[512];
-    uint64_t size = 0;
+    long long size = 0;
     uint32_t v, i;
     int bad = 0;
-    if (!ov->GetDriveSize(ov, &size) || size != (uint64_t)(SECTORS + 100) * 512) return 0;
+    if (!ov->GetDriveSize(ov, &size) || size != (long long)(SECTORS + 100) * 512) return 0;
     for (v = 0; v < SECTORS + 100; v += 64) {
         uint32_t n = SECTORS + 100 - v < 64 ? SECTORS + 100 - v : 64;
         if (ov->ReadSectors(ov, buf, v, n) == VDDR_RSLT_FAIL) return 0;
@@ -59,18 +59,18 @@ int main(void)
     src_before = tu_fingerprint_of(src_path);
 
     /* Create a persistent overlay and edit it. */
-    CHECK(COW_InitOptions(&opt));
+    CHECK_EQ_U64(COW_InitOptions(&opt), COW_ERR_NONE);
     opt.granularity = 64;
     opt.store_path = store_path;
     ov = COW_CreateCowOverlayEx(VDDR_Open(src_path, 0), &opt);
     CHECK(ov != NULL);
     if (!ov) { fprintf(stderr, "%s\n", COW_GetErrorString(COW_LAST_ERROR)); return tu_finish("persistent_store"); }
     cow = (HCOW)ov;
-    CHECK(cow->InsertSectors(cow, 1000, 100));
+    CHECK_EQ_U64(cow->InsertSectors(cow, 1000, 100), COW_ERR_NONE);
     memset(sector, 0xA5, sizeof sector);
-    CHECK(cow->WriteSectors(cow, sector, 0, 1));
-    for (i = 0; i < 10; i++) CHECK(cow->WriteSectors(cow, sector, 2000 + i, 1));
-    CHECK(COW_Flush(cow));
+    CHECK_EQ_U64(cow->WriteSectors(cow, sector, 0, 1), VDDR_RSLT_NORMAL);
+    for (i = 0; i < 10; i++) CHECK_EQ_U64(cow->WriteSectors(cow, sector, 2000 + i, 1), VDDR_RSLT_NORMAL);
+    CHECK_EQ_U64(COW_Flush(cow), COW_ERR_NONE);
     CHECK(verify(ov));
 
     /* While it is open, a second writer is refused. */
@@ -103,7 +103,7 @@ int main(void)
         CHECK(ov != NULL);
         if (ov) {
             CHECK(verify(ov));
-            CHECK(!((HCOW)ov)->WriteSectors((HCOW)ov, sector, 5, 1));
+            CHECK_EQ_U64(((HCOW)ov)->WriteSectors((HCOW)ov, sector, 5, 1), VDDR_RSLT_FAIL);
             CHECK_EQ_U64(COW_GetLastError(), COW_ERR_READ_ONLY);
             /* Two readers at once are fine. */
             ov2 = COW_OpenCowOverlay(store_path, VDDR_Open(src_path, 0), COW_OPEN_READ_ONLY);
@@ -117,14 +117,14 @@ int main(void)
     /* The consistency check. */
     memset(&report, 0, sizeof report);
     report.struct_size = sizeof report;
-    CHECK(COW_CheckOverlayStore(store_path, &report));
+    CHECK_EQ_U64(COW_CheckOverlayStore(store_path, &report), COW_ERR_NONE);
     CHECK(report.consistent);
     CHECK(report.extents >= 3);
     CHECK_EQ_U64(report.leaked_units, 0);
     CHECK_EQ_U64(report.doubly_used_sectors, 0);
     /* A file that is not a store is reported as such, with a reason. */
     snprintf(bogus_path, sizeof bogus_path, "%s", other_path);
-    CHECK(COW_CheckOverlayStore(bogus_path, &report));
+    CHECK_EQ_U64(COW_CheckOverlayStore(bogus_path, &report), COW_ERR_NONE); /* the check ran */
     CHECK(!report.consistent);
     CHECK(strstr(report.problems, "not a cowdisk overlay store") != NULL);
     /* Opening it as a store: a clear error. */

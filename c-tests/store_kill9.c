@@ -34,7 +34,7 @@ static int64_t read_slot(HVDDR ov, uint32_t slot)
 {
     unsigned char got[512], want[512];
     uint64_t i;
-    if (ov->ReadSectors(ov, got, (uint64_t)slot * SLOT_STRIDE, 1) == VDDR_RSLT_FAIL) return -1;
+    if (ov->ReadSectors(ov, got, (long long)slot * SLOT_STRIDE, 1) == VDDR_RSLT_FAIL) return -1;
     memcpy(&i, got, sizeof i);
     if (i == 0) {
         static const unsigned char zeros[512];
@@ -76,9 +76,10 @@ static void child(int create, uint64_t next, int report_fd)
     if (write(report_fd, &ready, sizeof ready) != (ssize_t)sizeof ready) _exit(6);
     for (;; next++) {
         stamp(sector, next);
-        if (!((HCOW)ov)->WriteSectors((HCOW)ov, sector, (next % SLOTS) * SLOT_STRIDE, 1)) _exit(4);
+        if (((HCOW)ov)->WriteSectors((HCOW)ov, sector, (long long)((next % SLOTS) * SLOT_STRIDE), 1) !=
+            VDDR_RSLT_NORMAL) _exit(4);
         if (next % FLUSH_EVERY == 0) {
-            if (!COW_Flush((HCOW)ov)) _exit(5);
+            if (COW_Flush((HCOW)ov) != COW_ERR_NONE) _exit(5);
             if (write(report_fd, &next, sizeof next) != (ssize_t)sizeof next) _exit(6);
         }
     }

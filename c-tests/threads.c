@@ -5,8 +5,8 @@
 #include "cowdisk.h"
 
 typedef struct { VDDR vddr; } Blank;
-static int b_size(HVDDR h, uint64_t *bytes) { (void)h; *bytes = 1024 * 512; return 1; }
-static int b_read(HVDDR h, void *buf, uint64_t lba, uint32_t n)
+static unsigned int b_size(HVDDR h, long long *bytes) { (void)h; *bytes = 1024 * 512; return 1; }
+static int b_read(HVDDR h, void *buf, long long lba, unsigned int n)
 {
     (void)h; (void)lba;
     memset(buf, 0, (size_t)n * 512);

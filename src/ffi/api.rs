@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use super::handle::{self, Object};
 use super::source::CallerDisk;
 use super::types::*;
-use super::{guard, guard_or, guard_quiet, last_error_code, last_error_text, non_null};
+use super::{
+    guard, guard_code, guard_or, guard_quiet, last_error_code, last_error_location,
+    last_error_text, non_null,
+};
 use crate::disk::{check_range, Disk, SectorStatus, SECTOR_SIZE};
 use crate::error::{describe, Error, Result};
 use crate::overlay::extents::{Extent, ExtentKind};
@@ -57,7 +60,7 @@ pub extern "C" fn COW_GetLastError() -> u32 {
 /// the program's life; the detailed text until the thread's next call into
 /// the library. Does not change the last error.
 #[no_mangle]
-pub extern "C" fn COW_GetErrorString(code: u32) -> *mut c_char {
+pub extern "C" fn COW_GetErrorString(code: u32) -> COW_PSTR {
     guard_quiet(c"internal error".as_ptr().cast_mut(), || {
         let text: *const c_char = if code == COW_LAST_ERROR {
             last_error_text()
@@ -68,7 +71,7 @@ pub extern "C" fn COW_GetErrorString(code: u32) -> *mut c_char {
     })
 }
 
-fn static_description(code: u32) -> *const c_char {
+pub(crate) fn static_description(code: u32) -> *const c_char {
     // Fixed NUL-terminated copies of error::describe, built once.
     use std::sync::OnceLock;
     static TEXTS: OnceLock<Vec<(u32, std::ffi::CString)>> = OnceLock::new();
@@ -94,8 +97,20 @@ pub extern "C" fn VDDR_GetLastError() -> u32 {
 
 /// Same as COW_GetErrorString.
 #[no_mangle]
-pub extern "C" fn VDDR_GetErrorString(code: u32) -> *mut c_char {
+pub extern "C" fn VDDR_GetErrorString(code: u32) -> COW_PSTR {
     COW_GetErrorString(code)
+}
+
+/// The address of the calling thread's last error code (valid for the
+/// thread's life). The header's `VDDR_LastError` macro is
+/// `(*COW_LastErrorLocation())`, so legacy reader code that assigns the
+/// legacy global (`VDDR_LastError = code;`) sets the value
+/// COW_GetLastError returns; a legacy reader that fails a call from this
+/// library after setting it has its code named in the library's error.
+/// Does not change the last error.
+#[no_mangle]
+pub extern "C" fn COW_LastErrorLocation() -> *mut u32 {
+    guard_quiet(std::ptr::null_mut(), last_error_location)
 }
 
 /// Returns the library version as (major << 16) | (minor << 8) | patch.
@@ -116,12 +131,14 @@ pub extern "C" fn COW_GetVersion() -> u32 {
 /// file's content: every registered backend's pfnProbe first (in
 /// registration order), then the built-in formats (raw last). `iChain` is the legacy snapshot-chain index; this
 /// library opens the image as named and ignores it. Parent/backing paths
-/// named inside an image are not followed (see VDDR_OpenEx). Returns NULL
+/// named inside an image are not followed (see VDDR_OpenEx). `path` is a
+/// `CPFN` (`const unsigned char *`) when the legacy djtypes.h was included
+/// first, else `const char *`. Returns NULL
 /// on failure (COW_GetLastError: COW_ERR_OPEN, COW_ERR_CORRUPT,
 /// COW_ERR_UNSUPPORTED, ...). Close the handle with COW_Close (or its
 /// Close method) unless an overlay adopts it.
 #[no_mangle]
-pub unsafe extern "C" fn VDDR_Open(path: *const c_char, iChain: u32) -> HVDDR {
+pub unsafe extern "C" fn VDDR_Open(path: COW_CPFN, iChain: u32) -> HVDDR {
     let _ = iChain;
     // SAFETY: forwarded contract.
     unsafe { VDDR_OpenEx(path, 0) }
@@ -151,10 +168,11 @@ pub unsafe extern "C" fn VDDR_OpenEx(path: *const c_char, flags: u32) -> HVDDR {
 }
 
 /// Fills `options` with the defaults (struct_size set, granularity 2048,
-/// no flags, anonymous store). Returns TRUE, or FALSE if `options` is NULL.
+/// no flags, anonymous store). Returns COW_ERR_NONE (0), or
+/// COW_ERR_INVALID_ARG if `options` is NULL.
 #[no_mangle]
 pub unsafe extern "C" fn COW_InitOptions(options: *mut COW_OPTIONS) -> c_int {
-    guard(|| {
+    guard_code(|| {
         non_null(options, "options")?;
         // SAFETY: non-NULL and points to a COW_OPTIONS per the contract.
         unsafe {
@@ -165,7 +183,7 @@ pub unsafe extern "C" fn COW_InitOptions(options: *mut COW_OPTIONS) -> c_int {
                 store_path: std::ptr::null(),
             })
         };
-        Ok(TRUE)
+        Ok(())
     })
 }
 
@@ -352,28 +370,31 @@ pub unsafe extern "C" fn COW_GetDriveBlockCount(h: HVDDR, SPBshift: u32) -> u32 
 }
 
 /// 64-bit COW_GetDriveBlockCount: stores the page count in `*count`.
+/// Returns a COW_ERR_* code, 0 on success.
 #[no_mangle]
 pub unsafe extern "C" fn COW_GetDriveBlockCount64(
     h: HVDDR,
     SPBshift: u32,
     count: *mut u64,
 ) -> c_int {
-    guard(|| {
+    guard_code(|| {
         let n = block_count(h, SPBshift)?;
         non_null(count, "count")?;
         // SAFETY: non-NULL out pointer.
         unsafe { count.write(n) };
-        Ok(TRUE)
+        Ok(())
     })
 }
 
 /// Returns the status of sectors LBA_start..=LBA_end (inclusive) from
 /// metadata, without reading data (unless the overlay was made with
 /// COW_OPT_DETECT_ZEROS): VDDR_RSLT_NORMAL if any sector holds data, else
-/// BLANKPAGE if any is known zero, else NOTALLOC. A range running past the
-/// end of the drive is clipped to it (so the last partial page can be
-/// asked). VDDR_RSLT_FAIL with COW_ERR_INVBLOCK if LBA_start is past the
-/// end or LBA_end < LBA_start.
+/// BLANKPAGE if any is known zero, else NOTALLOC. Sectors past the end of
+/// the drive count as NOTALLOC, as the legacy header asks ("out of range
+/// LBAs should return VDDR_RSLT_NOTALLOC"): a range running past the end is
+/// clipped to it (so the last partial page can be asked), and a range
+/// wholly past it, or empty (LBA_end < LBA_start), is NOTALLOC.
+/// VDDR_RSLT_FAIL only for a bad handle or a failing source.
 #[no_mangle]
 pub unsafe extern "C" fn COW_BlockStatus(h: HVDDR, LBA_start: u64, LBA_end: u64) -> u32 {
     guard(|| {
@@ -381,9 +402,7 @@ pub unsafe extern "C" fn COW_BlockStatus(h: HVDDR, LBA_start: u64, LBA_end: u64)
             let disk = o.disk();
             let size = disk.sector_count();
             if LBA_start >= size || LBA_end < LBA_start {
-                return Err(Error::InvalidBlock(format!(
-                    "BlockStatus of sectors {LBA_start}..={LBA_end} on a drive of {size} sectors"
-                )));
+                return Ok(SectorStatus::NotAlloc.legacy_code());
             }
             let end = LBA_end.min(size - 1);
             Ok(disk
@@ -393,20 +412,17 @@ pub unsafe extern "C" fn COW_BlockStatus(h: HVDDR, LBA_start: u64, LBA_end: u64)
     })
 }
 
-/// Stores the drive's UUID in `*uuid`. An overlay reports its source's.
-/// FALSE with COW_ERR_UNSUPPORTED (and `*uuid` zeroed) for a disk without
-/// one, such as a raw image.
+/// Stores the drive's UUID in `*uuid`, laid out as VirtualBox's RTUUID
+/// (the legacy S_UUID: `Gen.u32TimeLow` is the first group of the text
+/// form). An overlay reports its source's. FALSE with COW_ERR_UNSUPPORTED
+/// (and `*uuid` zeroed) for a disk without one, such as a raw image.
 #[no_mangle]
 pub unsafe extern "C" fn COW_GetDriveUUID(h: HVDDR, uuid: *mut S_UUID) -> c_int {
     guard(|| {
         let found = handle::with_object(h, |o| Ok(o.disk().uuid()))?;
         non_null(uuid, "uuid")?;
         // SAFETY: non-NULL out pointer.
-        unsafe {
-            uuid.write(S_UUID {
-                bytes: found.unwrap_or_default(),
-            })
-        };
+        unsafe { uuid.write(found.map(S_UUID::from_rfc).unwrap_or_default()) };
         match found {
             Some(_) => Ok(TRUE),
             None => Err(Error::Unsupported("this disk has no UUID".into())),
@@ -463,7 +479,8 @@ pub unsafe extern "C" fn COW_ReadPage(
 /// Returns VDDR_RSLT_NORMAL if any sector read is data, else BLANKPAGE or
 /// NOTALLOC (non-data parts zero-filled); VDDR_RSLT_FAIL (0) with
 /// COW_ERR_INVBLOCK, touching nothing, when the range is not wholly inside
-/// the drive.
+/// the drive. Reading zero sectors returns VDDR_RSLT_NORMAL, as the legacy
+/// module did.
 #[no_mangle]
 pub unsafe extern "C" fn COW_ReadSectors(
     h: HVDDR,
@@ -475,10 +492,10 @@ pub unsafe extern "C" fn COW_ReadSectors(
         handle::with_object(h, |o| {
             let disk = o.disk();
             let n = u64::from(nSectors);
-            check_range(LBA, n, disk.sector_count())?;
             if n == 0 {
-                return Ok(status_code(SectorStatus::NotAlloc));
+                return Ok(status_code(SectorStatus::Normal));
             }
+            check_range(LBA, n, disk.sector_count())?;
             non_null(buf, "buf")?;
             // SAFETY: the caller's buffer holds nSectors sectors.
             let bytes = unsafe {
@@ -514,24 +531,26 @@ fn with_overlay<T>(h: HCOW, f: impl FnOnce(&mut Overlay) -> Result<T>) -> Result
 
 /// Inserts `nSectors` unallocated sectors before `LBA` (LBA == drive size
 /// appends); the drive grows. They read as zeros with VDDR_RSLT_NOTALLOC.
-/// Works at any time, also after writes and at LBA 0. Returns TRUE, or
-/// FALSE with COW_ERR_INVBLOCK when LBA is past the end.
+/// Works at any time, also after writes and at LBA 0. Returns a COW_ERR_*
+/// code, 0 = no error (as the legacy header says): COW_ERR_INVBLOCK when
+/// LBA is past the end.
 #[no_mangle]
 pub unsafe extern "C" fn COW_InsertSectors(h: HCOW, LBA: u64, nSectors: u32) -> c_int {
-    guard(|| with_overlay(h, |ov| ov.insert(LBA, u64::from(nSectors)).map(|_| TRUE)))
+    guard_code(|| with_overlay(h, |ov| ov.insert(LBA, u64::from(nSectors))))
 }
 
-/// COW_InsertSectors with a 64-bit count.
+/// COW_InsertSectors with a 64-bit count. Returns a COW_ERR_* code.
 #[no_mangle]
 pub unsafe extern "C" fn COW_InsertSectorsEx(h: HCOW, LBA: u64, nSectors: u64) -> c_int {
-    guard(|| with_overlay(h, |ov| ov.insert(LBA, nSectors).map(|_| TRUE)))
+    guard_code(|| with_overlay(h, |ov| ov.insert(LBA, nSectors)))
 }
 
 /// Cuts sectors [LBA_from, LBA_from + nSectors) and pastes them so they
 /// start at what was sector LBA_to before the cut (LBA_to == drive size
-/// moves them to the end). No data is copied. Returns TRUE; FALSE with
-/// COW_ERR_INVALIDMOVE when LBA_from <= LBA_to <= LBA_from + nSectors, or
-/// COW_ERR_INVBLOCK when a range is outside the drive.
+/// moves them to the end). No data is copied. Returns a COW_ERR_* code,
+/// 0 = no error (as the legacy header says): COW_ERR_INVALIDMOVE when
+/// LBA_from <= LBA_to <= LBA_from + nSectors, COW_ERR_INVBLOCK when a
+/// range is outside the drive.
 #[no_mangle]
 pub unsafe extern "C" fn COW_MoveSectors(
     h: HCOW,
@@ -539,15 +558,14 @@ pub unsafe extern "C" fn COW_MoveSectors(
     LBA_to: u64,
     nSectors: u32,
 ) -> c_int {
-    guard(|| {
+    guard_code(|| {
         with_overlay(h, |ov| {
             ov.move_sectors(LBA_from, LBA_to, u64::from(nSectors))
-                .map(|_| TRUE)
         })
     })
 }
 
-/// COW_MoveSectors with a 64-bit count.
+/// COW_MoveSectors with a 64-bit count. Returns a COW_ERR_* code.
 #[no_mangle]
 pub unsafe extern "C" fn COW_MoveSectorsEx(
     h: HCOW,
@@ -555,19 +573,16 @@ pub unsafe extern "C" fn COW_MoveSectorsEx(
     LBA_to: u64,
     nSectors: u64,
 ) -> c_int {
-    guard(|| {
-        with_overlay(h, |ov| {
-            ov.move_sectors(LBA_from, LBA_to, nSectors).map(|_| TRUE)
-        })
-    })
+    guard_code(|| with_overlay(h, |ov| ov.move_sectors(LBA_from, LBA_to, nSectors)))
 }
 
 /// Writes `nSectors` sectors from `buffer` at `LBA`, copy-on-write: the
-/// source is never written. Each COW unit (the granularity, aligned in
-/// virtual sectors) the write touches becomes allocated data in the store,
-/// keeping what it showed before outside the written sectors. Returns TRUE,
-/// or FALSE with COW_ERR_INVBLOCK (nothing written) when the range is not
-/// wholly inside the drive, or a write error.
+/// source is never written. Store space is taken in COW units (the
+/// granularity), but only the written sectors become data: the rest of a
+/// unit keeps what it showed, and its status. Returns VDDR_RSLT_NORMAL, as
+/// the legacy module did (writing zero sectors too), or VDDR_RSLT_FAIL (0)
+/// with COW_ERR_INVBLOCK (nothing written) when the range is not wholly
+/// inside the drive, or a write error.
 #[no_mangle]
 pub unsafe extern "C" fn COW_WriteSectors(
     h: HCOW,
@@ -579,32 +594,34 @@ pub unsafe extern "C" fn COW_WriteSectors(
         with_overlay(h, |ov| {
             check_range(LBA, u64::from(nSectors), ov.sector_count())?;
             if nSectors == 0 {
-                return Ok(TRUE);
+                return Ok(status_code(SectorStatus::Normal));
             }
             non_null(buffer, "buffer")?;
             // SAFETY: the caller's buffer holds nSectors sectors.
             let data = unsafe {
                 std::slice::from_raw_parts(buffer.cast::<u8>(), nSectors as usize * SECTOR_SIZE)
             };
-            ov.write(LBA, data).map(|_| TRUE)
+            ov.write(LBA, data)
+                .map(|_| status_code(SectorStatus::Normal))
         })
     })
 }
 
 /// Removes sectors [LBA, LBA + nSectors); the drive shrinks and the store
-/// space they used is freed for reuse. Returns TRUE, or FALSE with
-/// COW_ERR_INVBLOCK when the range is not wholly inside the drive.
+/// space they used is freed for reuse. Returns a COW_ERR_* code, 0 = no
+/// error: COW_ERR_INVBLOCK when the range is not wholly inside the drive.
 #[no_mangle]
 pub unsafe extern "C" fn COW_DeleteSectors(h: HCOW, LBA: u64, nSectors: u64) -> c_int {
-    guard(|| with_overlay(h, |ov| ov.delete(LBA, nSectors).map(|_| TRUE)))
+    guard_code(|| with_overlay(h, |ov| ov.delete(LBA, nSectors)))
 }
 
 /// Makes sectors [LBA, LBA + nSectors) unallocated: they read as zeros with
-/// VDDR_RSLT_NOTALLOC and their store space is freed. Returns TRUE, or
-/// FALSE with COW_ERR_INVBLOCK when the range is not wholly inside.
+/// VDDR_RSLT_NOTALLOC and their store space is freed. Returns a COW_ERR_*
+/// code, 0 = no error: COW_ERR_INVBLOCK when the range is not wholly
+/// inside.
 #[no_mangle]
 pub unsafe extern "C" fn COW_DiscardSectors(h: HCOW, LBA: u64, nSectors: u64) -> c_int {
-    guard(|| with_overlay(h, |ov| ov.discard(LBA, nSectors).map(|_| TRUE)))
+    guard_code(|| with_overlay(h, |ov| ov.discard(LBA, nSectors)))
 }
 
 // ---------------------------------------------------------------------------
@@ -625,22 +642,24 @@ fn c_extent(start: u64, e: Extent) -> COW_EXTENT {
 }
 
 /// Stores the number of extents of the overlay's map in `*count`.
+/// Returns a COW_ERR_* code, 0 on success.
 #[no_mangle]
 pub unsafe extern "C" fn COW_GetExtentCount(h: HCOW, count: *mut u64) -> c_int {
-    guard(|| {
+    guard_code(|| {
         let n = with_overlay(h, |ov| Ok(ov.extents().extent_count()))?;
         non_null(count, "count")?;
         // SAFETY: non-NULL out pointer.
         unsafe { count.write(n) };
-        Ok(TRUE)
+        Ok(())
     })
 }
 
 /// Stores extent number `index` (0-based, in drive order) in `*extent`.
-/// O(log n). FALSE with COW_ERR_INVALID_ARG when index >= the count.
+/// O(log n). Returns a COW_ERR_* code, 0 on success: COW_ERR_INVALID_ARG
+/// when index >= the count.
 #[no_mangle]
 pub unsafe extern "C" fn COW_GetExtent(h: HCOW, index: u64, extent: *mut COW_EXTENT) -> c_int {
-    guard(|| {
+    guard_code(|| {
         let found = with_overlay(h, |ov| {
             ov.extents().nth(index).ok_or_else(|| {
                 Error::InvalidArgument(format!(
@@ -652,16 +671,16 @@ pub unsafe extern "C" fn COW_GetExtent(h: HCOW, index: u64, extent: *mut COW_EXT
         non_null(extent, "extent")?;
         // SAFETY: non-NULL out pointer.
         unsafe { extent.write(c_extent(found.0, found.1)) };
-        Ok(TRUE)
+        Ok(())
     })
 }
 
 /// Stores the extent containing sector `LBA` in `*extent` (walk the map by
-/// starting at 0 and stepping to start + length). FALSE with
-/// COW_ERR_INVBLOCK when LBA is past the end.
+/// starting at 0 and stepping to start + length). Returns a COW_ERR_*
+/// code, 0 on success: COW_ERR_INVBLOCK when LBA is past the end.
 #[no_mangle]
 pub unsafe extern "C" fn COW_GetExtentAt(h: HCOW, LBA: u64, extent: *mut COW_EXTENT) -> c_int {
-    guard(|| {
+    guard_code(|| {
         let found = with_overlay(h, |ov| {
             ov.extents().find(LBA).ok_or_else(|| {
                 Error::InvalidBlock(format!(
@@ -673,7 +692,7 @@ pub unsafe extern "C" fn COW_GetExtentAt(h: HCOW, LBA: u64, extent: *mut COW_EXT
         non_null(extent, "extent")?;
         // SAFETY: non-NULL out pointer.
         unsafe { extent.write(c_extent(found.0, found.1)) };
-        Ok(TRUE)
+        Ok(())
     })
 }
 
@@ -717,26 +736,27 @@ pub unsafe extern "C" fn COW_OpenCowOverlay(
 }
 
 /// The durability point of a persistent overlay: every edit and write
-/// acknowledged before it survives a crash. TRUE on success (also for an
-/// anonymous store, where there is nothing to do).
+/// acknowledged before it survives a crash. Returns a COW_ERR_* code, 0 on
+/// success (also for an anonymous store, where there is nothing to do).
 #[no_mangle]
 pub unsafe extern "C" fn COW_Flush(h: HCOW) -> c_int {
-    guard(|| with_overlay(h, |ov| ov.flush().map(|_| TRUE)))
+    guard_code(|| with_overlay(h, |ov| ov.flush()))
 }
 
 /// Checks the consistency of the persistent store at `store_path` without
 /// changing it (its log is replayed in memory): structures and CRCs, the
 /// extent map, sectors used twice, and the free-space bitmap against what
 /// the map references. Fills `report` (set report->struct_size first).
-/// Returns TRUE when the check ran - read report->consistent for the
-/// verdict - or FALSE when the file cannot be opened or is locked by a
-/// writer (COW_ERR_LOCKED).
+/// Returns COW_ERR_NONE (0) when the check ran - read report->consistent
+/// for the verdict - or a COW_ERR_* code when it could not run: the file
+/// cannot be opened (COW_ERR_OPEN), is not a store (COW_ERR_CORRUPT) or is
+/// locked by a writer (COW_ERR_LOCKED).
 #[no_mangle]
 pub unsafe extern "C" fn COW_CheckOverlayStore(
     store_path: *const c_char,
     report: *mut COW_CHECK_REPORT,
 ) -> c_int {
-    guard(|| {
+    guard_code(|| {
         non_null(store_path, "store_path")?;
         non_null(report, "report")?;
         // SAFETY: non-NULL; struct_size is the first member.
@@ -769,6 +789,6 @@ pub unsafe extern "C" fn COW_CheckOverlayStore(
         };
         // SAFETY: non-NULL, large enough (checked above).
         unsafe { report.write_unaligned(out) };
-        Ok(TRUE)
+        Ok(())
     })
 }

@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use super::handle::{self, Object};
 use super::types::{COW_OPEN_FOLLOW_PARENTS, COW_PROGRESS_FN, HVDDR, S_UUID};
-use super::{guard, guard_or, non_null};
+use super::{guard, guard_code, guard_or, non_null};
 use crate::backend::{self as core, BackendInfo, CreateParams, Image};
 use crate::disk::{check_range, sectors_in, Disk, DriveType, SectorStatus, SECTOR_SIZE};
 use crate::error::{code, Error, Result};
@@ -450,7 +450,7 @@ unsafe extern "C" fn builtin_create<const I: usize>(
             size,
             image_flags,
             // SAFETY: NULL or a valid S_UUID.
-            uuid: (!uuid.is_null()).then(|| unsafe { (*uuid).bytes }),
+            uuid: (!uuid.is_null()).then(|| unsafe { (*uuid).to_rfc() }),
             // SAFETY: NULL or a NUL-terminated string.
             comment: (!comment.is_null()).then(|| {
                 unsafe { CStr::from_ptr(comment) }
@@ -670,7 +670,7 @@ unsafe extern "C" fn builtin_get_uuid(data: *mut c_void, out: *mut S_UUID) -> c_
         })?;
         non_null(out, "pUuid")?;
         // SAFETY: non-NULL out pointer.
-        unsafe { out.write(S_UUID { bytes: uuid }) };
+        unsafe { out.write(S_UUID::from_rfc(uuid)) };
         Ok(())
     })
 }
@@ -679,7 +679,7 @@ unsafe extern "C" fn builtin_set_uuid(data: *mut c_void, uuid: *const S_UUID) ->
     status(|| {
         non_null(uuid, "pUuid")?;
         // SAFETY: non-NULL.
-        let bytes = unsafe { (*uuid).bytes };
+        let bytes = unsafe { (*uuid).to_rfc() };
         with_image(data, |i| i.set_uuid(bytes))
     })
 }
@@ -692,7 +692,7 @@ unsafe extern "C" fn builtin_get_modification_uuid(data: *mut c_void, out: *mut 
         })?;
         non_null(out, "pUuid")?;
         // SAFETY: non-NULL out pointer.
-        unsafe { out.write(S_UUID { bytes: uuid }) };
+        unsafe { out.write(S_UUID::from_rfc(uuid)) };
         Ok(())
     })
 }
@@ -704,7 +704,7 @@ unsafe extern "C" fn builtin_set_modification_uuid(
     status(|| {
         non_null(uuid, "pUuid")?;
         // SAFETY: non-NULL.
-        let bytes = unsafe { (*uuid).bytes };
+        let bytes = unsafe { (*uuid).to_rfc() };
         with_image(data, |i| i.set_modification_uuid(bytes))
     })
 }
@@ -941,7 +941,7 @@ impl Disk for TableDisk {
         let get = self.table.pfnGetUuid?;
         let mut u = S_UUID::default();
         // SAFETY: the caller's backend with a valid out pointer.
-        (unsafe { get(self.data, &mut u) } == 0).then_some(u.bytes)
+        (unsafe { get(self.data, &mut u) } == 0).then_some(u.to_rfc())
     }
     fn is_snapshot(&self) -> bool {
         match self.table.pfnGetImageFlags {
@@ -1030,11 +1030,11 @@ fn open_vci_read_only(path: &Path, repair: bool) -> Result<vci::Vci> {
 // Exported functions
 
 /// Fills `backend` for a caller's own table: all members zero/NULL, both
-/// version markers set to COW_BACKEND_VERSION. Returns TRUE, or FALSE with
-/// COW_ERR_INVALID_ARG for NULL.
+/// version markers set to COW_BACKEND_VERSION. Returns COW_ERR_NONE (0),
+/// or COW_ERR_INVALID_ARG for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn COW_InitBackend(backend: *mut COW_BACKEND) -> c_int {
-    guard(|| {
+    guard_code(|| {
         non_null(backend, "backend")?;
         // SAFETY: non-NULL, points to a COW_BACKEND; all-zero is a valid
         // value for every member (NULL pointers, None functions).
@@ -1043,7 +1043,7 @@ pub unsafe extern "C" fn COW_InitBackend(backend: *mut COW_BACKEND) -> c_int {
             (*backend).u32Version = COW_BACKEND_VERSION;
             (*backend).u32VersionEnd = COW_BACKEND_VERSION;
         }
-        Ok(1)
+        Ok(())
     })
 }
 
@@ -1054,10 +1054,11 @@ pub unsafe extern "C" fn COW_InitBackend(backend: *mut COW_BACKEND) -> c_int {
 /// when a version marker is not COW_BACKEND_VERSION (or the two differ),
 /// with COW_ERR_INVALID_ARG when a member its caps require is NULL, the
 /// name is missing, unknown caps are set, or the table or its name is
-/// already registered (built-in names included). Thread-safe.
+/// already registered (built-in names included). Returns a COW_ERR_*
+/// code, 0 on success. Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn COW_RegisterBackend(backend: *const COW_BACKEND) -> c_int {
-    guard(|| {
+    guard_code(|| {
         // SAFETY: forwarded contract.
         let t = unsafe { validate(backend) }?;
         if builtin_index(backend).is_some() {
@@ -1088,24 +1089,25 @@ pub unsafe extern "C" fn COW_RegisterBackend(backend: *const COW_BACKEND) -> c_i
             }
         }
         reg.0.push(backend as usize);
-        Ok(1)
+        Ok(())
     })
 }
 
 /// Unregisters a table registered with COW_RegisterBackend (the caller may
 /// free it afterwards). Disks already opened through it stay usable: they
 /// keep a copy of the table (its functions and their code must stay
-/// loaded). FALSE with COW_ERR_INVALID_ARG if it is not registered.
+/// loaded). Returns a COW_ERR_* code, 0 on success: COW_ERR_INVALID_ARG
+/// if it is not registered.
 #[no_mangle]
 pub unsafe extern "C" fn COW_UnregisterBackend(backend: *const COW_BACKEND) -> c_int {
-    guard(|| {
+    guard_code(|| {
         non_null(backend, "backend")?;
         let mut reg = registry();
         let key = backend as usize;
         match reg.0.iter().position(|&p| p == key) {
             Some(i) => {
                 reg.0.remove(i);
-                Ok(1)
+                Ok(())
             }
             None => Err(Error::InvalidArgument(
                 "this backend table is not registered".into(),
@@ -1275,15 +1277,16 @@ pub unsafe extern "C" fn VDDR_OpenUmlCow(
 /// absolute path, size and mtime go into the header. `version` 3 (Linux's
 /// current layout, 512-byte sectors, 4096 alignment; 0 means 3) or 2
 /// (Linux's v2 layout). Open it afterwards with the "cow" backend's pfnOpen
-/// (COW_OPEN_READ_WRITE to write) or VDDR_OpenUmlCow. Returns TRUE, or
-/// FALSE (COW_ERR_OPEN, COW_ERR_INVALID_ARG, COW_ERR_WRITE, ...).
+/// (COW_OPEN_READ_WRITE to write) or VDDR_OpenUmlCow. Returns a COW_ERR_*
+/// code, 0 on success (COW_ERR_OPEN, COW_ERR_INVALID_ARG, COW_ERR_WRITE,
+/// ...).
 #[no_mangle]
 pub unsafe extern "C" fn COW_UmlCowCreate(
     path: *const c_char,
     backing: *const c_char,
     version: u32,
 ) -> c_int {
-    guard(|| {
+    guard_code(|| {
         // SAFETY: forwarded contract.
         let path = unsafe { c_path(path, "path") }?;
         // SAFETY: forwarded contract.
@@ -1294,7 +1297,7 @@ pub unsafe extern "C" fn COW_UmlCowCreate(
         };
         let cow = umlcow::UmlCow::create(&path, &backing, &options)?;
         Box::new(cow).close()?;
-        Ok(1)
+        Ok(())
     })
 }
 

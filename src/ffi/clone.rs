@@ -9,7 +9,7 @@ use std::path::Path;
 use super::handle;
 use super::source::CallerDisk;
 use super::types::{COW_PROGRESS_FN, HVDDR, VDD_TYPE_RAW, VDD_TYPE_VDI};
-use super::{guard, non_null};
+use super::{guard_code, non_null};
 use crate::clone::{clone_to_file, CloneFormat, CloneOptions};
 use crate::error::{Error, Result};
 
@@ -32,8 +32,8 @@ pub const COW_CLONE_REPLACE: u32 = 1;
 /// same folder, synced, and renamed to `path` only when complete. On any
 /// failure - a cancel (COW_ERR_CANCELLED), a read error, a full disk
 /// (COW_ERR_NO_SPACE) - the temporary file is removed and nothing is left
-/// at `path`. Returns TRUE on success, FALSE on failure (COW_GetLastError
-/// says why: also COW_ERR_INVHANDLE, COW_ERR_INVALID_ARG for NULL `path`
+/// at `path`. Returns a COW_ERR_* code, 0 on success (also the thread's
+/// last error: COW_ERR_INVHANDLE, COW_ERR_INVALID_ARG for NULL `path`
 /// or unknown flags, COW_ERR_UNSUPPORTED for another format, COW_ERR_OPEN
 /// when `path` exists or its folder is not writable). `disk` stays open
 /// and owned by the caller; its lock is held for the whole clone.
@@ -46,7 +46,7 @@ pub unsafe extern "C" fn COW_CloneToFile(
     progress: COW_PROGRESS_FN,
     user: *mut c_void,
 ) -> c_int {
-    guard(|| {
+    guard_code(|| {
         if disk.is_null() {
             return Err(Error::InvalidHandle("the disk handle is NULL".into()));
         }
@@ -87,7 +87,7 @@ pub unsafe extern "C" fn COW_CloneToFile(
             let mut caller = std::mem::ManuallyDrop::new(unsafe { CallerDisk::new(disk) }?);
             clone_to_file(&mut *caller, path, &options, &mut report).map(|_| ())
         };
-        cloned.map(|()| 1)
+        cloned
     })
 }
 

@@ -3,8 +3,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use super::api;
 use super::types::{COWOVL, HVDDR, VDDR};
+use super::{api, legacy};
 use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::overlay::Overlay;
@@ -54,20 +54,20 @@ fn method_table() -> COWOVL {
     COWOVL {
         vddr: VDDR {
             GetDriveType: Some(api::COW_GetDriveType),
-            GetDriveSize: Some(api::COW_GetDriveSize),
+            GetDriveSize: Some(legacy::get_drive_size),
             GetDriveBlockCount: Some(api::COW_GetDriveBlockCount),
-            BlockStatus: Some(api::COW_BlockStatus),
-            GetDriveUUID: Some(api::COW_GetDriveUUID),
-            IsSnapshot: Some(api::COW_IsSnapshot),
+            BlockStatus: Some(legacy::block_status),
+            GetDriveUUID: Some(legacy::get_drive_uuid),
+            IsSnapshot: Some(legacy::is_snapshot),
             ReadPage: Some(api::COW_ReadPage),
-            ReadSectors: Some(api::COW_ReadSectors),
+            ReadSectors: Some(legacy::read_sectors),
             Close: Some(api::COW_Close),
         },
-        InsertSectors: Some(api::COW_InsertSectors),
-        MoveSectors: Some(api::COW_MoveSectors),
-        WriteSectors: Some(api::COW_WriteSectors),
-        DeleteSectors: Some(api::COW_DeleteSectors),
-        DiscardSectors: Some(api::COW_DiscardSectors),
+        InsertSectors: Some(legacy::insert_sectors),
+        MoveSectors: Some(legacy::move_sectors),
+        WriteSectors: Some(legacy::write_sectors),
+        DeleteSectors: Some(legacy::delete_sectors),
+        DiscardSectors: Some(legacy::discard_sectors),
     }
 }
 

@@ -14,39 +14,61 @@ pub mod api;
 pub mod backend;
 mod clone;
 mod handle;
+mod legacy;
 mod source;
 pub mod types;
+mod uuid;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::CString;
+use std::os::raw::c_int;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::error::{code, Error, Result};
 
 thread_local! {
-    static LAST_ERROR: RefCell<(u32, CString)> = RefCell::new((0, CString::default()));
+    /// The calling thread's last error code. Its address is handed to C
+    /// (`COW_LastErrorLocation`, behind the legacy `VDDR_LastError`
+    /// macro), so legacy reader code may assign it; it is only ever
+    /// touched from its own thread.
+    static LAST_ERROR_CODE: Cell<u32> = const { Cell::new(0) };
+    /// The detailed text of the last error the library set, with the code
+    /// it was set for: when C has assigned another code since, the text no
+    /// longer applies and the code's fixed description is used instead.
+    static LAST_ERROR_TEXT: RefCell<(u32, CString)> = RefCell::new((0, CString::default()));
 }
 
 fn set_last_error(code: u32, message: &str) {
     // Interior NULs would cut the C string short; show them instead.
     let text = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
-    LAST_ERROR.with(|cell| *cell.borrow_mut() = (code, text));
+    LAST_ERROR_CODE.with(|cell| cell.set(code));
+    LAST_ERROR_TEXT.with(|cell| *cell.borrow_mut() = (code, text));
 }
 
 /// The calling thread's last error code.
 pub(crate) fn last_error_code() -> u32 {
-    LAST_ERROR.with(|cell| cell.borrow().0)
+    LAST_ERROR_CODE.with(Cell::get)
+}
+
+/// The address of the calling thread's last error code, valid for the
+/// thread's life.
+pub(crate) fn last_error_location() -> *mut u32 {
+    LAST_ERROR_CODE.with(Cell::as_ptr)
 }
 
 /// A pointer to the calling thread's last error text, valid until the
 /// thread's next call into the library.
 pub(crate) fn last_error_text() -> *const std::os::raw::c_char {
-    LAST_ERROR.with(|cell| {
+    let code = last_error_code();
+    if code == code::NONE {
+        return c"no error".as_ptr();
+    }
+    LAST_ERROR_TEXT.with(|cell| {
         let cell = cell.borrow();
-        if cell.0 == code::NONE {
-            c"no error".as_ptr()
-        } else {
+        if cell.0 == code {
             cell.1.as_ptr()
+        } else {
+            api::static_description(code)
         }
     })
 }
@@ -102,6 +124,16 @@ pub(crate) fn guard_or<T>(fallback: T, body: impl FnOnce() -> Result<T>) -> T {
             fallback
         }
     }
+}
+
+/// The panic boundary of the functions that return a COW_ERR_* code: 0 on
+/// success, the error's code on failure (a caught panic is
+/// COW_ERR_INTERNAL), and the same code as the thread's last error.
+pub(crate) fn guard_code(body: impl FnOnce() -> Result<()>) -> c_int {
+    guard_or((), body);
+    // `guard_or` recorded the outcome as the thread's last error; every
+    // code is below 2^31, so it is returned unchanged.
+    last_error_code() as c_int
 }
 
 /// The panic boundary of the functions that read the last error: catches

@@ -1,7 +1,7 @@
 //! A caller's own legacy disk object (any struct starting with a VDDR
 //! table) used as an overlay source.
 
-use std::os::raw::c_void;
+use std::os::raw::{c_longlong, c_void};
 
 use super::types::{HVDDR, S_UUID};
 use crate::disk::{check_range, sectors_in, Disk, DriveType, SectorStatus, SECTOR_SIZE};
@@ -39,13 +39,20 @@ impl CallerDisk {
                 "the source object's method table lacks GetDriveSize or ReadSectors".into(),
             ));
         };
-        let mut bytes = 0u64;
+        let mut bytes: c_longlong = 0;
+        before_call();
         // SAFETY: a method of the caller's own object, called as documented.
         if unsafe { get_size(object, &mut bytes) } == 0 {
-            return Err(Error::Read(
-                "the source object's GetDriveSize failed".into(),
-            ));
+            return Err(Error::Read(format!(
+                "the source object's GetDriveSize failed{}",
+                its_error()
+            )));
         }
+        let bytes = u64::try_from(bytes).map_err(|_| {
+            Error::Read(format!(
+                "the source object's GetDriveSize gave a negative size ({bytes})"
+            ))
+        })?;
         Ok(CallerDisk {
             object,
             sectors: bytes.div_ceil(SECTOR_SIZE as u64),
@@ -66,14 +73,39 @@ impl CallerDisk {
     }
 }
 
+/// Clears the thread's last error before calling a legacy method, so a
+/// code the method sets (`VDDR_LastError = code;`) can be told apart.
+fn before_call() {
+    // SAFETY: the calling thread's own error cell.
+    unsafe { super::last_error_location().write(0) };
+}
+
+/// The code a failed legacy method set in `VDDR_LastError`, for messages.
+fn its_error() -> String {
+    match super::last_error_code() {
+        0 => String::new(),
+        code => format!(" (its error code {code:#x})"),
+    }
+}
+
 fn status_from(code: u32, what: &str) -> Result<SectorStatus> {
     match SectorStatus::from_legacy_code(code) {
         Some(status) => Ok(status),
-        None if code == 0 => Err(Error::Read(format!("the source object's {what} failed"))),
+        None if code == 0 => Err(Error::Read(format!(
+            "the source object's {what} failed{}",
+            its_error()
+        ))),
         None => Err(Error::Read(format!(
             "the source object's {what} returned an unknown result {code}"
         ))),
     }
+}
+
+/// A sector number as a legacy `HUGE`. Our sectors come from the object's
+/// own `HUGE` size, so they fit; checked anyway.
+fn huge(sector: u64) -> Result<c_longlong> {
+    c_longlong::try_from(sector)
+        .map_err(|_| Error::InvalidBlock(format!("sector {sector} does not fit a HUGE")))
 }
 
 impl Disk for CallerDisk {
@@ -90,7 +122,7 @@ impl Disk for CallerDisk {
         let get = self.table().GetDriveUUID?;
         let mut uuid = S_UUID::default();
         // SAFETY: a method of the caller's object with a valid out pointer.
-        (unsafe { get(self.object, &mut uuid) } != 0).then_some(uuid.bytes)
+        (unsafe { get(self.object, &mut uuid) } != 0).then_some(uuid.to_rfc())
     }
     fn is_snapshot(&self) -> bool {
         match self.table().IsSnapshot {
@@ -113,8 +145,11 @@ impl Disk for CallerDisk {
         {
             let at = lba + i as u64 * SECTORS_PER_CALL;
             let n = (chunk.len() / SECTOR_SIZE) as u32;
+            let at_huge = huge(at)?;
+            before_call();
             // SAFETY: `chunk` holds exactly `n` sectors.
-            let code = unsafe { read(self.object, chunk.as_mut_ptr().cast::<c_void>(), at, n) };
+            let code =
+                unsafe { read(self.object, chunk.as_mut_ptr().cast::<c_void>(), at_huge, n) };
             let chunk_status = status_from(code as u32, "ReadSectors")
                 .map_err(|e| Error::Read(format!("{e} at sector {at} (+{n})")))?;
             if chunk_status != SectorStatus::Normal {
@@ -131,10 +166,11 @@ impl Disk for CallerDisk {
         }
         match self.table().BlockStatus {
             // SAFETY: a method of the caller's object; the range is inclusive.
-            Some(f) => status_from(
-                unsafe { f(self.object, lba, lba + count - 1) },
-                "BlockStatus",
-            ),
+            Some(f) => {
+                let (first, last) = (huge(lba)?, huge(lba + count - 1)?);
+                before_call();
+                status_from(unsafe { f(self.object, first, last) }, "BlockStatus")
+            }
             // Without metadata, every sector may hold data.
             None => Ok(SectorStatus::Normal),
         }

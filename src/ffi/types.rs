@@ -2,7 +2,9 @@
 //! `api.rs`) to generate `include/cowdisk.h`; nothing else is exported.
 #![allow(non_snake_case, non_camel_case_types)]
 
-use std::os::raw::{c_char, c_int, c_void};
+use std::os::raw::{c_char, c_int, c_longlong, c_uint, c_void};
+
+pub use super::uuid::S_UUID;
 
 /// Result of a page or sector read and of BlockStatus: the read failed
 /// (COW_GetLastError() says why).
@@ -90,44 +92,67 @@ pub const COW_EXTENT_SOURCE: u32 = 1;
 /// COW_EXTENT.kind: a range of the overlay store.
 pub const COW_EXTENT_STORE: u32 = 2;
 
-/// A 16-byte UUID, in the byte order the image format stores it.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct S_UUID {
-    pub bytes: [u8; 16],
-}
-
 /// Handle of any open disk (a struct whose first member is a VDDR table).
 pub type HVDDR = *mut VDDR;
 /// Handle of an overlay (a struct whose first member is a COWOVL table).
 pub type HCOW = *mut COWOVL;
 
-/// The disk method table, in the legacy layout. Every open disk - ours or
-/// a caller's own legacy reader object - starts with it. What follows the
-/// table is private to whoever made the object.
+/// A path argument of the legacy functions: `CPFN` (`const unsigned char
+/// *`) when the legacy `djtypes.h` was included first, else `const char *`
+/// (the same ABI). Defined in the header's prelude (cbindgen.toml).
+pub type COW_CPFN = *const c_char;
+/// A string result of the legacy functions: `PSTR` (`signed char *`) when
+/// the legacy `djtypes.h` was included first, else `char *`.
+pub type COW_PSTR = *mut c_char;
+
+/// The disk method table, in the legacy layout and with the legacy member
+/// types (`BOOL` and `UINT` are `unsigned int`, `HUGE` is `long long`), so
+/// a legacy reader's functions fill it without casts. Every open disk -
+/// ours or a caller's own legacy reader object - starts with it (`struct
+/// t_VDDR`, the legacy `CLASS(VDDR)`). What follows the table is private
+/// to whoever made the object. New code may prefer the COW_* functions,
+/// which take fixed-width types.
 #[repr(C)]
 pub struct VDDR {
-    pub GetDriveType: Option<unsafe extern "C" fn(HVDDR) -> u32>,
-    pub GetDriveSize: Option<unsafe extern "C" fn(HVDDR, *mut u64) -> c_int>,
-    pub GetDriveBlockCount: Option<unsafe extern "C" fn(HVDDR, u32) -> u32>,
-    pub BlockStatus: Option<unsafe extern "C" fn(HVDDR, u64, u64) -> u32>,
-    pub GetDriveUUID: Option<unsafe extern "C" fn(HVDDR, *mut S_UUID) -> c_int>,
-    pub IsSnapshot: Option<unsafe extern "C" fn(HVDDR) -> c_int>,
-    pub ReadPage: Option<unsafe extern "C" fn(HVDDR, *mut c_void, u32, u32) -> c_int>,
-    pub ReadSectors: Option<unsafe extern "C" fn(HVDDR, *mut c_void, u64, u32) -> c_int>,
+    /// `UINT GetDriveType(HVDDR)`: a VDD_TYPE_* value.
+    pub GetDriveType: Option<unsafe extern "C" fn(HVDDR) -> c_uint>,
+    /// `BOOL GetDriveSize(HVDDR, HUGE *bytes)`.
+    pub GetDriveSize: Option<unsafe extern "C" fn(HVDDR, *mut c_longlong) -> c_uint>,
+    /// `UINT GetDriveBlockCount(HVDDR, UINT SPBshift)`.
+    pub GetDriveBlockCount: Option<unsafe extern "C" fn(HVDDR, c_uint) -> c_uint>,
+    /// `UINT BlockStatus(HVDDR, HUGE first, HUGE last)`: VDDR_RSLT_*.
+    pub BlockStatus: Option<unsafe extern "C" fn(HVDDR, c_longlong, c_longlong) -> c_uint>,
+    /// `BOOL GetDriveUUID(HVDDR, S_UUID *)`.
+    pub GetDriveUUID: Option<unsafe extern "C" fn(HVDDR, *mut S_UUID) -> c_uint>,
+    /// `BOOL IsSnapshot(HVDDR)`.
+    pub IsSnapshot: Option<unsafe extern "C" fn(HVDDR) -> c_uint>,
+    /// `int ReadPage(HVDDR, void *, UINT iPage, UINT SPBshift)`: VDDR_RSLT_*.
+    pub ReadPage: Option<unsafe extern "C" fn(HVDDR, *mut c_void, c_uint, c_uint) -> c_int>,
+    /// `int ReadSectors(HVDDR, void *, HUGE LBA, UINT n)`: VDDR_RSLT_*.
+    pub ReadSectors: Option<unsafe extern "C" fn(HVDDR, *mut c_void, c_longlong, c_uint) -> c_int>,
+    /// `HVDDR Close(HVDDR)`: always NULL.
     pub Close: Option<unsafe extern "C" fn(HVDDR) -> HVDDR>,
 }
 
-/// The overlay object: the inherited disk methods, the legacy three edit
-/// methods, then the methods appended by this library (only ever appended).
+/// The overlay object (`struct t_COWOVL`, the legacy `CLASS(COWOVL)`): the
+/// inherited disk methods, the legacy three edit methods, then the methods
+/// appended by this library (only ever appended). The edit methods return
+/// a COW_ERR_* code, 0 = no error, as the legacy header says;
+/// WriteSectors returns VDDR_RSLT_NORMAL, or VDDR_RSLT_FAIL (0) on failure,
+/// as the legacy module did.
 #[repr(C)]
 pub struct COWOVL {
     pub vddr: VDDR,
-    pub InsertSectors: Option<unsafe extern "C" fn(HCOW, u64, u32) -> c_int>,
-    pub MoveSectors: Option<unsafe extern "C" fn(HCOW, u64, u64, u32) -> c_int>,
-    pub WriteSectors: Option<unsafe extern "C" fn(HCOW, *mut c_void, u64, u32) -> c_int>,
-    pub DeleteSectors: Option<unsafe extern "C" fn(HCOW, u64, u64) -> c_int>,
-    pub DiscardSectors: Option<unsafe extern "C" fn(HCOW, u64, u64) -> c_int>,
+    /// `int InsertSectors(HCOW, HUGE LBA, UINT n)`: COW_ERR_*.
+    pub InsertSectors: Option<unsafe extern "C" fn(HCOW, c_longlong, c_uint) -> c_int>,
+    /// `int MoveSectors(HCOW, HUGE from, HUGE to, UINT n)`: COW_ERR_*.
+    pub MoveSectors: Option<unsafe extern "C" fn(HCOW, c_longlong, c_longlong, c_uint) -> c_int>,
+    /// `int WriteSectors(HCOW, void *, HUGE LBA, UINT n)`: VDDR_RSLT_*.
+    pub WriteSectors: Option<unsafe extern "C" fn(HCOW, *mut c_void, c_longlong, c_uint) -> c_int>,
+    /// `int DeleteSectors(HCOW, HUGE LBA, HUGE n)`: COW_ERR_*.
+    pub DeleteSectors: Option<unsafe extern "C" fn(HCOW, c_longlong, c_longlong) -> c_int>,
+    /// `int DiscardSectors(HCOW, HUGE LBA, HUGE n)`: COW_ERR_*.
+    pub DiscardSectors: Option<unsafe extern "C" fn(HCOW, c_longlong, c_longlong) -> c_int>,
 }
 
 /// Options of COW_CreateCowOverlayEx. Fill with COW_InitOptions first, then
