@@ -27,7 +27,10 @@ echo "== cargo test"
 cargo test --release --all-targets
 
 echo "== C tests (CMake + ctest, valgrind memcheck)"
-build="${COWDISK_BUILD_DIR:-build}"
+build="${COWDISK_BUILD_DIR:-target/ctest}"
 cmake -S cmake -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$build" -j "$(nproc)"
 (cd "$build" && ctest --output-on-failure -j "$(nproc)")
+
+echo "== the README's linking recipes, as written"
+bash scripts/test-readme.sh
