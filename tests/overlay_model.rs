@@ -126,7 +126,7 @@ fn run(source_sectors: u64, layout_seed: u64, granularity: u64, ops: &[Op]) {
         .extents()
         .to_vec()
         .iter()
-        .filter(|(_, e)| e.kind == cowdisk::overlay::extents::ExtentKind::Store)
+        .filter(|(_, e)| e.kind.in_store())
         .flat_map(|(_, e)| e.base / granularity..(e.base + e.len).div_ceil(granularity))
         .collect();
     units.sort_unstable();

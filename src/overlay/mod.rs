@@ -411,7 +411,7 @@ impl Overlay {
     }
 
     fn release(&mut self, extents: &[Extent]) -> Result<()> {
-        for e in extents.iter().filter(|e| e.kind == ExtentKind::Store) {
+        for e in extents.iter().filter(|e| e.kind.in_store()) {
             self.units.release(e.base, e.len);
         }
         if self.journal.is_none() {
@@ -551,6 +551,16 @@ impl Overlay {
                     self.store.read_at(part, self.store_byte(extent.base))?;
                     SectorStatus::Normal
                 }
+                // Reserved store space was never written for these sectors:
+                // the store's bytes there are stale and never read.
+                ExtentKind::StoreHole => {
+                    part.fill(0);
+                    SectorStatus::NotAlloc
+                }
+                ExtentKind::StoreZero => {
+                    part.fill(0);
+                    SectorStatus::Blank
+                }
             };
             status = status.combine(part_status);
         }
@@ -562,7 +572,8 @@ impl Overlay {
         let mut status = SectorStatus::NotAlloc;
         for (_, extent) in self.map.range(lba, lba + count) {
             let part_status = match extent.kind {
-                ExtentKind::None => SectorStatus::NotAlloc,
+                ExtentKind::None | ExtentKind::StoreHole => SectorStatus::NotAlloc,
+                ExtentKind::StoreZero => SectorStatus::Blank,
                 ExtentKind::Source => self.source.block_status(extent.base, extent.len)?,
                 ExtentKind::Store => SectorStatus::Normal,
             };
