@@ -418,3 +418,103 @@ fn persistent_store_writes_after_a_flush_move_a_unit_once() {
     let report = cowdisk::store::check_store_file(&path).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// An overlay over an edited overlay: the outer one copies on write
+    /// through the inner one's status runs, so it must stay sector-exact
+    /// too. The outer model starts from the inner model's drive.
+    #[test]
+    fn overlay_over_an_overlay_matches_the_model(
+        sectors in 1u64..600,
+        layout in any::<u64>(),
+        inner_shift in 3u32..8,
+        outer_shift in 3u32..8,
+        inner_ops in prop::collection::vec(op(), 1..25),
+        outer_ops in prop::collection::vec(op(), 1..25),
+    ) {
+        let src = source(sectors, layout);
+        let (gi, go) = (1u64 << inner_shift, 1u64 << outer_shift);
+        let mut inner_model = Model::of(&src, gi);
+        let options = |granularity| OverlayOptions { granularity, ..OverlayOptions::default() };
+        let mut inner = Overlay::new(Box::new(src), options(gi)).unwrap();
+        support::model::run_ops(&mut inner, &mut inner_model, &inner_ops);
+        let mut outer_model = Model::new(inner_model.data.clone(), inner_model.status.clone(), go);
+        let mut outer = Overlay::new(Box::new(inner), options(go)).unwrap();
+        support::model::run_ops(&mut outer, &mut outer_model, &outer_ops);
+        assert_eq!(outer.store_units_used(), units_referenced(&outer, go));
+    }
+
+    /// Zero detection keeps its meaning on top of sector-exact allocation:
+    /// data that reads as zeros reports `Blank`, everything else what the
+    /// model says — for every sector, every status run, and reads of
+    /// random ranges.
+    #[test]
+    fn zero_detection_reports_zero_data_as_blank(
+        sectors in 1u64..500,
+        layout in any::<u64>(),
+        g_shift in 3u32..8,
+        ops in prop::collection::vec(op(), 1..30),
+        zero_writes in prop::collection::vec((any::<u32>(), 1u64..20), 0..6),
+        probes in prop::collection::vec((any::<u32>(), any::<u32>()), 1..20),
+    ) {
+        let src = source(sectors, layout);
+        let g = 1u64 << g_shift;
+        let mut model = Model::of(&src, g);
+        let options = OverlayOptions { granularity: g, ..OverlayOptions::default() };
+        let mut overlay = Overlay::new(Box::new(src), options).unwrap();
+        support::model::run_ops(&mut overlay, &mut model, &ops);
+        // Written zeros are data; with detection they report Blank.
+        for (at, n) in zero_writes {
+            let size = model.sectors();
+            if size == 0 {
+                break;
+            }
+            let at = u64::from(at) % size;
+            let n = n.min(size - at);
+            let zeros = vec![0u8; n as usize * S];
+            overlay.write(at, &zeros).unwrap();
+            model.write(at, &zeros).unwrap();
+        }
+        overlay.set_detect_zeros(true);
+        let size = model.sectors();
+        let expected: Vec<SectorStatus> = (0..size as usize)
+            .map(|s| {
+                let zero = model.data[s * S..(s + 1) * S].iter().all(|&b| b == 0);
+                match model.status[s] {
+                    SectorStatus::Normal if zero => SectorStatus::Blank,
+                    other => other,
+                }
+            })
+            .collect();
+        let combined = |range: &[SectorStatus]| {
+            range.iter().fold(SectorStatus::NotAlloc, |acc, s| acc.combine(*s))
+        };
+        for s in 0..size {
+            prop_assert_eq!(overlay.block_status(s, 1).unwrap(), expected[s as usize], "sector {}", s);
+        }
+        let mut lba = 0;
+        while lba < size {
+            let (status, n) = overlay.status_run(lba, size - lba).unwrap();
+            prop_assert!(n > 0 && lba + n <= size);
+            for s in lba..lba + n {
+                prop_assert_eq!(status, expected[s as usize], "run at {} claims {}", lba, s);
+            }
+            lba += n;
+        }
+        for (a, b) in probes {
+            let at = pos(a, size).min(size.saturating_sub(1));
+            let n = len(b, at, size, u64::MAX).min(size - at);
+            if n == 0 {
+                continue;
+            }
+            // A range with detection: the combination of its sectors'
+            // (all-zero data in it counts as Blank).
+            let want = combined(&expected[at as usize..(at + n) as usize]);
+            let mut buf = vec![0xEEu8; n as usize * S];
+            prop_assert_eq!(overlay.read_sectors(at, &mut buf).unwrap(), want, "read {}+{}", at, n);
+            prop_assert_eq!(overlay.block_status(at, n).unwrap(), want, "status {}+{}", at, n);
+        }
+    }
+}
