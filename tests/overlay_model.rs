@@ -518,3 +518,54 @@ proptest! {
         }
     }
 }
+
+/// In a unit that is partly store space, a run the write does not touch
+/// stays where it is: no copy of source data, no unit taken for it.
+#[test]
+fn a_run_the_write_does_not_touch_stays_out_of_the_store() {
+    for g in [8u64, 64, 2048] {
+        let src = source(4 * g, 9);
+        let mut model = Model::of(&src, g);
+        let options = OverlayOptions {
+            granularity: g,
+            ..OverlayOptions::default()
+        };
+        let mut overlay = Overlay::new(Box::new(src), options).unwrap();
+        let sector = vec![0x5Au8; S];
+        overlay.write(0, &sector).unwrap();
+        model.write(0, &sector).unwrap();
+        assert_eq!(overlay.store_units_used(), 1);
+        // Inserted space in the second half of the first unit, then a
+        // write in its first half.
+        overlay.insert(g / 2, g / 2).unwrap();
+        model.insert(g / 2, g / 2).unwrap();
+        overlay.write(1, &sector).unwrap();
+        model.write(1, &sector).unwrap();
+        assert_eq!(overlay.store_units_used(), 1, "granularity {g}");
+        assert_same(
+            &mut overlay,
+            &model,
+            &format!("granularity {g}, beside inserted space"),
+        );
+        // Source data in the second half instead, then a write in the first.
+        overlay.delete(g / 2, g).unwrap();
+        model.delete(g / 2, g).unwrap();
+        overlay.write(2, &sector).unwrap();
+        model.write(2, &sector).unwrap();
+        assert_eq!(overlay.store_units_used(), 1, "granularity {g}");
+        assert_same(
+            &mut overlay,
+            &model,
+            &format!("granularity {g}, beside source data"),
+        );
+        // A write reaching into the second half moves it after all.
+        overlay.write(g / 2 - 1, &[0x6Bu8; 2 * S]).unwrap();
+        model.write(g / 2 - 1, &[0x6Bu8; 2 * S]).unwrap();
+        assert_eq!(overlay.store_units_used(), 2, "granularity {g}");
+        assert_same(
+            &mut overlay,
+            &model,
+            &format!("granularity {g}, reaching in"),
+        );
+    }
+}

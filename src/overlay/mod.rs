@@ -7,9 +7,9 @@
 //! - `move_sectors` cuts a range and pastes it where sector `to` was before
 //!   the cut, copying no data;
 //! - `write` copies on write in *units* of the granularity, aligned in
-//!   virtual sectors at the moment of the write: every sector of the units a
-//!   write touches that is not already in the store moves there, so later
-//!   writes nearby land in place. Allocation is sector-exact all the same:
+//!   virtual sectors at the moment of the write: each run of sectors of the
+//!   units a write touches that is not already in the store moves there if
+//!   the write touches the run, so later writes nearby land in place. Allocation is sector-exact all the same:
 //!   only the written sectors and sectors that held data (`Normal`) become
 //!   data; the rest of the units is reserved store space that keeps its
 //!   old status (`StoreHole`: `NotAlloc`, `StoreZero`: `Blank`) and is
@@ -478,14 +478,19 @@ impl Overlay {
                 continue;
             }
             // A maximal run of pieces that cannot be written in place moves
-            // to fresh store units.
+            // to fresh store units, if the write touches it. One it does not
+            // touch (beside store space in the same unit) stays where it is:
+            // with exact status, moving it would only copy data and take a
+            // unit that no write needs yet.
             let mut run_end = start + extent.len;
             let mut j = i + 1;
             while j < pieces.len() && !self.in_place(&pieces[j].1) {
                 run_end = pieces[j].0 + pieces[j].1.len;
                 j += 1;
             }
-            self.copy_run_to_store(start, run_end, lba, data)?;
+            if start < end && lba < run_end {
+                self.copy_run_to_store(start, run_end, lba, data)?;
+            }
             i = j;
         }
         Ok(())
