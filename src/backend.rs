@@ -214,6 +214,9 @@ impl Disk for ReadOnlyImage {
     fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
         self.disk.block_status(lba, count)
     }
+    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+        self.disk.status_run(lba, count)
+    }
 }
 
 impl Image for ReadOnlyImage {

@@ -109,6 +109,35 @@ pub trait Disk: Send {
     /// The combined status of `count` sectors from `lba`, answered from
     /// metadata without reading data. The range lies inside the disk.
     fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus>;
+
+    /// The status of sector `lba` alone, and for how many of the `count`
+    /// sectors from `lba` (at least 1) it holds. A run may stop before the
+    /// status changes (the caller asks again from where it ends) but never
+    /// past it: the overlay builds its sector-exact map from these runs.
+    /// The caller guarantees `count > 0` and that the range lies inside
+    /// the disk.
+    ///
+    /// The default is exact but slow: after one `block_status` of the whole
+    /// range (which settles an all-`NotAlloc` range at once) it asks
+    /// `block_status` sector by sector until the status changes. Only
+    /// caller-supplied C objects and backend tables use it; the library's
+    /// formats, `MemDisk` and the overlay answer from their own metadata.
+    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+        if count == 0 {
+            return Err(Error::InvalidArgument(
+                "the status run of zero sectors was asked".into(),
+            ));
+        }
+        if self.block_status(lba, count)? == SectorStatus::NotAlloc {
+            return Ok((SectorStatus::NotAlloc, count));
+        }
+        let first = self.block_status(lba, 1)?;
+        let mut run = 1;
+        while run < count && self.block_status(lba + run, 1)? == first {
+            run += 1;
+        }
+        Ok((first, run))
+    }
 }
 
 impl<D: Disk + ?Sized> Disk for Box<D> {
@@ -132,6 +161,9 @@ impl<D: Disk + ?Sized> Disk for Box<D> {
     }
     fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
         (**self).block_status(lba, count)
+    }
+    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+        (**self).status_run(lba, count)
     }
 }
 
@@ -226,6 +258,15 @@ impl Disk for MemDisk {
             .iter()
             .fold(SectorStatus::NotAlloc, |acc, s| acc.combine(*s)))
     }
+    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+        check_range(lba, count, self.sector_count())?;
+        let statuses = &self.status[lba as usize..(lba + count) as usize];
+        let first = *statuses.first().ok_or_else(|| {
+            Error::InvalidArgument("the status run of zero sectors was asked".into())
+        })?;
+        let run = statuses.iter().take_while(|&&s| s == first).count();
+        Ok((first, run as u64))
+    }
 }
 
 #[cfg(test)]
@@ -238,6 +279,52 @@ mod tests {
         assert_eq!(NotAlloc.combine(Blank), Blank);
         assert_eq!(Blank.combine(Normal), Normal);
         assert_eq!(NotAlloc.combine(NotAlloc), NotAlloc);
+    }
+
+    /// A disk that answers only `block_status`, so `status_run` is the
+    /// trait's default.
+    struct StatusOnly(MemDisk);
+
+    impl Disk for StatusOnly {
+        fn drive_type(&self) -> DriveType {
+            DriveType::Custom
+        }
+        fn sector_count(&self) -> u64 {
+            self.0.sector_count()
+        }
+        fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+            self.0.read_sectors(lba, buf)
+        }
+        fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+            self.0.block_status(lba, count)
+        }
+    }
+
+    #[test]
+    fn status_runs_are_exact_by_default_and_for_mem_disks() {
+        use SectorStatus::*;
+        let pattern = [
+            Normal, Normal, Blank, NotAlloc, NotAlloc, NotAlloc, Normal, Blank,
+        ];
+        let status: Vec<SectorStatus> = (0..64).map(|i| pattern[(i * i / 3) % 8]).collect();
+        let mem = MemDisk::new(vec![0; 64 * SECTOR_SIZE], status.clone()).unwrap();
+        let mut default = StatusOnly(mem.clone());
+        let mut mem = mem;
+        for lba in 0..64u64 {
+            for count in 1..=64 - lba {
+                // The naive answer: the first status and how far it lasts.
+                let first = status[lba as usize];
+                let run = status[lba as usize..(lba + count) as usize]
+                    .iter()
+                    .take_while(|&&s| s == first)
+                    .count() as u64;
+                assert_eq!(mem.status_run(lba, count).unwrap(), (first, run));
+                assert_eq!(default.status_run(lba, count).unwrap(), (first, run));
+            }
+        }
+        assert!(mem.status_run(3, 0).is_err());
+        assert!(default.status_run(3, 0).is_err());
+        assert!(mem.status_run(60, 5).is_err());
     }
 
     #[test]

@@ -66,6 +66,22 @@ fn seed(path: PathBuf) -> Image {
     let status: Vec<SectorStatus> = (0..sectors)
         .map(|s| disk.block_status(s, 1).unwrap())
         .collect();
+    // The reader's status runs (what the overlay builds its sector-exact
+    // map from) agree with its sector-by-sector answers, from every start.
+    for start in (0..sectors).step_by(97).chain([sectors.saturating_sub(1)]) {
+        let mut lba = start;
+        while lba < sectors {
+            let (run_status, run) = disk.status_run(lba, sectors - lba).unwrap();
+            assert!(run > 0 && lba + run <= sectors, "run of {run} at {lba}");
+            let claimed = &status[lba as usize..(lba + run) as usize];
+            assert!(
+                claimed.iter().all(|&s| s == run_status),
+                "{}: status run {run_status:?} x{run} at sector {lba}",
+                path.display()
+            );
+            lba += run;
+        }
+    }
     Image {
         drive_type: disk.drive_type(),
         path,

@@ -77,6 +77,21 @@ fn check_against(img: &mut Vci, model: &Model) {
         assert_eq!(img.block_status(lba, run).unwrap(), want);
         lba += run;
     }
+    // Status runs never claim a sector whose status differs.
+    let mut lba = 0;
+    while lba < SECTORS {
+        let (status, run) = img.status_run(lba, SECTORS - lba).unwrap();
+        assert!(run > 0 && lba + run <= SECTORS);
+        for s in lba..lba + run {
+            let want = if model.held[s as usize] {
+                SectorStatus::Normal
+            } else {
+                SectorStatus::NotAlloc
+            };
+            assert_eq!(status, want, "status run at {lba}, sector {s}");
+        }
+        lba += run;
+    }
 }
 
 #[derive(Debug, Clone)]

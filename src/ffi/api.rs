@@ -636,6 +636,8 @@ fn c_extent(start: u64, e: Extent) -> COW_EXTENT {
             ExtentKind::None => COW_EXTENT_NONE,
             ExtentKind::Source => COW_EXTENT_SOURCE,
             ExtentKind::Store => COW_EXTENT_STORE,
+            ExtentKind::StoreHole => COW_EXTENT_STORE_HOLE,
+            ExtentKind::StoreZero => COW_EXTENT_STORE_ZERO,
         },
         reserved: 0,
     }

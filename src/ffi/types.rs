@@ -89,8 +89,14 @@ pub const COW_OPEN_READ_ONLY: u32 = 8;
 pub const COW_EXTENT_NONE: u32 = 0;
 /// COW_EXTENT.kind: a range of the source disk.
 pub const COW_EXTENT_SOURCE: u32 = 1;
-/// COW_EXTENT.kind: a range of the overlay store.
+/// COW_EXTENT.kind: a range of the overlay store holding data (NORMAL).
 pub const COW_EXTENT_STORE: u32 = 2;
+/// COW_EXTENT.kind: store space reserved with a COW unit but never written:
+/// reads zero, NOTALLOC. `position` is its first store sector.
+pub const COW_EXTENT_STORE_HOLE: u32 = 3;
+/// COW_EXTENT.kind: store space reserved with a COW unit for sectors that
+/// were known zeros: reads zero, BLANK. `position` is its first store sector.
+pub const COW_EXTENT_STORE_ZERO: u32 = 4;
 
 /// Handle of any open disk (a struct whose first member is a VDDR table).
 pub type HVDDR = *mut VDDR;

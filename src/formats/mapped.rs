@@ -118,6 +118,39 @@ pub fn block_status<M: MappedImage + ?Sized>(
     Ok(status)
 }
 
+/// `Disk::status_run` for a mapped image: `map` answers it already; runs
+/// of the same status join, and runs that fall through to the parent take
+/// the parent's own runs.
+pub fn status_run<M: MappedImage + ?Sized>(
+    image: &mut M,
+    lba: u64,
+    count: u64,
+) -> Result<(SectorStatus, u64)> {
+    crate::disk::check_range(lba, count, image.sectors())?;
+    let mut first = None;
+    let mut done = 0u64;
+    while done < count {
+        let (mapping, run) = image.map(lba + done, count - done)?;
+        let run = sanitize_run(run, count - done)?;
+        let (status, n) = match mapping {
+            Mapping::Data { .. } | Mapping::Encoded { .. } => (SectorStatus::Normal, run),
+            Mapping::Zero => (SectorStatus::Blank, run),
+            Mapping::Unallocated => (SectorStatus::NotAlloc, run),
+            Mapping::Parent => match image.parent() {
+                Some(parent) => parent_status_run(parent, lba + done, run)?,
+                None => (SectorStatus::NotAlloc, run),
+            },
+        };
+        if *first.get_or_insert(status) != status {
+            break;
+        }
+        done += n;
+    }
+    let status = first
+        .ok_or_else(|| Error::InvalidArgument("the status run of zero sectors was asked".into()))?;
+    Ok((status, done))
+}
+
 /// A format returning a zero-length run would loop forever; a longer one
 /// than asked would overrun the buffer. Both are bugs reported as errors.
 fn sanitize_run(run: u64, asked: u64) -> Result<u64> {
@@ -148,4 +181,13 @@ fn parent_status(parent: &mut dyn Disk, lba: u64, count: u64) -> Result<SectorSt
         return Ok(SectorStatus::NotAlloc);
     }
     parent.block_status(lba, inside)
+}
+
+fn parent_status_run(parent: &mut dyn Disk, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    let inside = parent.sector_count().saturating_sub(lba).min(count);
+    if inside == 0 {
+        return Ok((SectorStatus::NotAlloc, count));
+    }
+    let (status, run) = parent.status_run(lba, inside)?;
+    Ok((status, sanitize_run(run, inside)?))
 }

@@ -99,4 +99,14 @@ impl Disk for RawDisk {
             SectorStatus::Normal
         })
     }
+    /// Every sector of a raw image is data.
+    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+        check_range(lba, count, self.sector_count())?;
+        if count == 0 {
+            return Err(Error::InvalidArgument(
+                "the status run of zero sectors was asked".into(),
+            ));
+        }
+        Ok((SectorStatus::Normal, count))
+    }
 }

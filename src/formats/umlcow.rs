@@ -861,6 +861,31 @@ impl Disk for UmlCow {
         }
         Ok(status)
     }
+    /// From the COW bitmap: set bits are data; clear ones take the backing
+    /// file's runs (unallocated past its end, or without one).
+    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+        check_range(lba, count, self.sector_count())?;
+        if count == 0 {
+            return Err(Error::InvalidArgument(
+                "the status run of zero sectors was asked".into(),
+            ));
+        }
+        let (set, run) = self.bit_run(lba, count);
+        if set {
+            return Ok((SectorStatus::Normal, run));
+        }
+        match &mut self.backing {
+            Some(b) => {
+                let inside = b.sector_count().saturating_sub(lba).min(run);
+                if inside == 0 {
+                    Ok((SectorStatus::NotAlloc, run))
+                } else {
+                    b.status_run(lba, inside)
+                }
+            }
+            None => Ok((SectorStatus::NotAlloc, run)),
+        }
+    }
 }
 
 impl Image for UmlCow {

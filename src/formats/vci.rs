@@ -1104,6 +1104,23 @@ impl Disk for Vci {
             _ => SectorStatus::NotAlloc,
         })
     }
+    /// From the extent map: inside an extent, data to its end; outside,
+    /// unallocated up to the next extent.
+    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+        check_range(lba, count, self.sector_count())?;
+        if count == 0 {
+            return Err(Error::InvalidArgument(
+                "the status run of zero sectors was asked".into(),
+            ));
+        }
+        Ok(match self.lookup(lba) {
+            (Some((s, e)), _) => (SectorStatus::Normal, (s + e.len - lba).min(count)),
+            (None, next) => (
+                SectorStatus::NotAlloc,
+                next.unwrap_or(u64::MAX).min(lba + count) - lba,
+            ),
+        })
+    }
 }
 
 impl Image for Vci {

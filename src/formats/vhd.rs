@@ -742,6 +742,9 @@ impl Disk for VhdDisk {
     fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
         mapped::block_status(self, lba, count)
     }
+    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+        mapped::status_run(self, lba, count)
+    }
 }
 
 #[cfg(test)]

@@ -17,8 +17,28 @@ pub enum ExtentKind {
     None = 0,
     /// A range of the source disk, starting at `base`.
     Source = 1,
-    /// A range of the overlay store, starting at sector `base`.
+    /// A range of the overlay store, starting at sector `base`: data
+    /// written through the overlay (or copied there), reads as `Normal`.
     Store = 2,
+    /// Store space reserved with its unit but never written: reads as zeros
+    /// and reports `NotAlloc` (the store's bytes there are never read, so a
+    /// reused unit's stale data cannot show). Starts at store sector `base`.
+    StoreHole = 3,
+    /// Like `StoreHole`, but the sectors were `Blank` (known zeros) before
+    /// they moved into the store, so they report `Blank`.
+    StoreZero = 4,
+}
+
+impl ExtentKind {
+    /// True for kinds whose `base` is a store sector and that hold their
+    /// store units (referenced, released on discard and delete), whether or
+    /// not data was written there.
+    pub fn in_store(self) -> bool {
+        matches!(
+            self,
+            ExtentKind::Store | ExtentKind::StoreHole | ExtentKind::StoreZero
+        )
+    }
 }
 
 /// A run of `len` sectors backed by `kind` from `base` onwards.
@@ -58,7 +78,7 @@ impl Extent {
     }
 
     /// `other` continues this extent seamlessly: both can be one extent.
-    fn continued_by(&self, other: &Extent) -> bool {
+    pub fn continued_by(&self, other: &Extent) -> bool {
         self.kind == other.kind
             && (self.kind == ExtentKind::None
                 || self.base.checked_add(self.len) == Some(other.base))
@@ -408,17 +428,25 @@ impl ExtentMap {
     /// Replaces `[start, start + len)` with `extent` (of the same length)
     /// and returns the extents it replaced.
     pub fn replace(&mut self, start: u64, len: u64, extent: Extent) -> Result<Vec<Extent>> {
-        debug_assert_eq!(extent.len, len);
+        self.splice(start, len, &[extent])
+    }
+
+    /// Replaces `[start, start + len)` with `extents` (of the same total
+    /// length, in order) and returns the extents it replaced. The caller
+    /// joins neighbours among `extents` that continue each other; the map
+    /// joins them with the extents around the range.
+    pub fn splice(&mut self, start: u64, len: u64, extents: &[Extent]) -> Result<Vec<Extent>> {
+        debug_assert_eq!(extents.iter().map(|e| e.len).sum::<u64>(), len);
         let (left, rest) = self.split(self.root, start)?;
         let (middle, right) = self.split(rest, len)?;
         let mut replaced = Vec::new();
         self.dissolve(middle, &mut replaced);
-        let node = if extent.len > 0 {
-            self.new_node(extent)?
-        } else {
-            NIL
-        };
-        let joined = self.merge(left, node);
+        let mut new = NIL;
+        for extent in extents.iter().filter(|e| e.len > 0) {
+            let node = self.new_node(*extent)?;
+            new = self.merge(new, node);
+        }
+        let joined = self.merge(left, new);
         self.root = self.merge(joined, right);
         self.coalesce_at(start)?;
         self.coalesce_at(start + len)?;
@@ -566,6 +594,8 @@ impl ExtentMap {
                     0 => ExtentKind::None,
                     1 => ExtentKind::Source,
                     2 => ExtentKind::Store,
+                    3 => ExtentKind::StoreHole,
+                    4 => ExtentKind::StoreZero,
                     k => {
                         return Err(Error::Corrupt(format!(
                             "{}: node {index} has unknown kind {k}",
@@ -781,6 +811,57 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("page 0"), "{err}");
+    }
+
+    #[test]
+    fn reserved_store_kinds_round_trip_and_unknown_kinds_are_refused() {
+        let store = |kind, len, base| Extent { len, kind, base };
+        let mut map = ExtentMap::with_extent(src(100, 0));
+        map.splice(
+            10,
+            30,
+            &[
+                store(ExtentKind::StoreHole, 5, 64),
+                store(ExtentKind::Store, 10, 69),
+                store(ExtentKind::StoreZero, 15, 79),
+            ],
+        )
+        .unwrap();
+        let expected = vec![
+            (0, src(10, 0)),
+            (10, store(ExtentKind::StoreHole, 5, 64)),
+            (15, store(ExtentKind::Store, 10, 69)),
+            (25, store(ExtentKind::StoreZero, 15, 79)),
+            (40, src(60, 40)),
+        ];
+        assert_eq!(map.to_vec(), expected);
+        let pages: Vec<Vec<u8>> = (0..map.node_pages()).map(|p| map.page_payload(p)).collect();
+        let kinds: Vec<u8> = (0..map.node_slots() as usize)
+            .map(|i| pages[0][i * NODE_RECORD_BYTES + 24])
+            .collect();
+        for k in [3u8, 4] {
+            assert!(kinds.contains(&k), "kind byte {k} written: {kinds:?}");
+        }
+        let name = |p: u64| format!("page {p}");
+        let load = |pages: &Vec<Vec<u8>>| {
+            ExtentMap::from_pages(
+                map.node_slots(),
+                map.root_index(),
+                map.rng_state(),
+                &mut |p| Ok(pages[p as usize].clone()),
+                &name,
+            )
+        };
+        assert_eq!(load(&pages).unwrap().to_vec(), expected);
+        let slot = kinds.iter().position(|&k| k == 4).unwrap();
+        let mut bad = pages.clone();
+        bad[0][slot * NODE_RECORD_BYTES + 24] = 5;
+        let err = load(&bad).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("node {slot} has unknown kind 5")),
+            "{err}"
+        );
     }
 
     #[test]

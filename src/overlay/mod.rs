@@ -7,9 +7,13 @@
 //! - `move_sectors` cuts a range and pastes it where sector `to` was before
 //!   the cut, copying no data;
 //! - `write` copies on write in *units* of the granularity, aligned in
-//!   virtual sectors at the moment of the write: every sector of the units a
-//!   write touches that is not already in the store is copied there (with
-//!   what the drive showed before) and so becomes allocated data;
+//!   virtual sectors at the moment of the write: each run of sectors of the
+//!   units a write touches that is not already in the store moves there if
+//!   the write touches the run, so later writes nearby land in place. Allocation is sector-exact all the same:
+//!   only the written sectors and sectors that held data (`Normal`) become
+//!   data; the rest of the units is reserved store space that keeps its
+//!   old status (`StoreHole`: `NotAlloc`, `StoreZero`: `Blank`) and is
+//!   never copied or read;
 //! - `delete` removes a range (the drive shrinks), `discard` turns it into
 //!   unallocated space; both free the store space it used, which later
 //!   writes reuse.
@@ -411,7 +415,7 @@ impl Overlay {
     }
 
     fn release(&mut self, extents: &[Extent]) -> Result<()> {
-        for e in extents.iter().filter(|e| e.kind == ExtentKind::Store) {
+        for e in extents.iter().filter(|e| e.kind.in_store()) {
             self.units.release(e.base, e.len);
         }
         if self.journal.is_none() {
@@ -453,35 +457,57 @@ impl Overlay {
                 let to = (start + extent.len).min(end);
                 if from < to {
                     let bytes = &data[byte_index(from - lba)..byte_index(to - lba)];
-                    let at = self.store_byte(extent.base + (from - start));
-                    self.store.write_at(bytes, at)?;
+                    let store_sector = extent.base + (from - start);
+                    self.store.write_at(bytes, self.store_byte(store_sector))?;
+                    if extent.kind != ExtentKind::Store {
+                        // Reserved space now holds data: exactly the
+                        // written sectors become `Store`, on the same store
+                        // sectors, so the unit references do not change.
+                        self.map.replace(
+                            from,
+                            to - from,
+                            Extent {
+                                len: to - from,
+                                kind: ExtentKind::Store,
+                                base: store_sector,
+                            },
+                        )?;
+                    }
                 }
                 i += 1;
                 continue;
             }
             // A maximal run of pieces that cannot be written in place moves
-            // to fresh store units.
+            // to fresh store units, if the write touches it. One it does not
+            // touch (beside store space in the same unit) stays where it is:
+            // with exact status, moving it would only copy data and take a
+            // unit that no write needs yet.
             let mut run_end = start + extent.len;
             let mut j = i + 1;
             while j < pieces.len() && !self.in_place(&pieces[j].1) {
                 run_end = pieces[j].0 + pieces[j].1.len;
                 j += 1;
             }
-            self.copy_run_to_store(start, run_end, lba, data)?;
+            if start < end && lba < run_end {
+                self.copy_run_to_store(start, run_end, lba, data)?;
+            }
             i = j;
         }
         Ok(())
     }
 
-    /// Store space that can take a write in place: in the store, and not
-    /// referred to by a durable map (always true for an anonymous store).
+    /// Store space that can take a write in place: in the store (data or
+    /// reserved), and not referred to by a durable map (always true for an
+    /// anonymous store).
     fn in_place(&self, extent: &Extent) -> bool {
-        extent.kind == ExtentKind::Store && self.units.writable_in_place(extent.base, extent.len)
+        extent.kind.in_store() && self.units.writable_in_place(extent.base, extent.len)
     }
 
-    /// Moves the virtual run `[run_start, run_end)` into fresh store space:
-    /// the part inside the write `[lba, lba + data)` from `data`, the rest
-    /// from what the drive showed before. Then maps the run to the store.
+    /// Moves the virtual run `[run_start, run_end)` into fresh store units:
+    /// the part inside the write `[lba, lba + data)` is written from `data`
+    /// and becomes `Store`; of the rest, only sectors that held data are
+    /// copied (and stay data), while unallocated and blank sectors keep
+    /// their status as reserved store space (`StoreHole`, `StoreZero`).
     fn copy_run_to_store(
         &mut self,
         run_start: u64,
@@ -495,29 +521,70 @@ impl Overlay {
         let data_to = write_end.clamp(data_from, run_end);
         let base = self.units.allocate(len)?;
         let filled = (|| {
-            self.copy_old_to_store(run_start, data_from, base)?;
+            let mut extents = Vec::new();
+            self.move_old_to_store(run_start, data_from, base, &mut extents)?;
             if data_from < data_to {
                 let bytes = &data[byte_index(data_from - lba)..byte_index(data_to - lba)];
-                let at = self.store_byte(base + (data_from - run_start));
-                self.store.write_at(bytes, at)?;
+                let store_sector = base + (data_from - run_start);
+                self.store.write_at(bytes, self.store_byte(store_sector))?;
+                push_joined(
+                    &mut extents,
+                    Extent {
+                        len: data_to - data_from,
+                        kind: ExtentKind::Store,
+                        base: store_sector,
+                    },
+                );
             }
-            self.copy_old_to_store(data_to, run_end, base + (data_to - run_start))
+            self.move_old_to_store(data_to, run_end, base + (data_to - run_start), &mut extents)?;
+            Ok(extents)
         })();
-        if let Err(e) = filled {
-            self.units.release(base, len);
-            return Err(e);
-        }
+        let extents = match filled {
+            Ok(extents) => extents,
+            Err(e) => {
+                self.units.release(base, len);
+                return Err(e);
+            }
+        };
         self.store_file_len = self.store_file_len.max(self.store_byte(base + len));
-        let replaced = self.map.replace(
-            run_start,
-            len,
-            Extent {
-                len,
-                kind: ExtentKind::Store,
-                base,
-            },
-        )?;
+        let replaced = self.map.splice(run_start, len, &extents)?;
         self.release(&replaced)
+    }
+
+    /// Maps what the virtual sectors `[from, to)` show now onto store
+    /// sectors from `store_sector`, appending the extents to `extents`:
+    /// runs of data are copied and become `Store`; unallocated and blank
+    /// runs become `StoreHole` and `StoreZero` without touching the store.
+    fn move_old_to_store(
+        &mut self,
+        from: u64,
+        to: u64,
+        store_sector: u64,
+        extents: &mut Vec<Extent>,
+    ) -> Result<()> {
+        let mut pos = from;
+        while pos < to {
+            let (status, n) = self.status_run_unfiltered(pos, to - pos)?;
+            let at = store_sector + (pos - from);
+            let kind = match status {
+                SectorStatus::Normal => {
+                    self.copy_old_to_store(pos, pos + n, at)?;
+                    ExtentKind::Store
+                }
+                SectorStatus::Blank => ExtentKind::StoreZero,
+                SectorStatus::NotAlloc => ExtentKind::StoreHole,
+            };
+            push_joined(
+                extents,
+                Extent {
+                    len: n,
+                    kind,
+                    base: at,
+                },
+            );
+            pos += n;
+        }
+        Ok(())
     }
 
     fn copy_old_to_store(&mut self, from: u64, to: u64, store_sector: u64) -> Result<()> {
@@ -532,6 +599,48 @@ impl Overlay {
             pos += n;
         }
         Ok(())
+    }
+
+    /// The status of sector `lba` from the extent map and the source's
+    /// metadata, without zero detection, and how many of the `count`
+    /// sectors from `lba` share it (`count > 0`, inside the drive). Stops
+    /// at the first sector whose status differs.
+    fn status_run_unfiltered(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+        let end = lba + count;
+        let mut first: Option<SectorStatus> = None;
+        let mut pos = lba;
+        while pos < end {
+            let (start, extent) = self.map.find(pos).ok_or_else(|| {
+                Error::Internal(format!("extent map has no extent for sector {pos}"))
+            })?;
+            let piece = (start + extent.len).min(end) - pos;
+            let (status, n) = match extent.kind {
+                ExtentKind::None | ExtentKind::StoreHole => (SectorStatus::NotAlloc, piece),
+                ExtentKind::StoreZero => (SectorStatus::Blank, piece),
+                ExtentKind::Store => (SectorStatus::Normal, piece),
+                ExtentKind::Source => {
+                    let from = extent.base + (pos - start);
+                    let (status, n) = self.source.status_run(from, piece)?;
+                    if n == 0 || n > piece {
+                        return Err(Error::Internal(format!(
+                            "source reported a status run of {n} sectors at sector \
+                             {from} when {piece} were asked"
+                        )));
+                    }
+                    (status, n)
+                }
+            };
+            match first {
+                None => first = Some(status),
+                Some(s) if s != status => break,
+                Some(_) => {}
+            }
+            pos += n;
+        }
+        let status = first.ok_or_else(|| {
+            Error::InvalidArgument("the status run of zero sectors was asked".into())
+        })?;
+        Ok((status, pos - lba))
     }
 
     /// Reads through the extent map without zero detection.
@@ -551,6 +660,16 @@ impl Overlay {
                     self.store.read_at(part, self.store_byte(extent.base))?;
                     SectorStatus::Normal
                 }
+                // Reserved store space was never written for these sectors:
+                // the store's bytes there are stale and never read.
+                ExtentKind::StoreHole => {
+                    part.fill(0);
+                    SectorStatus::NotAlloc
+                }
+                ExtentKind::StoreZero => {
+                    part.fill(0);
+                    SectorStatus::Blank
+                }
             };
             status = status.combine(part_status);
         }
@@ -562,7 +681,8 @@ impl Overlay {
         let mut status = SectorStatus::NotAlloc;
         for (_, extent) in self.map.range(lba, lba + count) {
             let part_status = match extent.kind {
-                ExtentKind::None => SectorStatus::NotAlloc,
+                ExtentKind::None | ExtentKind::StoreHole => SectorStatus::NotAlloc,
+                ExtentKind::StoreZero => SectorStatus::Blank,
                 ExtentKind::Source => self.source.block_status(extent.base, extent.len)?,
                 ExtentKind::Store => SectorStatus::Normal,
             };
@@ -703,6 +823,15 @@ fn prefix_error(error: Error, path: &Path) -> Error {
     }
 }
 
+/// Appends `extent` to `extents`, joining it to the last one when it
+/// continues it (the map joins only at the edges of a splice).
+fn push_joined(extents: &mut Vec<Extent>, extent: Extent) {
+    match extents.last_mut() {
+        Some(last) if last.continued_by(&extent) => last.len += extent.len,
+        _ => extents.push(extent),
+    }
+}
+
 fn byte_index(sectors: u64) -> usize {
     sectors as usize * SECTOR_SIZE
 }
@@ -729,6 +858,38 @@ impl Disk for Overlay {
             return Ok(SectorStatus::Blank);
         }
         Ok(status)
+    }
+    /// Exact through the map and the source's own `status_run`, so an
+    /// overlay over an overlay stays sector-exact. With zero detection, a
+    /// run of data stops where its sectors change between all-zero
+    /// (`Blank`) and not.
+    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+        check_range(lba, count, self.map.len())?;
+        let (status, n) = self.status_run_unfiltered(lba, count)?;
+        if !(self.options.detect_zeros && status == SectorStatus::Normal) {
+            return Ok((status, n));
+        }
+        let mut buf = Vec::new();
+        let mut first_zero = None;
+        let mut pos = lba;
+        'scan: while pos < lba + n {
+            let chunk = (lba + n - pos).min(COPY_CHUNK_SECTORS);
+            buf.resize(byte_index(chunk), 0);
+            self.read_unfiltered(pos, &mut buf)?;
+            for sector in buf.chunks_exact(SECTOR_SIZE) {
+                let zero = sector.iter().all(|&b| b == 0);
+                if *first_zero.get_or_insert(zero) != zero {
+                    break 'scan;
+                }
+                pos += 1;
+            }
+        }
+        let status = if first_zero == Some(true) {
+            SectorStatus::Blank
+        } else {
+            SectorStatus::Normal
+        };
+        Ok((status, pos - lba))
     }
     fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
         check_range(lba, count, self.map.len())?;

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::disk::{Disk, SECTOR_SIZE};
 use crate::error::{Error, Result};
-use crate::overlay::extents::{ExtentKind, ExtentMap};
+use crate::overlay::extents::ExtentMap;
 use crate::overlay::space::{Storage, UnitMap, UNITS_PER_BITMAP_PAGE};
 use format::*;
 
@@ -705,7 +705,7 @@ impl Loaded {
         let chunk = chunk_units(g) * g;
         map.to_vec()
             .into_iter()
-            .filter(|(_, e)| e.kind == ExtentKind::Store)
+            .filter(|(_, e)| e.kind.in_store())
             .map(|(_, e)| (e.base, e.len))
             .chain(
                 self.map_chunks

@@ -70,15 +70,11 @@ impl Model {
         if n == 0 {
             return Ok(());
         }
-        // Every sector of the granularity units the write touches becomes
-        // allocated data (keeping what it showed), then the write lands.
-        let g = self.granularity;
-        let unit_start = lba / g * g;
-        let unit_end = ((lba + n).div_ceil(g) * g).min(self.sectors());
-        for s in unit_start..unit_end {
-            self.status[s as usize] = SectorStatus::Normal;
-        }
+        // Sector-exact: exactly the written sectors become data; the rest of
+        // the COW units the write touches keeps its status, whatever the
+        // granularity.
         let l = lba as usize;
+        self.status[l..l + n as usize].fill(SectorStatus::Normal);
         self.data[l * S..l * S + bytes.len()].copy_from_slice(bytes);
         Ok(())
     }
@@ -334,6 +330,27 @@ pub fn same(overlay: &mut cowdisk::Overlay, model: &Model) -> bool {
         return false;
     }
     (0..model.sectors()).all(|s| overlay.block_status(s, 1).ok() == Some(model.status[s as usize]))
+        && status_runs_match(overlay, model)
+}
+
+/// True when the overlay's `status_run`, walked from every sector the
+/// previous run ended at, never claims a sector whose status in the model
+/// differs from the run's (runs may stop early, never late).
+pub fn status_runs_match(overlay: &mut cowdisk::Overlay, model: &Model) -> bool {
+    use cowdisk::Disk;
+    let size = model.sectors();
+    let mut pos = 0;
+    while pos < size {
+        let Ok((status, n)) = overlay.status_run(pos, size - pos) else {
+            return false;
+        };
+        let run = &model.status[pos as usize..];
+        if n == 0 || n > size - pos || run[..n as usize].iter().any(|&s| s != status) {
+            return false;
+        }
+        pos += n;
+    }
+    true
 }
 
 /// Asserts `same`, naming the moment.

@@ -187,6 +187,8 @@ pub fn run(command: OverlayCommand, matches: Option<&ArgMatches>) -> Fallible<()
                 ExtentKind::None => "none",
                 ExtentKind::Source => "source",
                 ExtentKind::Store => "store",
+                ExtentKind::StoreHole => "store-hole",
+                ExtentKind::StoreZero => "store-zero",
             };
             let uuid = overlay
                 .store_uuids()
@@ -241,6 +243,16 @@ pub fn run(command: OverlayCommand, matches: Option<&ArgMatches>) -> Fallible<()
                     ExtentKind::None => "unallocated".to_string(),
                     ExtentKind::Source => format!("source sectors {}..{}", e.base, e.base + e.len),
                     ExtentKind::Store => format!("store sectors {}..{}", e.base, e.base + e.len),
+                    ExtentKind::StoreHole => format!(
+                        "unallocated, reserved store sectors {}..{}",
+                        e.base,
+                        e.base + e.len
+                    ),
+                    ExtentKind::StoreZero => format!(
+                        "zeros, reserved store sectors {}..{}",
+                        e.base,
+                        e.base + e.len
+                    ),
                 };
                 println!("  {start:>14} {:>14}  {what}", e.len);
             }
