@@ -252,9 +252,21 @@ typedef union {
 #define COW_EXTENT_SOURCE 1
 
 /**
- * COW_EXTENT.kind: a range of the overlay store.
+ * COW_EXTENT.kind: a range of the overlay store holding data (NORMAL).
  */
 #define COW_EXTENT_STORE 2
+
+/**
+ * COW_EXTENT.kind: store space reserved with a COW unit but never written:
+ * reads zero, NOTALLOC. `position` is its first store sector.
+ */
+#define COW_EXTENT_STORE_HOLE 3
+
+/**
+ * COW_EXTENT.kind: store space reserved with a COW unit for sectors that
+ * were known zeros: reads zero, BLANK. `position` is its first store sector.
+ */
+#define COW_EXTENT_STORE_ZERO 4
 
 /**
  * The version of the COW_BACKEND layout this library implements:
@@ -359,12 +371,12 @@ typedef struct COW_EXTENT {
    */
   uint64_t length;
   /**
-   * For SOURCE: first sector in the source; for STORE: first sector in
-   * the store; 0 for NONE.
+   * For SOURCE: first sector in the source; for STORE, STORE_HOLE and
+   * STORE_ZERO: first sector in the store; 0 for NONE.
    */
   uint64_t position;
   /**
-   * COW_EXTENT_NONE, COW_EXTENT_SOURCE or COW_EXTENT_STORE.
+   * COW_EXTENT_NONE, _SOURCE, _STORE, _STORE_HOLE or _STORE_ZERO.
    */
   uint32_t kind;
   uint32_t reserved;

@@ -210,10 +210,10 @@ pub struct COW_EXTENT {
     pub start: u64,
     /// Length in sectors.
     pub length: u64,
-    /// For SOURCE: first sector in the source; for STORE: first sector in
-    /// the store; 0 for NONE.
+    /// For SOURCE: first sector in the source; for STORE, STORE_HOLE and
+    /// STORE_ZERO: first sector in the store; 0 for NONE.
     pub position: u64,
-    /// COW_EXTENT_NONE, COW_EXTENT_SOURCE or COW_EXTENT_STORE.
+    /// COW_EXTENT_NONE, _SOURCE, _STORE, _STORE_HOLE or _STORE_ZERO.
     pub kind: u32,
     pub reserved: u32,
 }
