@@ -1,7 +1,14 @@
 //! Generates the C headers in include/ from the FFI sources with cbindgen,
 //! and gives the shared library its SONAME.
 
+use std::fmt::Write as _;
 use std::path::Path;
+
+/// The table of C-visible numbers, shared with the crate.
+#[allow(dead_code)]
+mod numbers {
+    include!("src/numbers.rs");
+}
 
 /// The ABI major version: the SONAME is libcowdisk.so.<this>.
 const ABI_MAJOR: u32 = 1;
@@ -15,6 +22,7 @@ fn main() {
         "src/ffi/backend.rs",
         "src/ffi/clone.rs",
         "src/ffi/uuid.rs",
+        "src/numbers.rs",
         "cbindgen.toml",
         "build.rs",
     ] {
@@ -35,7 +43,8 @@ fn main() {
         version("MINOR"),
         version("PATCH")
     );
-    config.after_includes = Some(macros + config.after_includes.as_deref().unwrap_or(""));
+    config.after_includes =
+        Some(macros + &number_defines() + config.after_includes.as_deref().unwrap_or(""));
     let bindings = cbindgen::Builder::new()
         .with_config(config)
         .with_src(dir.join("src/ffi/types.rs"))
@@ -50,6 +59,33 @@ fn main() {
     for (legacy, what) in [("cow.h", "overlay"), ("vddr.h", "disk reader")] {
         write_if_changed(&include.join(legacy), &legacy_header(legacy, what));
     }
+}
+
+/// The `#define`s of every C-visible number (src/numbers.rs), each with its
+/// documentation; codes and masks in hex.
+fn number_defines() -> String {
+    let mut out = String::new();
+    for group in numbers::ALL_C_DEFINES {
+        for define in group.iter() {
+            out.push_str("\n/**\n");
+            for line in define.doc.lines() {
+                let line = line.trim();
+                if line.is_empty() {
+                    out.push_str(" *\n");
+                } else {
+                    let _ = writeln!(out, " * {line}");
+                }
+            }
+            out.push_str(" */\n");
+            let value = if define.hex && define.value != 0 {
+                format!("0x{:X}", define.value)
+            } else {
+                define.value.to_string()
+            };
+            let _ = writeln!(out, "#define {} {value}", define.name);
+        }
+    }
+    out
 }
 
 /// A legacy header name. Like the legacy vddr.h, it pulls in the legacy

@@ -37,6 +37,317 @@
 #define COWDISK_VERSION_MAJOR 0
 #define COWDISK_VERSION_MINOR 2
 #define COWDISK_VERSION_PATCH 0
+
+/**
+ * Result of a page or sector read and of BlockStatus: the read
+ * failed (COW_GetLastError() says why).
+ */
+#define VDDR_RSLT_FAIL 0
+
+/**
+ * Read ok; the range holds data (which may happen to be zeros).
+ */
+#define VDDR_RSLT_NORMAL 1
+
+/**
+ * Read ok; the range is known to read as zeros (the format says so).
+ */
+#define VDDR_RSLT_BLANKPAGE 2
+
+/**
+ * Read ok; never allocated (zeros) - a clone need not store it.
+ */
+#define VDDR_RSLT_NOTALLOC 3
+
+/**
+ * VirtualBox VDI.
+ */
+#define VDD_TYPE_VDI 0
+
+/**
+ * Microsoft VHD.
+ */
+#define VDD_TYPE_VHD 1
+
+/**
+ * VMware VMDK.
+ */
+#define VDD_TYPE_VMDK 2
+
+/**
+ * A raw image.
+ */
+#define VDD_TYPE_RAW 3
+
+/**
+ * A raw partition image (legacy; never returned).
+ */
+#define VDD_TYPE_PART_RAW 4
+
+/**
+ * Parallels.
+ */
+#define VDD_TYPE_PARALLELS 5
+
+/**
+ * A copy-on-write overlay.
+ */
+#define VDD_TYPE_COW 6
+
+/**
+ * QEMU qcow2.
+ */
+#define VDD_TYPE_QCOW2 7
+
+/**
+ * Microsoft VHDX.
+ */
+#define VDD_TYPE_VHDX 8
+
+/**
+ * A UML COW file.
+ */
+#define VDD_TYPE_UMLCOW 9
+
+/**
+ * A VirtualBox VCI image.
+ */
+#define VDD_TYPE_VCI 10
+
+/**
+ * A disk served by a caller-registered backend or object.
+ */
+#define VDD_TYPE_CUSTOM 11
+
+/**
+ * No error.
+ */
+#define COW_ERR_NONE 0
+
+/**
+ * A NULL, closed or foreign handle.
+ */
+#define COW_ERR_INVHANDLE 0x60001
+
+/**
+ * Out of memory.
+ */
+#define COW_ERR_OUTOFMEM 0x60002
+
+/**
+ * A sector range not wholly inside the drive.
+ */
+#define COW_ERR_INVBLOCK 0x60003
+
+/**
+ * A seek failed.
+ */
+#define COW_ERR_SEEK 0x60004
+
+/**
+ * A read failed.
+ */
+#define COW_ERR_READ 0x60005
+
+/**
+ * MoveSectors with from <= to <= from + n.
+ */
+#define COW_ERR_INVALIDMOVE 0x60006
+
+/**
+ * A write failed.
+ */
+#define COW_ERR_WRITE 0x60007
+
+/**
+ * An invalid argument.
+ */
+#define COW_ERR_INVALID_ARG 0x60008
+
+/**
+ * An image or store whose structures are damaged.
+ */
+#define COW_ERR_CORRUPT 0x60009
+
+/**
+ * An image format or feature this library does not handle.
+ */
+#define COW_ERR_UNSUPPORTED 0x6000A
+
+/**
+ * The source is not the disk an overlay store was made on.
+ */
+#define COW_ERR_SOURCE_MISMATCH 0x6000B
+
+/**
+ * Writing to something opened read-only.
+ */
+#define COW_ERR_READ_ONLY 0x6000C
+
+/**
+ * No space left.
+ */
+#define COW_ERR_NO_SPACE 0x6000D
+
+/**
+ * A file could not be opened (missing, no permission, ...).
+ */
+#define COW_ERR_OPEN 0x6000E
+
+/**
+ * A backend does not hold the block asked for (reads as NOTALLOC).
+ */
+#define COW_ERR_BLOCK_FREE 0x6000F
+
+/**
+ * A progress callback asked to stop.
+ */
+#define COW_ERR_CANCELLED 0x60010
+
+/**
+ * The file is in use by another writer.
+ */
+#define COW_ERR_LOCKED 0x60011
+
+/**
+ * A bug inside the library (a caught panic); the message says where.
+ */
+#define COW_ERR_INTERNAL 0x60012
+
+/**
+ * An overlay-only function called on a handle that is not an overlay.
+ */
+#define COW_ERR_NOT_OVERLAY 0x60013
+
+/**
+ * Returned by GetDriveType for an invalid handle.
+ */
+#define VDD_TYPE_INVALID 0xFFFFFFFF
+
+/**
+ * Pass to COW_GetErrorString for the detailed text of the calling
+ * thread's last error.
+ */
+#define COW_LAST_ERROR 0xFFFFFFFF
+
+/**
+ * The version of the COW_BACKEND layout this library implements:
+ * 0xC0BE in the high 16 bits, then major (8 bits) and minor (8 bits).
+ * Both u32Version and u32VersionEnd of a table must hold it.
+ */
+#define COW_BACKEND_VERSION 0xC0BE0100
+
+/**
+ * The legacy COW granularity: 2048 sectors (1 MiB).
+ */
+#define COW_DEFAULT_GRANULARITY 2048
+
+/**
+ * COW_OPTIONS.flags: report data that reads as all zeros as
+ * VDDR_RSLT_BLANKPAGE (BlockStatus then reads the data to find out).
+ */
+#define COW_OPT_DETECT_ZEROS 0x1
+
+/**
+ * Follow parent/backing paths named inside an image (off by
+ * default: such a path is untrusted input).
+ */
+#define COW_OPEN_FOLLOW_PARENTS 0x1
+
+/**
+ * Backend open flag (pfnOpen, pfnCreate): open the image for
+ * writing. VDDR_* functions refuse it: disks behind an HVDDR are
+ * read-only.
+ */
+#define COW_OPEN_READ_WRITE 0x2
+
+/**
+ * Accept an image left dirty by a crash (VCI's unclean flag) after
+ * checking it and rebuilding what can be rebuilt; without it such
+ * an image is refused with COW_ERR_CORRUPT.
+ */
+#define COW_OPEN_REPAIR 0x4
+
+/**
+ * COW_OpenCowOverlay: open the store read-only (edits fail with
+ * COW_ERR_READ_ONLY; a log that needs replay is replayed in memory
+ * and the file is not touched).
+ */
+#define COW_OPEN_READ_ONLY 0x8
+
+/**
+ * uBackendCaps: can create images with all space allocated up front.
+ */
+#define COW_CAP_CREATE_FIXED 0x1
+
+/**
+ * uBackendCaps: can create images that grow as they are written.
+ */
+#define COW_CAP_CREATE_DYNAMIC 0x2
+
+/**
+ * uBackendCaps: images are files named by a path.
+ */
+#define COW_CAP_FILE 0x4
+
+/**
+ * uBackendCaps: images may be differencing images over a backing file.
+ */
+#define COW_CAP_DIFF 0x8
+
+/**
+ * uBackendCaps: supports pfnDiscard.
+ */
+#define COW_CAP_DISCARD 0x10
+
+/**
+ * uBackendCaps: images can be opened for writing (pfnWrite, pfnFlush).
+ */
+#define COW_CAP_WRITE 0x20
+
+/**
+ * pfnCreate uImageFlags / pfnGetImageFlags: all space allocated up
+ * front.
+ */
+#define COW_IMAGE_FIXED 0x1
+
+/**
+ * pfnGetImageFlags: a differencing image over a backing file.
+ */
+#define COW_IMAGE_DIFF 0x2
+
+/**
+ * COW_CloneToFile flags: replace an existing file at `path` (by
+ * default an existing file is an error and is left alone).
+ */
+#define COW_CLONE_REPLACE 0x1
+
+/**
+ * COW_EXTENT.kind: inserted or discarded space (reads zero, NOTALLOC).
+ */
+#define COW_EXTENT_NONE 0
+
+/**
+ * COW_EXTENT.kind: a range of the source disk.
+ */
+#define COW_EXTENT_SOURCE 1
+
+/**
+ * COW_EXTENT.kind: a range of the overlay store holding data (NORMAL).
+ */
+#define COW_EXTENT_STORE 2
+
+/**
+ * COW_EXTENT.kind: store space reserved by a copy-on-write but never
+ * written: reads zero, NOTALLOC.
+ */
+#define COW_EXTENT_STORE_HOLE 3
+
+/**
+ * COW_EXTENT.kind: store space reserved by a copy-on-write over
+ * known-zero source sectors: reads zero, BLANKPAGE.
+ */
+#define COW_EXTENT_STORE_ZERO 4
 /* Handles: a pointer to an object whose first member is the method table
  * (the legacy CLASS(VDDR) is struct t_VDDR, CLASS(COWOVL) struct t_COWOVL). */
 typedef struct t_VDDR *HVDDR;
@@ -75,264 +386,6 @@ typedef union {
  * COW_LastErrorLocation(). */
 #define VDDR_LastError (*COW_LastErrorLocation())
 
-
-/**
- * Result of a page or sector read and of BlockStatus: the read failed
- * (COW_GetLastError() says why).
- */
-#define VDDR_RSLT_FAIL 0
-
-/**
- * Read ok; the range holds data.
- */
-#define VDDR_RSLT_NORMAL 1
-
-/**
- * Read ok; the range is known to read as zeros.
- */
-#define VDDR_RSLT_BLANKPAGE 2
-
-/**
- * Read ok; never allocated (zeros) - a clone need not store it.
- */
-#define VDDR_RSLT_NOTALLOC 3
-
-/**
- * Drive types returned by GetDriveType (legacy values 0..6, then ours).
- */
-#define VDD_TYPE_VDI 0
-
-#define VDD_TYPE_VHD 1
-
-#define VDD_TYPE_VMDK 2
-
-#define VDD_TYPE_RAW 3
-
-#define VDD_TYPE_PART_RAW 4
-
-#define VDD_TYPE_PARALLELS 5
-
-/**
- * A copy-on-write overlay.
- */
-#define VDD_TYPE_COW 6
-
-#define VDD_TYPE_QCOW2 7
-
-#define VDD_TYPE_VHDX 8
-
-#define VDD_TYPE_UMLCOW 9
-
-#define VDD_TYPE_VCI 10
-
-/**
- * A disk served by a caller-registered backend.
- */
-#define VDD_TYPE_CUSTOM 11
-
-/**
- * Returned by GetDriveType for an invalid handle.
- */
-#define VDD_TYPE_INVALID 4294967295
-
-/**
- * Error codes (COW_GetLastError). The first seven are the legacy values.
- */
-#define COW_ERR_NONE 0
-
-#define COW_ERR_INVHANDLE 393217
-
-#define COW_ERR_OUTOFMEM 393218
-
-/**
- * A sector range not wholly inside the drive.
- */
-#define COW_ERR_INVBLOCK 393219
-
-#define COW_ERR_SEEK 393220
-
-#define COW_ERR_READ 393221
-
-/**
- * MoveSectors with from <= to <= from + n.
- */
-#define COW_ERR_INVALIDMOVE 393222
-
-#define COW_ERR_WRITE 393223
-
-#define COW_ERR_INVALID_ARG 393224
-
-/**
- * An image or store whose structures are damaged.
- */
-#define COW_ERR_CORRUPT 393225
-
-/**
- * An image format or feature this library does not handle.
- */
-#define COW_ERR_UNSUPPORTED 393226
-
-/**
- * The source is not the disk an overlay store was made on.
- */
-#define COW_ERR_SOURCE_MISMATCH 393227
-
-#define COW_ERR_READ_ONLY 393228
-
-#define COW_ERR_NO_SPACE 393229
-
-/**
- * A file could not be opened (missing, no permission, ...).
- */
-#define COW_ERR_OPEN 393230
-
-/**
- * A backend does not hold the block asked for (reads as NOTALLOC).
- */
-#define COW_ERR_BLOCK_FREE 393231
-
-/**
- * A progress callback asked to stop.
- */
-#define COW_ERR_CANCELLED 393232
-
-/**
- * The file is in use by another writer.
- */
-#define COW_ERR_LOCKED 393233
-
-/**
- * A bug inside the library (a caught panic); the message says where.
- */
-#define COW_ERR_INTERNAL 393234
-
-/**
- * An overlay-only function called on a handle that is not an overlay.
- */
-#define COW_ERR_NOT_OVERLAY 393235
-
-/**
- * Pass to COW_GetErrorString for the detailed text of the calling
- * thread's last error.
- */
-#define COW_LAST_ERROR 4294967295
-
-/**
- * The legacy COW granularity: 2048 sectors (1 MiB).
- */
-#define COW_DEFAULT_GRANULARITY 2048
-
-/**
- * COW_OPTIONS.flags: report data that reads as all zeros as
- * VDDR_RSLT_BLANKPAGE (BlockStatus then reads the data to find out).
- */
-#define COW_OPT_DETECT_ZEROS 1
-
-/**
- * VDDR_OpenEx flags: follow parent/backing file paths named inside an
- * image (off by default: such a path is untrusted input).
- */
-#define COW_OPEN_FOLLOW_PARENTS 1
-
-/**
- * COW_OpenCowOverlay flags: open the store read-only (edits fail with
- * COW_ERR_READ_ONLY; a log that needs replay is replayed in memory and the
- * file is not touched).
- */
-#define COW_OPEN_READ_ONLY 8
-
-/**
- * COW_EXTENT.kind: inserted or discarded space (reads zero, NOTALLOC).
- */
-#define COW_EXTENT_NONE 0
-
-/**
- * COW_EXTENT.kind: a range of the source disk.
- */
-#define COW_EXTENT_SOURCE 1
-
-/**
- * COW_EXTENT.kind: a range of the overlay store holding data (NORMAL).
- */
-#define COW_EXTENT_STORE 2
-
-/**
- * COW_EXTENT.kind: store space reserved with a COW unit but never written:
- * reads zero, NOTALLOC. `position` is its first store sector.
- */
-#define COW_EXTENT_STORE_HOLE 3
-
-/**
- * COW_EXTENT.kind: store space reserved with a COW unit for sectors that
- * were known zeros: reads zero, BLANK. `position` is its first store sector.
- */
-#define COW_EXTENT_STORE_ZERO 4
-
-/**
- * The version of the COW_BACKEND layout this library implements:
- * 0xC0BE in the high 16 bits, then major (8 bits) and minor (8 bits).
- * Both u32Version and u32VersionEnd of a table must hold it.
- */
-#define COW_BACKEND_VERSION 3233677568
-
-/**
- * uBackendCaps: can create images with all space allocated up front.
- */
-#define COW_CAP_CREATE_FIXED 1
-
-/**
- * uBackendCaps: can create images that grow as they are written.
- */
-#define COW_CAP_CREATE_DYNAMIC 2
-
-/**
- * uBackendCaps: images are files named by a path.
- */
-#define COW_CAP_FILE 4
-
-/**
- * uBackendCaps: images may be differencing images over a backing file.
- */
-#define COW_CAP_DIFF 8
-
-/**
- * uBackendCaps: supports pfnDiscard.
- */
-#define COW_CAP_DISCARD 16
-
-/**
- * uBackendCaps: images can be opened for writing (pfnWrite, pfnFlush).
- */
-#define COW_CAP_WRITE 32
-
-/**
- * Backend open flag (pfnOpen, pfnCreate): open the image for writing.
- * VDDR_* functions refuse it: disks behind an HVDDR are read-only.
- */
-#define COW_OPEN_READ_WRITE 2
-
-/**
- * Open flag: accept an image left dirty by a crash (VCI's unclean flag)
- * after checking it and rebuilding what can be rebuilt; without it such
- * an image is refused with COW_ERR_CORRUPT.
- */
-#define COW_OPEN_REPAIR 4
-
-/**
- * pfnCreate uImageFlags / pfnGetImageFlags: all space allocated up front.
- */
-#define COW_IMAGE_FIXED 1
-
-/**
- * pfnGetImageFlags: a differencing image over a backing file.
- */
-#define COW_IMAGE_DIFF 2
-
-/**
- * COW_CloneToFile flags: replace an existing file at `path` (by default
- * an existing file is an error and is left alone).
- */
-#define COW_CLONE_REPLACE 1
 
 /**
  * Options of COW_CreateCowOverlayEx. Fill with COW_InitOptions first, then

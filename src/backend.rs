@@ -16,43 +16,35 @@ use crate::disk::{Disk, SectorStatus};
 use crate::error::{Error, Result};
 use crate::formats::{self, FormatProbe, OpenOptions};
 
-/// Backend capability bits (`COW_CAP_*` in the C header).
+/// Backend capability bits (`COW_CAP_*`, defined in [`crate::numbers`]).
 pub mod caps {
-    /// Can create images with all space allocated up front.
-    pub const CREATE_FIXED: u64 = 1 << 0;
-    /// Can create images that grow as they are written.
-    pub const CREATE_DYNAMIC: u64 = 1 << 1;
-    /// Images are files (named by a path).
-    pub const FILE: u64 = 1 << 2;
-    /// Images may be differencing images over a backing file.
-    pub const DIFF: u64 = 1 << 3;
-    /// Supports discarding ranges (`pfnDiscard`).
-    pub const DISCARD: u64 = 1 << 4;
-    /// Images can be opened for writing (`pfnWrite`, `pfnFlush`).
-    pub const WRITE: u64 = 1 << 5;
+    use crate::numbers::caps::names as c;
+    pub const CREATE_FIXED: u64 = c::COW_CAP_CREATE_FIXED;
+    pub const CREATE_DYNAMIC: u64 = c::COW_CAP_CREATE_DYNAMIC;
+    pub const FILE: u64 = c::COW_CAP_FILE;
+    pub const DIFF: u64 = c::COW_CAP_DIFF;
+    pub const DISCARD: u64 = c::COW_CAP_DISCARD;
+    pub const WRITE: u64 = c::COW_CAP_WRITE;
     /// Every bit this version knows.
-    pub const ALL: u64 = (1 << 6) - 1;
+    pub const ALL: u64 = CREATE_FIXED | CREATE_DYNAMIC | FILE | DIFF | DISCARD | WRITE;
 }
 
-/// Open flags of a backend (`COW_OPEN_*` in the C header).
+/// Open flags of a backend (`COW_OPEN_*`, defined in [`crate::numbers`]).
 pub mod open_flags {
-    /// Follow parent/backing paths named inside the image.
-    pub const FOLLOW_PARENTS: u32 = 1;
-    /// Open the image for writing (only formats with the WRITE cap).
-    pub const READ_WRITE: u32 = 2;
-    /// Open an image left dirty by a crash, repairing what can be proven
-    /// consistent (VCI); without it such an image is refused.
-    pub const REPAIR: u32 = 4;
-    /// Every bit this version knows.
-    pub const ALL: u32 = 7;
+    use crate::numbers::open_flags::names as c;
+    pub const FOLLOW_PARENTS: u32 = c::COW_OPEN_FOLLOW_PARENTS;
+    pub const READ_WRITE: u32 = c::COW_OPEN_READ_WRITE;
+    pub const REPAIR: u32 = c::COW_OPEN_REPAIR;
+    /// Every bit a backend's open knows (COW_OPEN_READ_ONLY is the overlay
+    /// store's, not a backend's).
+    pub const ALL: u32 = FOLLOW_PARENTS | READ_WRITE | REPAIR;
 }
 
-/// Image flags (`COW_IMAGE_*`): how an image was created.
+/// Image flags (`COW_IMAGE_*`, defined in [`crate::numbers`]).
 pub mod image_flags {
-    /// All space allocated at creation.
-    pub const FIXED: u32 = 1;
-    /// A differencing image over a backing file.
-    pub const DIFF: u32 = 2;
+    use crate::numbers::image_flags::names as c;
+    pub const FIXED: u32 = c::COW_IMAGE_FIXED;
+    pub const DIFF: u32 = c::COW_IMAGE_DIFF;
 }
 
 /// Parameters of a create call.

@@ -10,21 +10,10 @@ pub const SECTOR_SIZE: usize = 512;
 /// `SECTOR_SIZE` as a u64, for offset arithmetic.
 pub const SECTOR_BYTES: u64 = SECTOR_SIZE as u64;
 
-/// What a range of sectors holds, as far as the metadata tells.
-///
-/// The numeric values are the legacy `VDDR_RSLT_*` result codes. The order
-/// of the variants is also their precedence when ranges are combined: a range
-/// with any `Normal` sector is `Normal`; else any `Blank` makes it `Blank`;
-/// else it is `NotAlloc`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SectorStatus {
-    /// Holds data (which may happen to be zeros).
-    Normal = 1,
-    /// Known to read as zeros (the format says so).
-    Blank = 2,
-    /// Never allocated: reads as zeros, and a clone need not store it.
-    NotAlloc = 3,
-}
+/// What a range of sectors holds, as far as the metadata tells; and the
+/// kind of an open disk. Both are C-visible numbers, defined in
+/// [`crate::numbers`].
+pub use crate::numbers::{DriveType, SectorStatus};
 
 impl SectorStatus {
     /// The status of the union of two ranges.
@@ -44,31 +33,8 @@ impl SectorStatus {
 
     /// Parses a legacy `VDDR_RSLT_*` value (0, `FAIL`, is not a status).
     pub fn from_legacy_code(code: u32) -> Option<SectorStatus> {
-        match code {
-            1 => Some(SectorStatus::Normal),
-            2 => Some(SectorStatus::Blank),
-            3 => Some(SectorStatus::NotAlloc),
-            _ => None,
-        }
+        SectorStatus::from_u32(code)
     }
-}
-
-/// The kind of an open disk: the legacy `VDD_TYPE_*` values (0..6) and the
-/// ones appended after them. Stable once shipped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DriveType {
-    Vdi = 0,
-    Vhd = 1,
-    Vmdk = 2,
-    Raw = 3,
-    PartRaw = 4,
-    Parallels = 5,
-    Cow = 6,
-    Qcow2 = 7,
-    Vhdx = 8,
-    UmlCow = 9,
-    Vci = 10,
-    Custom = 11,
 }
 
 /// A readable disk of `sector_count()` sectors.

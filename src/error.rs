@@ -6,28 +6,32 @@
 
 use std::io;
 
-/// Stable numeric error codes, shared by the Rust API and the C ABI.
+pub use crate::numbers::ErrorCode;
+
+/// The codes as `u32`, for comparing with [`Error::code`]; derived from
+/// [`ErrorCode`], where each is defined.
 pub mod code {
-    pub const NONE: u32 = 0;
-    pub const INVHANDLE: u32 = 0x60001;
-    pub const OUTOFMEM: u32 = 0x60002;
-    pub const INVBLOCK: u32 = 0x60003;
-    pub const SEEK: u32 = 0x60004;
-    pub const READ: u32 = 0x60005;
-    pub const INVALIDMOVE: u32 = 0x60006;
-    pub const WRITE: u32 = 0x60007;
-    pub const INVALID_ARG: u32 = 0x60008;
-    pub const CORRUPT: u32 = 0x60009;
-    pub const UNSUPPORTED: u32 = 0x6000A;
-    pub const SOURCE_MISMATCH: u32 = 0x6000B;
-    pub const READ_ONLY: u32 = 0x6000C;
-    pub const NO_SPACE: u32 = 0x6000D;
-    pub const OPEN: u32 = 0x6000E;
-    pub const BLOCK_FREE: u32 = 0x6000F;
-    pub const CANCELLED: u32 = 0x60010;
-    pub const LOCKED: u32 = 0x60011;
-    pub const INTERNAL: u32 = 0x60012;
-    pub const NOT_OVERLAY: u32 = 0x60013;
+    use super::ErrorCode;
+    pub const NONE: u32 = ErrorCode::None as u32;
+    pub const INVHANDLE: u32 = ErrorCode::Invhandle as u32;
+    pub const OUTOFMEM: u32 = ErrorCode::Outofmem as u32;
+    pub const INVBLOCK: u32 = ErrorCode::Invblock as u32;
+    pub const SEEK: u32 = ErrorCode::Seek as u32;
+    pub const READ: u32 = ErrorCode::Read as u32;
+    pub const INVALIDMOVE: u32 = ErrorCode::Invalidmove as u32;
+    pub const WRITE: u32 = ErrorCode::Write as u32;
+    pub const INVALID_ARG: u32 = ErrorCode::InvalidArg as u32;
+    pub const CORRUPT: u32 = ErrorCode::Corrupt as u32;
+    pub const UNSUPPORTED: u32 = ErrorCode::Unsupported as u32;
+    pub const SOURCE_MISMATCH: u32 = ErrorCode::SourceMismatch as u32;
+    pub const READ_ONLY: u32 = ErrorCode::ReadOnly as u32;
+    pub const NO_SPACE: u32 = ErrorCode::NoSpace as u32;
+    pub const OPEN: u32 = ErrorCode::Open as u32;
+    pub const BLOCK_FREE: u32 = ErrorCode::BlockFree as u32;
+    pub const CANCELLED: u32 = ErrorCode::Cancelled as u32;
+    pub const LOCKED: u32 = ErrorCode::Locked as u32;
+    pub const INTERNAL: u32 = ErrorCode::Internal as u32;
+    pub const NOT_OVERLAY: u32 = ErrorCode::NotOverlay as u32;
 }
 
 /// Everything that can go wrong, each variant carrying the detail a user
@@ -75,29 +79,34 @@ pub enum Error {
 }
 
 impl Error {
-    /// The stable `COW_ERR_*` code of this error.
-    pub fn code(&self) -> u32 {
+    /// The stable error code of this error.
+    pub fn kind(&self) -> ErrorCode {
         match self {
-            Error::InvalidHandle(_) => code::INVHANDLE,
-            Error::OutOfMemory(_) => code::OUTOFMEM,
-            Error::InvalidBlock(_) => code::INVBLOCK,
-            Error::Seek(_) => code::SEEK,
-            Error::Read(_) => code::READ,
-            Error::InvalidMove(_) => code::INVALIDMOVE,
-            Error::Write(_) => code::WRITE,
-            Error::InvalidArgument(_) => code::INVALID_ARG,
-            Error::Corrupt(_) => code::CORRUPT,
-            Error::Unsupported(_) => code::UNSUPPORTED,
-            Error::SourceMismatch(_) => code::SOURCE_MISMATCH,
-            Error::ReadOnly(_) => code::READ_ONLY,
-            Error::NoSpace(_) => code::NO_SPACE,
-            Error::Open(_) => code::OPEN,
-            Error::BlockFree(_) => code::BLOCK_FREE,
-            Error::Cancelled(_) => code::CANCELLED,
-            Error::Locked(_) => code::LOCKED,
-            Error::Internal(_) => code::INTERNAL,
-            Error::NotOverlay(_) => code::NOT_OVERLAY,
+            Error::InvalidHandle(_) => ErrorCode::Invhandle,
+            Error::OutOfMemory(_) => ErrorCode::Outofmem,
+            Error::InvalidBlock(_) => ErrorCode::Invblock,
+            Error::Seek(_) => ErrorCode::Seek,
+            Error::Read(_) => ErrorCode::Read,
+            Error::InvalidMove(_) => ErrorCode::Invalidmove,
+            Error::Write(_) => ErrorCode::Write,
+            Error::InvalidArgument(_) => ErrorCode::InvalidArg,
+            Error::Corrupt(_) => ErrorCode::Corrupt,
+            Error::Unsupported(_) => ErrorCode::Unsupported,
+            Error::SourceMismatch(_) => ErrorCode::SourceMismatch,
+            Error::ReadOnly(_) => ErrorCode::ReadOnly,
+            Error::NoSpace(_) => ErrorCode::NoSpace,
+            Error::Open(_) => ErrorCode::Open,
+            Error::BlockFree(_) => ErrorCode::BlockFree,
+            Error::Cancelled(_) => ErrorCode::Cancelled,
+            Error::Locked(_) => ErrorCode::Locked,
+            Error::Internal(_) => ErrorCode::Internal,
+            Error::NotOverlay(_) => ErrorCode::NotOverlay,
         }
+    }
+
+    /// The stable `COW_ERR_*` code of this error, as a number.
+    pub fn code(&self) -> u32 {
+        self.kind() as u32
     }
 
     /// A read error naming what was read, where, and the OS's reason.
@@ -114,31 +123,10 @@ impl Error {
     }
 }
 
-/// The short, fixed description of a code, used when no detail is at hand.
+/// The short, fixed description of a code number, used when no detail is
+/// at hand ("unknown error code" for a number that is not a code).
 pub fn describe(code: u32) -> &'static str {
-    match code {
-        code::NONE => "no error",
-        code::INVHANDLE => "invalid handle",
-        code::OUTOFMEM => "out of memory",
-        code::INVBLOCK => "sector range outside the drive",
-        code::SEEK => "seek failed",
-        code::READ => "read failed",
-        code::INVALIDMOVE => "invalid move: the destination lies inside the moved range",
-        code::WRITE => "write failed",
-        code::INVALID_ARG => "invalid argument",
-        code::CORRUPT => "corrupt image",
-        code::UNSUPPORTED => "unsupported image or feature",
-        code::SOURCE_MISMATCH => "the source is not the disk this overlay was made on",
-        code::READ_ONLY => "read-only",
-        code::NO_SPACE => "no space left",
-        code::OPEN => "cannot open file",
-        code::BLOCK_FREE => "block not allocated",
-        code::CANCELLED => "cancelled",
-        code::LOCKED => "locked by another user",
-        code::INTERNAL => "internal error",
-        code::NOT_OVERLAY => "the handle is not an overlay",
-        _ => "unknown error code",
-    }
+    ErrorCode::from_u32(code).map_or("unknown error code", ErrorCode::describe)
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

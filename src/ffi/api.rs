@@ -15,7 +15,7 @@ use super::{
     last_error_text, non_null,
 };
 use crate::disk::{check_range, Disk, SectorStatus, SECTOR_SIZE};
-use crate::error::{describe, Error, Result};
+use crate::error::{Error, Result};
 use crate::overlay::extents::{Extent, ExtentKind};
 use crate::overlay::space::FileStorage;
 use crate::overlay::{Overlay, OverlayOptions, DEFAULT_GRANULARITY};
@@ -72,21 +72,21 @@ pub extern "C" fn COW_GetErrorString(code: u32) -> COW_PSTR {
 }
 
 pub(crate) fn static_description(code: u32) -> *const c_char {
-    // Fixed NUL-terminated copies of error::describe, built once.
+    // NUL-terminated copies of every code's fixed description, built once.
+    use crate::error::ErrorCode;
+    use std::ffi::CString;
     use std::sync::OnceLock;
-    static TEXTS: OnceLock<Vec<(u32, std::ffi::CString)>> = OnceLock::new();
+    static TEXTS: OnceLock<Vec<(u32, CString)>> = OnceLock::new();
     let texts = TEXTS.get_or_init(|| {
-        (0..=0x13u32)
-            .map(|i| if i == 0 { 0 } else { 0x60000 + i })
-            .chain(std::iter::once(u32::MAX - 1))
-            .map(|c| (c, std::ffi::CString::new(describe(c)).unwrap_or_default()))
+        ErrorCode::ALL
+            .iter()
+            .map(|c| (*c as u32, CString::new(c.describe()).unwrap_or_default()))
             .collect()
     });
-    let entry = texts
-        .iter()
-        .find(|(c, _)| *c == code)
-        .unwrap_or(&texts[texts.len() - 1]);
-    entry.1.as_ptr()
+    match texts.iter().find(|(c, _)| *c == code) {
+        Some((_, text)) => text.as_ptr(),
+        None => c"unknown error code".as_ptr(),
+    }
 }
 
 /// Same as COW_GetLastError (one error state per thread serves both names).
@@ -154,7 +154,7 @@ pub unsafe extern "C" fn VDDR_Open(path: COW_CPFN, iChain: u32) -> HVDDR {
 pub unsafe extern "C" fn VDDR_OpenEx(path: *const c_char, flags: u32) -> HVDDR {
     guard(|| {
         non_null(path, "path")?;
-        if flags & !(COW_OPEN_FOLLOW_PARENTS | super::backend::COW_OPEN_REPAIR) != 0 {
+        if flags & !(COW_OPEN_FOLLOW_PARENTS | COW_OPEN_REPAIR) != 0 {
             return Err(Error::InvalidArgument(format!(
                 "unknown open flags {flags:#x}"
             )));

@@ -18,36 +18,11 @@ use crate::disk::{check_range, sectors_in, Disk, DriveType, SectorStatus, SECTOR
 use crate::error::{code, Error, Result};
 use crate::formats::{self, umlcow, vci, OpenOptions};
 
-/// The version of the COW_BACKEND layout this library implements:
-/// 0xC0BE in the high 16 bits, then major (8 bits) and minor (8 bits).
-/// Both u32Version and u32VersionEnd of a table must hold it.
-pub const COW_BACKEND_VERSION: u32 = 0xC0BE_0100;
-
-/// uBackendCaps: can create images with all space allocated up front.
-pub const COW_CAP_CREATE_FIXED: u64 = 1;
-/// uBackendCaps: can create images that grow as they are written.
-pub const COW_CAP_CREATE_DYNAMIC: u64 = 2;
-/// uBackendCaps: images are files named by a path.
-pub const COW_CAP_FILE: u64 = 4;
-/// uBackendCaps: images may be differencing images over a backing file.
-pub const COW_CAP_DIFF: u64 = 8;
-/// uBackendCaps: supports pfnDiscard.
-pub const COW_CAP_DISCARD: u64 = 16;
-/// uBackendCaps: images can be opened for writing (pfnWrite, pfnFlush).
-pub const COW_CAP_WRITE: u64 = 32;
-
-/// Backend open flag (pfnOpen, pfnCreate): open the image for writing.
-/// VDDR_* functions refuse it: disks behind an HVDDR are read-only.
-pub const COW_OPEN_READ_WRITE: u32 = 2;
-/// Open flag: accept an image left dirty by a crash (VCI's unclean flag)
-/// after checking it and rebuilding what can be rebuilt; without it such
-/// an image is refused with COW_ERR_CORRUPT.
-pub const COW_OPEN_REPAIR: u32 = 4;
-
-/// pfnCreate uImageFlags / pfnGetImageFlags: all space allocated up front.
-pub const COW_IMAGE_FIXED: u32 = 1;
-/// pfnGetImageFlags: a differencing image over a backing file.
-pub const COW_IMAGE_DIFF: u32 = 2;
+// COW_BACKEND_VERSION, COW_CAP_*, COW_OPEN_*, COW_IMAGE_*: src/numbers.rs.
+use super::types::{
+    COW_BACKEND_VERSION, COW_CAP_CREATE_DYNAMIC, COW_CAP_CREATE_FIXED, COW_CAP_DISCARD,
+    COW_CAP_WRITE, COW_IMAGE_DIFF, COW_IMAGE_FIXED, COW_OPEN_READ_WRITE, COW_OPEN_REPAIR,
+};
 
 /// A format driver (modelled on VirtualBox's VDCACHEBACKEND, with plain
 /// buffers). Functions returning int return COW_ERR_NONE (0) on success or
@@ -1299,24 +1274,4 @@ pub unsafe extern "C" fn COW_UmlCowCreate(
         Box::new(cow).close()?;
         Ok(())
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn c_constants_equal_the_core_constants() {
-        assert_eq!(COW_CAP_CREATE_FIXED, core::caps::CREATE_FIXED);
-        assert_eq!(COW_CAP_CREATE_DYNAMIC, core::caps::CREATE_DYNAMIC);
-        assert_eq!(COW_CAP_FILE, core::caps::FILE);
-        assert_eq!(COW_CAP_DIFF, core::caps::DIFF);
-        assert_eq!(COW_CAP_DISCARD, core::caps::DISCARD);
-        assert_eq!(COW_CAP_WRITE, core::caps::WRITE);
-        assert_eq!(COW_OPEN_FOLLOW_PARENTS, core::open_flags::FOLLOW_PARENTS);
-        assert_eq!(COW_OPEN_READ_WRITE, core::open_flags::READ_WRITE);
-        assert_eq!(COW_OPEN_REPAIR, core::open_flags::REPAIR);
-        assert_eq!(COW_IMAGE_FIXED, core::image_flags::FIXED);
-        assert_eq!(COW_IMAGE_DIFF, core::image_flags::DIFF);
-    }
 }

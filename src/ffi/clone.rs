@@ -8,14 +8,10 @@ use std::path::Path;
 
 use super::handle;
 use super::source::CallerDisk;
-use super::types::{COW_PROGRESS_FN, HVDDR, VDD_TYPE_RAW, VDD_TYPE_VDI};
+use super::types::{COW_CLONE_REPLACE, COW_PROGRESS_FN, HVDDR, VDD_TYPE_RAW, VDD_TYPE_VDI};
 use super::{guard_code, non_null};
 use crate::clone::{clone_to_file, CloneFormat, CloneOptions};
 use crate::error::{Error, Result};
-
-/// COW_CloneToFile flags: replace an existing file at `path` (by default
-/// an existing file is an error and is left alone).
-pub const COW_CLONE_REPLACE: u32 = 1;
 
 /// Writes the whole of `disk` (any HVDDR: an opened image, an overlay, or
 /// the caller's own object starting with a VDDR table) to a new image file

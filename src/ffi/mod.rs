@@ -155,47 +155,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn c_error_codes_equal_the_core_codes() {
-        use types::*;
-        let pairs = [
-            (COW_ERR_NONE, code::NONE),
-            (COW_ERR_INVHANDLE, code::INVHANDLE),
-            (COW_ERR_OUTOFMEM, code::OUTOFMEM),
-            (COW_ERR_INVBLOCK, code::INVBLOCK),
-            (COW_ERR_SEEK, code::SEEK),
-            (COW_ERR_READ, code::READ),
-            (COW_ERR_INVALIDMOVE, code::INVALIDMOVE),
-            (COW_ERR_WRITE, code::WRITE),
-            (COW_ERR_INVALID_ARG, code::INVALID_ARG),
-            (COW_ERR_CORRUPT, code::CORRUPT),
-            (COW_ERR_UNSUPPORTED, code::UNSUPPORTED),
-            (COW_ERR_SOURCE_MISMATCH, code::SOURCE_MISMATCH),
-            (COW_ERR_READ_ONLY, code::READ_ONLY),
-            (COW_ERR_NO_SPACE, code::NO_SPACE),
-            (COW_ERR_OPEN, code::OPEN),
-            (COW_ERR_BLOCK_FREE, code::BLOCK_FREE),
-            (COW_ERR_CANCELLED, code::CANCELLED),
-            (COW_ERR_LOCKED, code::LOCKED),
-            (COW_ERR_INTERNAL, code::INTERNAL),
-            (COW_ERR_NOT_OVERLAY, code::NOT_OVERLAY),
-        ];
-        for (c, core) in pairs {
-            assert_eq!(c, core);
-        }
-    }
-
-    #[test]
-    fn c_drive_types_equal_the_core_types() {
-        use crate::disk::DriveType;
-        use types::*;
-        assert_eq!(VDD_TYPE_VDI, DriveType::Vdi as u32);
-        assert_eq!(VDD_TYPE_RAW, DriveType::Raw as u32);
-        assert_eq!(VDD_TYPE_PARALLELS, DriveType::Parallels as u32);
-        assert_eq!(VDD_TYPE_COW, DriveType::Cow as u32);
-        assert_eq!(VDD_TYPE_CUSTOM, DriveType::Custom as u32);
-    }
-
-    #[test]
     fn a_panic_becomes_an_internal_error() {
         let r: u32 = guard(|| -> Result<u32> { panic!("boom") });
         assert_eq!(r, 0);

@@ -6,97 +6,19 @@ use std::os::raw::{c_char, c_int, c_longlong, c_uint, c_void};
 
 pub use super::uuid::S_UUID;
 
-/// Result of a page or sector read and of BlockStatus: the read failed
-/// (COW_GetLastError() says why).
-pub const VDDR_RSLT_FAIL: u32 = 0;
-/// Read ok; the range holds data.
-pub const VDDR_RSLT_NORMAL: u32 = 1;
-/// Read ok; the range is known to read as zeros.
-pub const VDDR_RSLT_BLANKPAGE: u32 = 2;
-/// Read ok; never allocated (zeros) - a clone need not store it.
-pub const VDDR_RSLT_NOTALLOC: u32 = 3;
-
-/// Drive types returned by GetDriveType (legacy values 0..6, then ours).
-pub const VDD_TYPE_VDI: u32 = 0;
-pub const VDD_TYPE_VHD: u32 = 1;
-pub const VDD_TYPE_VMDK: u32 = 2;
-pub const VDD_TYPE_RAW: u32 = 3;
-pub const VDD_TYPE_PART_RAW: u32 = 4;
-pub const VDD_TYPE_PARALLELS: u32 = 5;
-/// A copy-on-write overlay.
-pub const VDD_TYPE_COW: u32 = 6;
-pub const VDD_TYPE_QCOW2: u32 = 7;
-pub const VDD_TYPE_VHDX: u32 = 8;
-pub const VDD_TYPE_UMLCOW: u32 = 9;
-pub const VDD_TYPE_VCI: u32 = 10;
-/// A disk served by a caller-registered backend.
-pub const VDD_TYPE_CUSTOM: u32 = 11;
-/// Returned by GetDriveType for an invalid handle.
-pub const VDD_TYPE_INVALID: u32 = 0xFFFFFFFF;
-
-/// Error codes (COW_GetLastError). The first seven are the legacy values.
-pub const COW_ERR_NONE: u32 = 0;
-pub const COW_ERR_INVHANDLE: u32 = 0x60001;
-pub const COW_ERR_OUTOFMEM: u32 = 0x60002;
-/// A sector range not wholly inside the drive.
-pub const COW_ERR_INVBLOCK: u32 = 0x60003;
-pub const COW_ERR_SEEK: u32 = 0x60004;
-pub const COW_ERR_READ: u32 = 0x60005;
-/// MoveSectors with from <= to <= from + n.
-pub const COW_ERR_INVALIDMOVE: u32 = 0x60006;
-pub const COW_ERR_WRITE: u32 = 0x60007;
-pub const COW_ERR_INVALID_ARG: u32 = 0x60008;
-/// An image or store whose structures are damaged.
-pub const COW_ERR_CORRUPT: u32 = 0x60009;
-/// An image format or feature this library does not handle.
-pub const COW_ERR_UNSUPPORTED: u32 = 0x6000A;
-/// The source is not the disk an overlay store was made on.
-pub const COW_ERR_SOURCE_MISMATCH: u32 = 0x6000B;
-pub const COW_ERR_READ_ONLY: u32 = 0x6000C;
-pub const COW_ERR_NO_SPACE: u32 = 0x6000D;
-/// A file could not be opened (missing, no permission, ...).
-pub const COW_ERR_OPEN: u32 = 0x6000E;
-/// A backend does not hold the block asked for (reads as NOTALLOC).
-pub const COW_ERR_BLOCK_FREE: u32 = 0x6000F;
-/// A progress callback asked to stop.
-pub const COW_ERR_CANCELLED: u32 = 0x60010;
-/// The file is in use by another writer.
-pub const COW_ERR_LOCKED: u32 = 0x60011;
-/// A bug inside the library (a caught panic); the message says where.
-pub const COW_ERR_INTERNAL: u32 = 0x60012;
-/// An overlay-only function called on a handle that is not an overlay.
-pub const COW_ERR_NOT_OVERLAY: u32 = 0x60013;
-
-/// Pass to COW_GetErrorString for the detailed text of the calling
-/// thread's last error.
-pub const COW_LAST_ERROR: u32 = 0xFFFFFFFF;
-
-/// The legacy COW granularity: 2048 sectors (1 MiB).
-pub const COW_DEFAULT_GRANULARITY: u32 = 2048;
-/// COW_OPTIONS.flags: report data that reads as all zeros as
-/// VDDR_RSLT_BLANKPAGE (BlockStatus then reads the data to find out).
-pub const COW_OPT_DETECT_ZEROS: u64 = 1;
-
-/// VDDR_OpenEx flags: follow parent/backing file paths named inside an
-/// image (off by default: such a path is untrusted input).
-pub const COW_OPEN_FOLLOW_PARENTS: u32 = 1;
-/// COW_OpenCowOverlay flags: open the store read-only (edits fail with
-/// COW_ERR_READ_ONLY; a log that needs replay is replayed in memory and the
-/// file is not touched).
-pub const COW_OPEN_READ_ONLY: u32 = 8;
-
-/// COW_EXTENT.kind: inserted or discarded space (reads zero, NOTALLOC).
-pub const COW_EXTENT_NONE: u32 = 0;
-/// COW_EXTENT.kind: a range of the source disk.
-pub const COW_EXTENT_SOURCE: u32 = 1;
-/// COW_EXTENT.kind: a range of the overlay store holding data (NORMAL).
-pub const COW_EXTENT_STORE: u32 = 2;
-/// COW_EXTENT.kind: store space reserved with a COW unit but never written:
-/// reads zero, NOTALLOC. `position` is its first store sector.
-pub const COW_EXTENT_STORE_HOLE: u32 = 3;
-/// COW_EXTENT.kind: store space reserved with a COW unit for sectors that
-/// were known zeros: reads zero, BLANK. `position` is its first store sector.
-pub const COW_EXTENT_STORE_ZERO: u32 = 4;
+// The C-visible numbers (VDDR_RSLT_*, VDD_TYPE_*, COW_ERR_*, flags, ...)
+// are defined once in src/numbers.rs; build.rs writes their #defines.
+pub use crate::numbers::clone_flags::names::*;
+pub use crate::numbers::drive_type_codes::*;
+pub use crate::numbers::error_codes::*;
+pub use crate::numbers::extent_kinds::names::*;
+pub use crate::numbers::open_flags::names::*;
+pub use crate::numbers::overlay_flags::names::*;
+pub use crate::numbers::results::names::*;
+pub use crate::numbers::sector_status_codes::*;
+pub use crate::numbers::sizes::names::*;
+pub use crate::numbers::special::names::*;
+pub use crate::numbers::{caps::names::*, image_flags::names::*};
 
 /// Handle of any open disk (a struct whose first member is a VDDR table).
 pub type HVDDR = *mut VDDR;
