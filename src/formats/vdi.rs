@@ -37,7 +37,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::mapped::{self, MappedImage, Mapping};
-use super::{open_parent, open_read_only, OpenOptions};
+use super::{media_registry, open_parent, open_parent_at_path, open_read_only, OpenOptions};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
 
@@ -116,8 +116,8 @@ fn le_u64(bytes: &[u8], at: usize) -> u64 {
 }
 
 /// A GUID stored with its first three fields little-endian, as RFC 4122
-/// (big-endian) bytes.
-fn guid_to_rfc_bytes(stored: &[u8]) -> [u8; 16] {
+/// (big-endian) bytes. The swap is its own inverse.
+pub(crate) fn guid_to_rfc_bytes(stored: &[u8]) -> [u8; 16] {
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&stored[..16]);
     uuid[0..4].reverse();
@@ -232,6 +232,13 @@ fn read_header(file: &File, what: &str) -> Result<VdiHeader> {
             _ => Error::read(&format!("{what}: VDI header"), 0, e),
         })?;
     parse_header(&bytes, what)
+}
+
+/// Reads and checks the header of the VDI at `path` (no block map, no
+/// parent): what a caller needs to learn an image's UUID or its parent's.
+pub fn read_header_at(path: &Path) -> Result<VdiHeader> {
+    let file = open_read_only(path)?;
+    read_header(&file, &path.display().to_string())
 }
 
 /// True when the file starts with a VDI pre-header.
@@ -459,15 +466,30 @@ fn find_and_open_parent(
             uuid_text(&wanted)
         )));
     }
-    let Some(name) = find_image_with_uuid(child, &wanted) else {
-        return Err(Error::Open(format!(
-            "{}: differencing VDI image needs its parent image with UUID {}, and no .vdi \
-             file in its folder has that UUID",
-            child.display(),
-            uuid_text(&wanted)
-        )));
+    // Beside the child first; then where a loaded media registry says the
+    // disk with that UUID is (VirtualBox keeps snapshots in another folder).
+    let (name, parent) = match find_image_with_uuid(child, &wanted) {
+        Some(name) => {
+            let parent = open_parent(child, &name, options, depth)?;
+            (name, parent)
+        }
+        None => match media_registry::registry_parent(child, Some(wanted), None) {
+            Some(path) => {
+                let parent = open_parent_at_path(child, &path, options, depth)?;
+                (path.display().to_string(), parent)
+            }
+            None => {
+                return Err(Error::Open(format!(
+                    "{}: differencing VDI image needs its parent image with UUID {}; no \
+                     .vdi file in its folder has that UUID, and no loaded media registry \
+                     names it (load the VirtualBox media registry that describes the \
+                     image first)",
+                    child.display(),
+                    uuid_text(&wanted)
+                )))
+            }
+        },
     };
-    let parent = open_parent(child, &name, options, depth)?;
     if parent.uuid() != Some(wanted) {
         return Err(Error::SourceMismatch(format!(
             "{}: parent '{name}' does not have the UUID {} the child was made on",
