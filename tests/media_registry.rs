@@ -4,8 +4,9 @@
 //! VirtualBox layout (a `<VirtualBox>` root, `<MediaRegistry><HardDisks>`,
 //! nested `<HardDisk uuid location format>`). Chains are spread over several
 //! folders so only the registry can join them: VDI chains from the
-//! hand-written builder in `support::vdi` over a qemu-made base, VMDK
-//! chains made by qemu-img and then moved. Expected bytes come from
+//! hand-written builder in `support::vdi` over a qemu-made base, VHD chains
+//! from the writer in `support::vhd` over a qemu-made base, VMDK chains made
+//! by qemu-img and then moved. Expected bytes come from
 //! `qemu-img convert -O raw` of the chain while it was still together, or
 //! are worked out by hand; expected UUIDs are read from the files' bytes by
 //! hand.
@@ -791,6 +792,122 @@ fn vhd_registry_uuid_is_the_footer_read_as_a_guid() {
             Error::SourceMismatch(_)
         ));
     }
+}
+
+/// A three-deep VHD chain over three folders: a qemu-made base in `vm/`, a
+/// differencing middle in `vm/Snapshots/` and a differencing top in
+/// `other/` (both from the test writer), whose parent locators name files
+/// beside them that are not there. The registry `vm/test.vbox` writes each
+/// UUID as VirtualBox does (the footer bytes read as a GUID).
+#[test]
+fn vhd_chain_across_folders_opens_through_the_registry() {
+    use support::vhd::{child_block, overlay as vhd_overlay, utf16le, VhdBuilder};
+    let _guard = exclusive();
+    let root = support::temp_dir();
+    let r = root.path();
+    let vm = mkdirs(&r.join("vm"));
+    let snapshots = mkdirs(&vm.join("Snapshots"));
+    let other = mkdirs(&r.join("other"));
+    let size = 6 * MIB;
+    let base = support::qemu_create(
+        &vm,
+        "base.vhd",
+        "vpc",
+        &["-o", "subformat=dynamic,force_size=on"],
+        &size.to_string(),
+    );
+    support::qemu_io(
+        &base,
+        "vpc",
+        &[
+            "write -P 0x81 0 1M".to_string(),
+            "write -P 0x82 4M 64k".to_string(),
+        ],
+    );
+    let base_bytes = support::qemu_raw_bytes(&base, r);
+    let footer_id = |path: &Path| -> [u8; 16] {
+        let bytes = std::fs::read(path).unwrap();
+        bytes[bytes.len() - 512 + 68..bytes.len() - 512 + 84]
+            .try_into()
+            .unwrap()
+    };
+    let base_id = footer_id(&base);
+    let locators = |name: &str| {
+        vec![
+            (*b"W2ru", utf16le(&format!(r".\{name}"))),
+            (*b"W2ku", utf16le(&format!(r"C:\gone\{name}"))),
+        ]
+    };
+    let mid_id = random_stored_uuid();
+    let mid_builder = VhdBuilder {
+        size,
+        disk_type: 4,
+        unique_id: mid_id,
+        parent_id: base_id,
+        parent_name: "base.vhd".into(),
+        locators: locators("base.vhd"),
+        blocks: vec![
+            child_block(0, |s| s % 3 == 0, 51),
+            child_block(2, |_| true, 52),
+        ],
+    };
+    let mid = snapshots.join("mid.vhd");
+    std::fs::write(&mid, mid_builder.build()).unwrap();
+    let mut mid_bytes = base_bytes.clone();
+    vhd_overlay(&mut mid_bytes, &mid_builder.blocks);
+
+    let top_id = random_stored_uuid();
+    let top_builder = VhdBuilder {
+        size,
+        disk_type: 4,
+        unique_id: top_id,
+        parent_id: mid_id,
+        parent_name: "mid.vhd".into(),
+        locators: locators("mid.vhd"),
+        blocks: vec![
+            child_block(0, |s| s < 10, 61),
+            child_block(1, |s| s > 4000, 62),
+        ],
+    };
+    let top = other.join("top.vhd");
+    std::fs::write(&top, top_builder.build()).unwrap();
+    let mut top_bytes = mid_bytes.clone();
+    vhd_overlay(&mut top_bytes, &top_builder.blocks);
+
+    let [base_text, mid_text, top_text] = [base_id, mid_id, top_id].map(|id| stored_guid_text(&id));
+    let disks = format!(
+        r#"<HardDisk uuid="{{{base_text}}}" location="base.vhd" format="VHD">
+             <HardDisk uuid="{{{mid_text}}}" location="Snapshots/mid.vhd" format="VHD">
+               <HardDisk uuid="{{{top_text}}}" location="{}" format="VHD"/>
+             </HardDisk>
+           </HardDisk>"#,
+        top.display()
+    );
+    std::fs::write(vm.join("test.vbox"), machine_xml(&disks)).unwrap();
+
+    let err = open_err(&top, &follow());
+    assert!(matches!(err, Error::Open(_)), "{err}");
+    assert!(err.to_string().contains(&mid_text), "{err}");
+
+    assert_eq!(registry::load_for_image_with(&mid, &[]).unwrap(), 3);
+    let mut disk = formats::open_path(&top, &follow()).unwrap();
+    assert_eq!(disk.drive_type(), DriveType::Vhd);
+    support::compare_bytes(disk.as_mut(), &top_bytes);
+    drop(disk);
+    for (text, id, bytes) in [
+        (&top_text, top_id, &top_bytes),
+        (&mid_text, mid_id, &mid_bytes),
+        (&base_text, base_id, &base_bytes),
+    ] {
+        let mut disk = registry::open_by_uuid(&text_bytes(text), 0, &follow()).unwrap();
+        assert_eq!(disk.uuid(), Some(id));
+        assert!(read_all(disk.as_mut()) == *bytes, "{text}");
+    }
+    assert_eq!(registry::quick_uuid(&top).unwrap(), top_id);
+    assert_eq!(
+        registry::quick_registry_uuid(&top).unwrap(),
+        text_bytes(&top_text)
+    );
 }
 
 #[test]
