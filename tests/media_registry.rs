@@ -1018,6 +1018,34 @@ fn huge_and_deep_registries_are_refused() {
     assert_eq!(MediaRegistry::new().load_file(&path).unwrap(), 0);
     assert!(started.elapsed().as_secs() < 20);
 
+    // Many entries: read in one pass, not a rescan per entry.
+    let count = 150_000;
+    let mut disks = String::new();
+    for i in 0..count {
+        disks.push_str(&format!(
+            "<HardDisk uuid=\"{{{}}}\" location=\"d{i}.vdi\"/>\n",
+            uuid::Uuid::from_u128(i as u128 + 1).hyphenated()
+        ));
+    }
+    let path = dir.path().join("many.vbox");
+    std::fs::write(&path, machine_xml(&disks)).unwrap();
+    let started = Instant::now();
+    let mut many = MediaRegistry::new();
+    assert_eq!(many.load_file(&path).unwrap(), count);
+    assert!(
+        started.elapsed().as_secs() < 20,
+        "took {:?}",
+        started.elapsed()
+    );
+    let last = many
+        .get(uuid::Uuid::from_u128(count as u128).as_bytes())
+        .unwrap();
+    assert_eq!(
+        last.location,
+        dir.path().join(format!("d{}.vdi", count - 1))
+    );
+    assert_eq!(last.line, 7 + count as u32 - 1); // the first disk is on line 7
+
     // More nodes than the cap.
     let many = format!(
         "<VirtualBox>{}</VirtualBox>",

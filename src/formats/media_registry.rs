@@ -280,6 +280,21 @@ pub fn parse_registry(text: &str, xml: &Path) -> Result<Vec<MediaEntry>> {
     })?;
     let folder = xml.parent().unwrap_or_else(|| Path::new("."));
     let is = |node: &roxmltree::Node, tag: &str| node.is_element() && node.tag_name().name() == tag;
+    // Line numbers, counted forward from the last element asked about
+    // (elements come in document order): `text_pos_at` would rescan the
+    // text from the start for each one.
+    let mut cursor = (0usize, 1u32);
+    let mut line_at = |pos: usize| -> u32 {
+        if pos < cursor.0 {
+            cursor = (0, 1);
+        }
+        let newlines = text.as_bytes()[cursor.0..pos]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count();
+        cursor = (pos, cursor.1.saturating_add(newlines as u32));
+        cursor.1
+    };
     let mut entries: Vec<MediaEntry> = Vec::new();
     let mut seen: HashMap<[u8; 16], u32> = HashMap::new();
     for registry in doc.descendants().filter(|n| is(n, "MediaRegistry")) {
@@ -293,7 +308,7 @@ pub fn parse_registry(text: &str, xml: &Path) -> Result<Vec<MediaEntry>> {
                 .collect();
             stack.reverse();
             while let Some((node, parent, level)) = stack.pop() {
-                let line = doc.text_pos_at(node.range().start).row;
+                let line = line_at(node.range().start);
                 if level > MAX_NESTING {
                     return Err(Error::Unsupported(format!(
                         "{name}: line {line}: HardDisk elements nested more than \
