@@ -1065,6 +1065,58 @@ fn huge_and_deep_registries_are_refused() {
     assert!(err.to_string().contains("larger than"), "{err}");
 }
 
+/// Shapes of XML that make a parser's work grow faster than the input:
+/// refused before parsing, or read in time proportional to the file.
+#[test]
+fn pathological_xml_is_refused_or_read_quickly() {
+    let dir = support::temp_dir();
+    let load = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let started = Instant::now();
+        let result = MediaRegistry::new().load_file(&path);
+        let took = started.elapsed();
+        assert!(took.as_secs() < 20, "{name} took {took:?}");
+        result
+    };
+    // One element with 400,000 attributes (a parser checks each against
+    // the ones before it for duplicates).
+    let attrs: String = (0..400_000).map(|i| format!(" a{i}=\"\"")).collect();
+    let err = load("attrs.vbox", format!("<VirtualBox{attrs}/>")).unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    assert!(err.to_string().contains("attributes"), "{err}");
+    // A namespace declared on each of 100,000 nested elements (each copies
+    // those in scope).
+    let open: String = (0..100_000)
+        .map(|i| format!("<e xmlns:p{i}=\"u\">"))
+        .collect();
+    let err = load("ns.vbox", format!("<VirtualBox>{open}")).unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    assert!(err.to_string().contains("namespace"), "{err}");
+    assert!(err.to_string().contains("line 1"), "{err}");
+    // Millions of character and entity references in text and in a value.
+    let refs = "&#65;&amp;&lt;".repeat(1_000_000);
+    assert_eq!(
+        load("text.vbox", format!("<VirtualBox>{refs}</VirtualBox>")).unwrap(),
+        0
+    );
+    let uuid = random_text();
+    let entries = load(
+        "value.vbox",
+        machine_xml(&format!(
+            r#"<HardDisk uuid="{{{uuid}}}" location="{refs}"/>"#
+        )),
+    )
+    .unwrap();
+    assert_eq!(entries, 1);
+    // 900,000 comments and processing instructions.
+    let junk = "<!-- a=\"b\" --><?pi x=\"y\"?>".repeat(450_000);
+    assert_eq!(
+        load("junk.vbox", format!("<VirtualBox>{junk}</VirtualBox>")).unwrap(),
+        0
+    );
+}
+
 #[test]
 fn a_bad_file_fails_the_whole_load() {
     let _guard = exclusive();

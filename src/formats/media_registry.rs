@@ -47,8 +47,11 @@
 //! # Limits
 //!
 //! A registry file larger than [`MAX_REGISTRY_BYTES`], with more than
-//! [`MAX_XML_NODES`] XML nodes, or with `HardDisk` elements nested more than
-//! [`MAX_NESTING`] deep is refused with an error; so is one that is not
+//! [`MAX_XML_NODES`] XML nodes, more than [`MAX_ATTRIBUTES`] attributes on
+//! an element, more than [`MAX_NAMESPACE_DECLARATIONS`] namespace
+//! declarations (the last two make the parser's work grow with their
+//! square), or with `HardDisk` elements nested more than [`MAX_NESTING`]
+//! deep is refused with an error; so is one that is not
 //! well-formed XML, has a DTD, names a UUID twice or has a `HardDisk` without
 //! a valid `uuid` or a `location`. A file that exists but cannot be read
 //! fails the whole load (nothing from that load is kept).
@@ -73,6 +76,10 @@ pub const MAX_XML_NODES: u32 = 1 << 20;
 /// The deepest nesting of `HardDisk` elements accepted (a snapshot chain
 /// that long could not be opened anyway: see [`MAX_CHAIN_DEPTH`]).
 pub const MAX_NESTING: usize = 256;
+/// The most attributes one XML element may have.
+pub const MAX_ATTRIBUTES: usize = 256;
+/// The most `xmlns` namespace declarations a registry file may have.
+pub const MAX_NAMESPACE_DECLARATIONS: usize = 64;
 /// The legacy tool's own registry file, looked for in the image's folder.
 pub const LEGACY_MEDIA_FILE: &str = "CloneVDI_Media.xml";
 /// The global registry's file name.
@@ -268,6 +275,14 @@ pub fn read_registry_file(xml: &Path) -> Result<Vec<MediaEntry>> {
 pub fn parse_registry(text: &str, xml: &Path) -> Result<Vec<MediaEntry>> {
     let name = xml.display();
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    check_markup_limits(text).map_err(|(at, what)| {
+        let line = text.as_bytes()[..at]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1;
+        Error::Unsupported(format!("{name}: line {line}: {what}"))
+    })?;
     let options = roxmltree::ParsingOptions {
         allow_dtd: false,
         nodes_limit: MAX_XML_NODES,
@@ -355,6 +370,110 @@ pub fn parse_registry(text: &str, xml: &Path) -> Result<Vec<MediaEntry>> {
         }
     }
     Ok(entries)
+}
+
+/// Refuses, before parsing, markup that would make the XML parser's work
+/// grow faster than the file: more than [`MAX_ATTRIBUTES`] attributes on one
+/// element (duplicate attributes are found by comparing each with the ones
+/// before it), or more than [`MAX_NAMESPACE_DECLARATIONS`] `xmlns`
+/// declarations in the file (each element declaring one copies all those in
+/// scope). VirtualBox's files have a handful of attributes per element and
+/// one namespace. A linear scan: comments, CDATA sections and processing
+/// instructions are skipped, quoted values are not looked into. Returns the
+/// byte offset of the offending tag and what is wrong.
+fn check_markup_limits(text: &str) -> std::result::Result<(), (usize, String)> {
+    let b = text.as_bytes();
+    let skip_to = |from: usize, end: &[u8]| -> usize {
+        b[from..]
+            .windows(end.len())
+            .position(|w| w == end)
+            .map_or(b.len(), |p| from + p + end.len())
+    };
+    let mut namespaces = 0usize;
+    let mut i = 0usize;
+    while let Some(found) = b[i..].iter().position(|c| *c == b'<') {
+        let start = i + found;
+        let rest = &b[start..];
+        if rest.starts_with(b"<!--") {
+            i = skip_to(start + 4, b"-->");
+            continue;
+        }
+        if rest.starts_with(b"<![CDATA[") {
+            i = skip_to(start + 9, b"]]>");
+            continue;
+        }
+        if rest.starts_with(b"<?") {
+            i = skip_to(start + 2, b"?>");
+            continue;
+        }
+        if rest.starts_with(b"<!") {
+            // A DOCTYPE: the parser refuses it.
+            i = start + 2;
+            continue;
+        }
+        // A tag: one '=' outside quotes per attribute; the word before it
+        // is the attribute's name.
+        let mut attributes = 0usize;
+        let mut quote: Option<u8> = None;
+        let mut word = start + 1;
+        let mut last_word: &[u8] = &[];
+        let mut j = start + 1;
+        while j < b.len() {
+            let c = b[j];
+            match quote {
+                Some(q) => {
+                    if c == q {
+                        quote = None;
+                        word = j + 1;
+                        last_word = &[];
+                    }
+                }
+                None => match c {
+                    b'"' | b'\'' => quote = Some(c),
+                    b'>' => break,
+                    b'=' => {
+                        attributes += 1;
+                        if attributes > MAX_ATTRIBUTES {
+                            return Err((
+                                start,
+                                format!("an element with more than {MAX_ATTRIBUTES} attributes"),
+                            ));
+                        }
+                        let name = match b[word..j].trim_ascii() {
+                            [] => last_word,
+                            name => name,
+                        };
+                        last_word = &[];
+                        word = j + 1;
+                        if name.starts_with(b"xmlns") {
+                            namespaces += 1;
+                            if namespaces > MAX_NAMESPACE_DECLARATIONS {
+                                return Err((
+                                    start,
+                                    format!(
+                                        "more than {MAX_NAMESPACE_DECLARATIONS} namespace \
+                                         declarations"
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                    c if c.is_ascii_whitespace() => {
+                        // The last word seen, for `name = "value"`.
+                        let seen = b[word..j].trim_ascii();
+                        if !seen.is_empty() {
+                            last_word = seen;
+                            word = j;
+                        }
+                    }
+                    _ => {}
+                },
+            }
+            j += 1;
+        }
+        i = j.min(b.len());
+    }
+    Ok(())
 }
 
 /// An absolute location as it is; a relative one joined to the registry's
@@ -612,6 +731,33 @@ mod tests {
             "{0123abcd-0000-1111-2222-33334444555g}",
         ] {
             assert!(parse_uuid_text(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn markup_limits_count_attributes_and_namespaces() {
+        let tag = |n: usize, prefix: &str| {
+            let attrs: String = (0..n).map(|i| format!(" {prefix}{i} = 'v>='")).collect();
+            format!("<!-- a=b <x c=d> --><?pi a=b?><r{attrs}/><![CDATA[<q a=b>]]>")
+        };
+        assert!(check_markup_limits(&tag(MAX_ATTRIBUTES, "a")).is_ok());
+        let (at, what) = check_markup_limits(&tag(MAX_ATTRIBUTES + 1, "a")).unwrap_err();
+        assert_eq!(at, tag(0, "").find("<r").unwrap());
+        assert!(what.contains("attributes"), "{what}");
+        assert!(check_markup_limits(&tag(MAX_NAMESPACE_DECLARATIONS, "xmlns:p")).is_ok());
+        let (_, what) =
+            check_markup_limits(&tag(MAX_NAMESPACE_DECLARATIONS + 1, "xmlns:p")).unwrap_err();
+        assert!(what.contains("namespace"), "{what}");
+        // Spread over elements, namespaces still count; attributes do not.
+        let many: String = (0..=MAX_NAMESPACE_DECLARATIONS)
+            .map(|i| format!("<e xmlns:p{i}=\"u\" a=\"1\" b=\"2\">"))
+            .collect();
+        assert!(check_markup_limits(&many).is_err());
+        let plain: String = (0..1000).map(|_| "<e a=\"1\" b='2'/>").collect();
+        assert!(check_markup_limits(&plain).is_ok());
+        // Unterminated constructs end the scan.
+        for text in ["<!-- a=b", "<![CDATA[", "<?x", "<e a='", "<", ""] {
+            assert!(check_markup_limits(text).is_ok(), "{text}");
         }
     }
 
