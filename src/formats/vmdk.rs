@@ -540,16 +540,16 @@ fn read_embedded_descriptor(
             .filter(|b| *b <= MAX_DESCRIPTOR_BYTES);
         let start = header.descriptor_sector.checked_mul(SECTOR_BYTES);
         let (bytes, start) = match (bytes, start) {
-                (Some(b), Some(s)) if s.checked_add(b).is_some_and(|e| e <= file_len) => (b, s),
-                _ => {
-                    return Err(Error::Corrupt(format!(
-                        "{}: embedded descriptor at sector {} ({} sectors) is too large or past the end of the file",
-                        path.display(),
-                        header.descriptor_sector,
-                        header.descriptor_sectors
-                    )))
-                }
-            };
+            (Some(b), Some(s)) if s.checked_add(b).is_some_and(|e| e <= file_len) => (b, s),
+            _ => {
+                return Err(Error::Corrupt(format!(
+                    "{}: embedded descriptor at sector {} ({} sectors) is too large or past the end of the file",
+                    path.display(),
+                    header.descriptor_sector,
+                    header.descriptor_sectors
+                )))
+            }
+        };
         let mut text = vec![0u8; bytes as usize];
         file.read_exact_at(&mut text, start)
             .map_err(|e| Error::read(&format!("{} descriptor", name(path)), start, e))?;
