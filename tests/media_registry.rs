@@ -910,6 +910,103 @@ fn vhd_chain_across_folders_opens_through_the_registry() {
     );
 }
 
+/// VirtualBox records a parent's UUID in its own in-memory layout: a VDI
+/// child's linkage field over a VHD parent holds the VHD's footer bytes as
+/// stored, and a VHD child's parent id over a VDI parent holds the VDI's
+/// stored UUID bytes. Such mixed chains are found through the registry (a
+/// VDI child only scans its folder for `.vdi` files) and accepted.
+#[test]
+fn mixed_vdi_and_vhd_chains_through_the_registry() {
+    use support::vhd::{child_block, overlay as vhd_overlay, utf16le, VhdBuilder};
+    let _guard = exclusive();
+    let root = support::temp_dir();
+    let r = root.path();
+    let bases = mkdirs(&r.join("bases"));
+    let children = mkdirs(&r.join("children"));
+    let size = 4 * MIB;
+
+    // A VDI child over a VHD parent.
+    let vhd = support::qemu_create(
+        &bases,
+        "parent.vhd",
+        "vpc",
+        &["-o", "subformat=dynamic,force_size=on"],
+        &size.to_string(),
+    );
+    support::qemu_io(&vhd, "vpc", &["write -P 0x91 0 2M".to_string()]);
+    let vhd_bytes = support::qemu_raw_bytes(&vhd, r);
+    let vhd_raw = std::fs::read(&vhd).unwrap();
+    let footer_id: [u8; 16] = vhd_raw[vhd_raw.len() - 512 + 68..vhd_raw.len() - 512 + 84]
+        .try_into()
+        .unwrap();
+    let vdi_child = children.join("over-vhd.vdi");
+    let vdi_blocks = [
+        ChildBlock::Free,
+        ChildBlock::Stored { index: 0, seed: 71 },
+        ChildBlock::Zero,
+        ChildBlock::Free,
+    ];
+    let vdi_child_stored = random_stored_uuid();
+    build_differencing_vdi(&vdi_child, size, vdi_child_stored, &footer_id, &vdi_blocks);
+
+    // A VHD child over a VDI parent.
+    let vdi = support::qemu_create(&bases, "parent.vdi", "vdi", &[], &size.to_string());
+    support::qemu_io(&vdi, "vdi", &["write -P 0x92 1M 2M".to_string()]);
+    let vdi_bytes = support::qemu_raw_bytes(&vdi, r);
+    let vdi_stored: [u8; 16] = std::fs::read(&vdi).unwrap()[0x188..0x198]
+        .try_into()
+        .unwrap();
+    let vhd_child_builder = VhdBuilder {
+        size,
+        disk_type: 4,
+        unique_id: random_stored_uuid(),
+        parent_id: vdi_stored,
+        parent_name: "parent.vdi".into(),
+        locators: vec![(*b"W2ru", utf16le(r".\parent.vdi"))],
+        blocks: vec![child_block(1, |s| s < 100, 72)],
+    };
+    let vhd_child = children.join("over-vdi.vhd");
+    std::fs::write(&vhd_child, vhd_child_builder.build()).unwrap();
+
+    std::fs::write(
+        children.join("CloneVDI_Media.xml"),
+        machine_xml(&format!(
+            r#"<HardDisk uuid="{{{}}}" location="../bases/parent.vhd" format="VHD">
+                 <HardDisk uuid="{{{}}}" location="over-vhd.vdi" format="VDI"/>
+               </HardDisk>
+               <HardDisk uuid="{{{}}}" location="../bases/parent.vdi" format="VDI">
+                 <HardDisk uuid="{{{}}}" location="over-vdi.vhd" format="VHD"/>
+               </HardDisk>"#,
+            stored_guid_text(&footer_id),
+            stored_guid_text(&vdi_child_stored),
+            stored_guid_text(&vdi_stored),
+            stored_guid_text(&vhd_child_builder.unique_id),
+        )),
+    )
+    .unwrap();
+    assert!(open_err(&vdi_child, &follow())
+        .to_string()
+        .contains("media registry"));
+    assert_eq!(registry::load_for_image_with(&vdi_child, &[]).unwrap(), 4);
+
+    let mut disk = formats::open_path(&vdi_child, &follow()).unwrap();
+    assert!(read_all(disk.as_mut()) == overlay(&vhd_bytes, &vdi_blocks));
+    drop(disk);
+    let mut expected = vdi_bytes.clone();
+    vhd_overlay(&mut expected, &vhd_child_builder.blocks);
+    let mut disk = formats::open_path(&vhd_child, &follow()).unwrap();
+    assert!(read_all(disk.as_mut()) == expected);
+    drop(disk);
+
+    // The same children over the other base are refused.
+    let wrong = formats::open_path(&vdi, &OpenOptions::default()).unwrap();
+    let err = cowdisk::formats::vdi::VdiDisk::open_with_parent(&vdi_child, wrong).unwrap_err();
+    assert!(matches!(err, Error::SourceMismatch(_)), "{err}");
+    let wrong = formats::open_path(&vhd, &OpenOptions::default()).unwrap();
+    let err = cowdisk::formats::vhd::VhdDisk::open_with_parent(&vhd_child, wrong).unwrap_err();
+    assert!(matches!(err, Error::SourceMismatch(_)), "{err}");
+}
+
 #[test]
 fn formats_without_a_uuid_say_so() {
     let dir = support::temp_dir();

@@ -349,7 +349,12 @@ impl VdiDisk {
 
     fn attach_parent(&mut self, parent: Box<dyn Disk>) -> Result<()> {
         let wanted = self.header.parent_uuid;
-        match parent.uuid() {
+        // The linkage is the parent's UUID as VirtualBox holds it; for a VHD
+        // parent that is its footer bytes read as a GUID.
+        match parent
+            .uuid()
+            .map(|u| media_registry::registry_key(parent.drive_type(), u))
+        {
             Some(found) if found == wanted => {
                 self.parent = Some(parent);
                 Ok(())
@@ -490,7 +495,11 @@ fn find_and_open_parent(
             }
         },
     };
-    if parent.uuid() != Some(wanted) {
+    if parent
+        .uuid()
+        .map(|u| media_registry::registry_key(parent.drive_type(), u))
+        != Some(wanted)
+    {
         return Err(Error::SourceMismatch(format!(
             "{}: parent '{name}' does not have the UUID {} the child was made on",
             child.display(),
