@@ -1008,6 +1008,28 @@ fn mixed_vdi_and_vhd_chains_through_the_registry() {
 }
 
 #[test]
+fn quick_uuid_of_vhdx_and_vci() {
+    let dir = support::temp_dir();
+    // VHDX: the page 83 GUID, as Disk::uuid reports it (qemu-img info does
+    // not show it: the reader is the reference here).
+    let vhdx = support::qemu_create(dir.path(), "d.vhdx", "vhdx", &[], "8M");
+    let disk = formats::open_path(&vhdx, &OpenOptions::default()).unwrap();
+    assert_eq!(registry::quick_uuid(&vhdx).unwrap(), disk.uuid().unwrap());
+    drop(disk);
+    // VCI: the UUID it was created with.
+    let uuid = random_stored_uuid();
+    let vci = dir.path().join("d.vci");
+    let params = cowdisk::backend::CreateParams {
+        size: MIB,
+        uuid: Some(uuid),
+        ..Default::default()
+    };
+    drop(cowdisk::formats::vci::Vci::create(&vci, &params).unwrap());
+    assert_eq!(registry::quick_uuid(&vci).unwrap(), uuid);
+    assert_eq!(registry::quick_registry_uuid(&vci).unwrap(), uuid);
+}
+
+#[test]
 fn formats_without_a_uuid_say_so() {
     let dir = support::temp_dir();
     let qcow2 = support::qemu_create(dir.path(), "d.qcow2", "qcow2", &[], "1M");
