@@ -349,13 +349,8 @@ impl VdiDisk {
 
     fn attach_parent(&mut self, parent: Box<dyn Disk>) -> Result<()> {
         let wanted = self.header.parent_uuid;
-        // The linkage is the parent's UUID as VirtualBox holds it; for a VHD
-        // parent that is its footer bytes read as a GUID.
-        match parent
-            .uuid()
-            .map(|u| media_registry::registry_key(parent.drive_type(), u))
-        {
-            Some(found) if found == wanted => {
+        match parent.uuid() {
+            _ if is_linked_parent(parent.as_ref(), &wanted) => {
                 self.parent = Some(parent);
                 Ok(())
             }
@@ -495,11 +490,7 @@ fn find_and_open_parent(
             }
         },
     };
-    if parent
-        .uuid()
-        .map(|u| media_registry::registry_key(parent.drive_type(), u))
-        != Some(wanted)
-    {
+    if !is_linked_parent(parent.as_ref(), &wanted) {
         return Err(Error::SourceMismatch(format!(
             "{}: parent '{name}' does not have the UUID {} the child was made on",
             child.display(),
@@ -507,6 +498,15 @@ fn find_and_open_parent(
         )));
     }
     Ok(parent)
+}
+
+/// True when `parent` carries the linkage UUID `wanted`: as its
+/// [`Disk::uuid`] says, or as VirtualBox holds it (for a VHD parent, the
+/// footer bytes read as a GUID; VirtualBox stores that in the linkage).
+fn is_linked_parent(parent: &dyn Disk, wanted: &[u8; 16]) -> bool {
+    parent.uuid().is_some_and(|found| {
+        found == *wanted || media_registry::registry_key(parent.drive_type(), found) == *wanted
+    })
 }
 
 /// The file name of the first (by name) `.vdi` file beside `child`, other

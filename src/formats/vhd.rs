@@ -205,15 +205,17 @@ impl VhdDisk {
             .as_ref()
             .map(|info| info.unique_id)
             .unwrap_or_default();
-        // Compared as VirtualBox sees UUIDs: a child VirtualBox made on a
-        // parent of another format (a VDI) records that parent's UUID in
-        // VirtualBox's in-memory layout, as it records a VHD parent's footer
-        // bytes.
+        // The bytes as they are (a VHD parent, or a caller's disk carrying
+        // the footer bytes), or as VirtualBox sees UUIDs: a child VirtualBox
+        // made on a parent of another format (a VDI) records that parent's
+        // UUID in VirtualBox's in-memory layout, as it records a VHD
+        // parent's footer bytes.
         let in_vbox_form = |kind, id| media_registry::registry_key(kind, id);
         match parent.uuid() {
             Some(found)
-                if in_vbox_form(parent.drive_type(), found)
-                    == in_vbox_form(DriveType::Vhd, expected) =>
+                if found == expected
+                    || in_vbox_form(parent.drive_type(), found)
+                        == in_vbox_form(DriveType::Vhd, expected) =>
             {
                 self.parent = Some(parent);
                 Ok(())
