@@ -24,12 +24,12 @@
 //! # UUIDs
 //!
 //! Registry UUIDs are kept as the 16 bytes of their text, in order (RFC 4122
-//! byte order): the convention of [`Disk::uuid`](crate::Disk::uuid). For
+//! byte order): the convention of [`Disk::uuid`]. For
 //! every format but one that is also what VirtualBox writes in the registry.
 //! The exception is VHD: VirtualBox takes the 16 footer bytes as its own
 //! in-memory UUID, whose first three fields are little-endian, so the text
 //! it writes for a VHD is the footer bytes with those fields swapped.
-//! [`registry_key`] converts a [`Disk::uuid`](crate::Disk::uuid) to the
+//! [`registry_key`] converts a [`Disk::uuid`] to the
 //! registry's form.
 //!
 //! # Which file wins
