@@ -8,6 +8,7 @@ use crate::disk::Disk;
 use crate::error::{Error, Result};
 
 pub mod mapped;
+pub mod media_registry;
 pub mod parallels;
 pub mod qcow2;
 pub mod raw;
@@ -138,12 +139,6 @@ pub fn open_parent_as(
             child.display()
         )));
     }
-    if depth + 1 >= MAX_CHAIN_DEPTH {
-        return Err(Error::Unsupported(format!(
-            "{}: parent chain deeper than {MAX_CHAIN_DEPTH} images (a loop?)",
-            child.display()
-        )));
-    }
     let named_path = Path::new(named);
     let path = if named_path.is_absolute() {
         named_path.to_path_buf()
@@ -153,6 +148,47 @@ pub fn open_parent_as(
             .unwrap_or_else(|| Path::new("."))
             .join(named_path)
     };
+    open_resolved_parent(child, named, &path, format, options, depth)
+}
+
+/// Opens the parent of `child` at a path found some other way than the name
+/// inside the child (a loaded [`media_registry`]), under the same rules as
+/// [`open_parent`]: only with `options.follow_parent_paths`, within
+/// [`MAX_CHAIN_DEPTH`], probing the parent's format.
+pub fn open_parent_at_path(
+    child: &Path,
+    path: &Path,
+    options: &OpenOptions,
+    depth: usize,
+) -> Result<Box<dyn Disk>> {
+    let named = path.display().to_string();
+    if !options.follow_parent_paths {
+        return Err(Error::Open(format!(
+            "{}: needs its parent image '{named}'; following parent paths named \
+             inside an image is off (enable it with the follow-parent-paths open \
+             flag, or supply the parent yourself)",
+            child.display()
+        )));
+    }
+    open_resolved_parent(child, &named, path, None, options, depth)
+}
+
+/// The depth cap, the existence check and the open of a parent at `path`
+/// (`named` is how the child named it, for messages).
+fn open_resolved_parent(
+    child: &Path,
+    named: &str,
+    path: &Path,
+    format: Option<&str>,
+    options: &OpenOptions,
+    depth: usize,
+) -> Result<Box<dyn Disk>> {
+    if depth + 1 >= MAX_CHAIN_DEPTH {
+        return Err(Error::Unsupported(format!(
+            "{}: parent chain deeper than {MAX_CHAIN_DEPTH} images (a loop?)",
+            child.display()
+        )));
+    }
     if !path.exists() {
         return Err(Error::Open(format!(
             "{}: parent image '{}' not found",
@@ -161,7 +197,7 @@ pub fn open_parent_as(
         )));
     }
     match format {
-        None => open_path_at_depth(&path, options, depth + 1),
+        None => open_path_at_depth(path, options, depth + 1),
         Some(hint) => {
             let wanted = if hint == "vpc" { "vhd" } else { hint };
             let format = builtin_formats()
@@ -174,7 +210,7 @@ pub fn open_parent_as(
                         child.display()
                     ))
                 })?;
-            (format.open_at_depth)(&path, options, depth + 1)
+            (format.open_at_depth)(path, options, depth + 1)
         }
     }
 }

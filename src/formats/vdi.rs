@@ -37,7 +37,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::mapped::{self, MappedImage, Mapping};
-use super::{open_parent, open_read_only, OpenOptions};
+use super::{media_registry, open_parent, open_parent_at_path, open_read_only, OpenOptions};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
 
@@ -116,8 +116,8 @@ fn le_u64(bytes: &[u8], at: usize) -> u64 {
 }
 
 /// A GUID stored with its first three fields little-endian, as RFC 4122
-/// (big-endian) bytes.
-fn guid_to_rfc_bytes(stored: &[u8]) -> [u8; 16] {
+/// (big-endian) bytes. The swap is its own inverse.
+pub(crate) fn guid_to_rfc_bytes(stored: &[u8]) -> [u8; 16] {
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&stored[..16]);
     uuid[0..4].reverse();
@@ -234,6 +234,13 @@ fn read_header(file: &File, what: &str) -> Result<VdiHeader> {
     parse_header(&bytes, what)
 }
 
+/// Reads and checks the header of the VDI at `path` (no block map, no
+/// parent): what a caller needs to learn an image's UUID or its parent's.
+pub fn read_header_at(path: &Path) -> Result<VdiHeader> {
+    let file = open_read_only(path)?;
+    read_header(&file, &path.display().to_string())
+}
+
 /// True when the file starts with a VDI pre-header.
 pub fn probe(file: &File) -> bool {
     let mut bytes = [0u8; 4];
@@ -343,7 +350,7 @@ impl VdiDisk {
     fn attach_parent(&mut self, parent: Box<dyn Disk>) -> Result<()> {
         let wanted = self.header.parent_uuid;
         match parent.uuid() {
-            Some(found) if found == wanted => {
+            _ if is_linked_parent(parent.as_ref(), &wanted) => {
                 self.parent = Some(parent);
                 Ok(())
             }
@@ -459,16 +466,31 @@ fn find_and_open_parent(
             uuid_text(&wanted)
         )));
     }
-    let Some(name) = find_image_with_uuid(child, &wanted) else {
-        return Err(Error::Open(format!(
-            "{}: differencing VDI image needs its parent image with UUID {}, and no .vdi \
-             file in its folder has that UUID",
-            child.display(),
-            uuid_text(&wanted)
-        )));
+    // Beside the child first; then where a loaded media registry says the
+    // disk with that UUID is (VirtualBox keeps snapshots in another folder).
+    let (name, parent) = match find_image_with_uuid(child, &wanted) {
+        Some(name) => {
+            let parent = open_parent(child, &name, options, depth)?;
+            (name, parent)
+        }
+        None => match media_registry::registry_parent(child, Some(wanted), None) {
+            Some(path) => {
+                let parent = open_parent_at_path(child, &path, options, depth)?;
+                (path.display().to_string(), parent)
+            }
+            None => {
+                return Err(Error::Open(format!(
+                    "{}: differencing VDI image needs its parent image with UUID {}; no \
+                     .vdi file in its folder has that UUID, and no loaded media registry \
+                     names it (load the VirtualBox media registry that describes the \
+                     image first)",
+                    child.display(),
+                    uuid_text(&wanted)
+                )))
+            }
+        },
     };
-    let parent = open_parent(child, &name, options, depth)?;
-    if parent.uuid() != Some(wanted) {
+    if !is_linked_parent(parent.as_ref(), &wanted) {
         return Err(Error::SourceMismatch(format!(
             "{}: parent '{name}' does not have the UUID {} the child was made on",
             child.display(),
@@ -476,6 +498,15 @@ fn find_and_open_parent(
         )));
     }
     Ok(parent)
+}
+
+/// True when `parent` carries the linkage UUID `wanted`: as its
+/// [`Disk::uuid`] says, or as VirtualBox holds it (for a VHD parent, the
+/// footer bytes read as a GUID; VirtualBox stores that in the linkage).
+fn is_linked_parent(parent: &dyn Disk, wanted: &[u8; 16]) -> bool {
+    parent.uuid().is_some_and(|found| {
+        found == *wanted || media_registry::registry_key(parent.drive_type(), found) == *wanted
+    })
 }
 
 /// The file name of the first (by name) `.vdi` file beside `child`, other

@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 use byteorder::{BigEndian, ByteOrder, LittleEndian};
 
 use super::mapped::{self, MappedImage, Mapping};
-use super::{open_parent, open_read_only, OpenOptions};
+use super::{media_registry, open_parent, open_parent_at_path, open_read_only, OpenOptions};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
 
@@ -173,7 +173,7 @@ impl VhdDisk {
     pub fn open_at_depth(path: &Path, options: &OpenOptions, depth: usize) -> Result<VhdDisk> {
         let mut disk = Self::open_without_parent(path)?;
         if let Some(info) = disk.parent_info.clone() {
-            let parent = open_named_parent(path, &info.names, options, depth)?;
+            let parent = open_named_parent(path, &info, options, depth)?;
             disk.attach_parent(parent)?;
         }
         Ok(disk)
@@ -205,8 +205,18 @@ impl VhdDisk {
             .as_ref()
             .map(|info| info.unique_id)
             .unwrap_or_default();
+        // The bytes as they are (a VHD parent, or a caller's disk carrying
+        // the footer bytes), or as VirtualBox sees UUIDs: a child VirtualBox
+        // made on a parent of another format (a VDI) records that parent's
+        // UUID in VirtualBox's in-memory layout, as it records a VHD
+        // parent's footer bytes.
+        let in_vbox_form = |kind, id| media_registry::registry_key(kind, id);
         match parent.uuid() {
-            Some(found) if found == expected => {
+            Some(found)
+                if found == expected
+                    || in_vbox_form(parent.drive_type(), found)
+                        == in_vbox_form(DriveType::Vhd, expected) =>
+            {
                 self.parent = Some(parent);
                 Ok(())
             }
@@ -462,14 +472,17 @@ impl VhdDisk {
     }
 }
 
-/// Opens the first candidate parent that exists; when none exists (or
-/// following parents is off) `open_parent`'s error names the best candidate.
+/// Opens the first candidate parent that exists; when none does, the file a
+/// loaded media registry names for the parent's unique id. When neither
+/// finds it (or following parents is off) `open_parent`'s error names the
+/// best candidate.
 fn open_named_parent(
     child: &Path,
-    names: &[String],
+    info: &VhdParentInfo,
     options: &OpenOptions,
     depth: usize,
 ) -> Result<Box<dyn Disk>> {
+    let names = &info.names;
     if options.follow_parent_paths {
         let folder = child.parent().unwrap_or_else(|| Path::new("."));
         for name in names {
@@ -483,8 +496,37 @@ fn open_named_parent(
                 return open_parent(child, name, options, depth);
             }
         }
+        // VirtualBox records a VHD's unique id as the GUID its bytes spell.
+        let key = media_registry::registry_key(DriveType::Vhd, info.unique_id);
+        if let Some(path) = media_registry::registry_parent(child, Some(key), None) {
+            return open_parent_at_path(child, &path, options, depth);
+        }
+        return open_parent(child, &names[0], options, depth).map_err(|e| match e {
+            Error::Open(text) => Error::Open(format!(
+                "{text}; no loaded media registry names the parent's unique id {}",
+                media_registry::uuid_text(&key)
+            )),
+            other => other,
+        });
     }
     open_parent(child, &names[0], options, depth)
+}
+
+/// The unique id in the footer of the VHD at `path` (its bytes as stored,
+/// as [`Disk::uuid`] reports them), without opening a parent.
+pub fn footer_unique_id(path: &Path) -> Result<[u8; 16]> {
+    let file = open_read_only(path)?;
+    let name = path.display().to_string();
+    let file_len = file
+        .metadata()
+        .map_err(|e| Error::Open(format!("{name}: {e}")))?
+        .len();
+    if file_len < FOOTER_BYTES {
+        return Err(Error::Corrupt(format!(
+            "{name}: {file_len} bytes is too short for a VHD footer"
+        )));
+    }
+    Ok(read_footer(&file, &name, file_len)?.unique_id)
 }
 
 /// Reads the trailing footer, falling back to the copy at offset 0 (which

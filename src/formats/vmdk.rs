@@ -49,7 +49,7 @@ use std::path::{Component, Path, PathBuf};
 
 use super::mapped::{self, MappedImage, Mapping};
 use super::qcow2::{inflate_exact, TableCache};
-use super::{open_parent, open_read_only, OpenOptions};
+use super::{media_registry, open_parent, open_parent_at_path, open_read_only, OpenOptions};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES, SECTOR_SIZE};
 use crate::error::{Error, Result};
 
@@ -189,6 +189,8 @@ struct Descriptor {
     create_type: Option<String>,
     parent_hint: Option<String>,
     uuid: Option<[u8; 16]>,
+    /// `ddb.uuid.parent`, unless absent or all zeros (a base disk).
+    parent_uuid: Option<[u8; 16]>,
     extents: Vec<ExtentLine>,
 }
 
@@ -209,6 +211,7 @@ pub struct VmdkDisk {
     create_type: Option<String>,
     parent_hint: Option<String>,
     uuid: Option<[u8; 16]>,
+    parent_uuid: Option<[u8; 16]>,
     parent: Option<Box<dyn Disk>>,
     /// The last inflated grain and its token: sequential reads inside a
     /// compressed grain inflate it once.
@@ -238,7 +241,11 @@ impl VmdkDisk {
     pub fn open_at_depth(path: &Path, options: &OpenOptions, depth: usize) -> Result<VmdkDisk> {
         let mut disk = Self::open_without_parent(path, options)?;
         if let Some(hint) = disk.parent_hint.clone() {
-            disk.parent = Some(open_parent(path, &hint, options, depth)?);
+            let ids = VmdkUuids {
+                image: disk.uuid,
+                parent: disk.parent_uuid,
+            };
+            disk.parent = Some(open_hinted_parent(path, &hint, ids, options, depth)?);
         }
         Ok(disk)
     }
@@ -286,18 +293,7 @@ impl VmdkDisk {
         if have == 4 && magic == SPARSE_MAGIC {
             return Self::open_monolithic_sparse(file, path, file_len);
         }
-        if file_len > MAX_DESCRIPTOR_BYTES {
-            return Err(Error::Corrupt(format!(
-                "{}: not a sparse extent, and at {file_len} bytes too large for a VMDK descriptor",
-                path.display()
-            )));
-        }
-        let mut text = vec![0u8; file_len as usize];
-        file.read_exact_at(&mut text, 0)
-            .map_err(|e| Error::read(&format!("{} descriptor", name(path)), 0, e))?;
-        // A rewritten descriptor may be NUL-padded after its text.
-        let used = text.iter().position(|b| *b == 0).unwrap_or(text.len());
-        let descriptor = parse_descriptor(&text[..used], path)?;
+        let descriptor = read_text_descriptor(&file, path, file_len)?;
         Self::open_from_descriptor(descriptor, path, options)
     }
 
@@ -306,33 +302,7 @@ impl VmdkDisk {
     /// line is ignored, so a renamed file still opens.
     fn open_monolithic_sparse(file: File, path: &Path, file_len: u64) -> Result<VmdkDisk> {
         let header = read_sparse_header(&file, path, file_len)?;
-        let descriptor = if header.descriptor_sector != 0 && header.descriptor_sectors != 0 {
-            let bytes = header
-                .descriptor_sectors
-                .checked_mul(SECTOR_BYTES)
-                .filter(|b| *b <= MAX_DESCRIPTOR_BYTES);
-            let start = header.descriptor_sector.checked_mul(SECTOR_BYTES);
-            let (bytes, start) = match (bytes, start) {
-                (Some(b), Some(s)) if s.checked_add(b).is_some_and(|e| e <= file_len) => (b, s),
-                _ => {
-                    return Err(Error::Corrupt(format!(
-                        "{}: embedded descriptor at sector {} ({} sectors) is too large or past the end of the file",
-                        path.display(),
-                        header.descriptor_sector,
-                        header.descriptor_sectors
-                    )))
-                }
-            };
-            let mut text = vec![0u8; bytes as usize];
-            file.read_exact_at(&mut text, start)
-                .map_err(|e| Error::read(&format!("{} descriptor", name(path)), start, e))?;
-            // The descriptor area is NUL-padded after the text.
-            let used = text.iter().position(|b| *b == 0).unwrap_or(text.len());
-            text.truncate(used);
-            parse_descriptor(&text, path)?
-        } else {
-            Descriptor::default()
-        };
+        let descriptor = read_embedded_descriptor(&file, path, file_len, &header)?;
         let capacity = header.capacity;
         let sparse = SparseExtent::new(file, path, file_len, header)?;
         Ok(VmdkDisk {
@@ -346,6 +316,7 @@ impl VmdkDisk {
             create_type: descriptor.create_type,
             parent_hint: descriptor.parent_hint,
             uuid: descriptor.uuid,
+            parent_uuid: descriptor.parent_uuid,
             parent: None,
             last_inflated: None,
         })
@@ -396,6 +367,7 @@ impl VmdkDisk {
             create_type: descriptor.create_type,
             parent_hint: descriptor.parent_hint,
             uuid: descriptor.uuid,
+            parent_uuid: descriptor.parent_uuid,
             parent: None,
             last_inflated: None,
         })
@@ -553,6 +525,147 @@ fn open_extent(
     }
 }
 
+/// The descriptor embedded in a monolithic sparse file (an empty one when
+/// the header points at none).
+fn read_embedded_descriptor(
+    file: &File,
+    path: &Path,
+    file_len: u64,
+    header: &SparseHeader,
+) -> Result<Descriptor> {
+    if header.descriptor_sector != 0 && header.descriptor_sectors != 0 {
+        let bytes = header
+            .descriptor_sectors
+            .checked_mul(SECTOR_BYTES)
+            .filter(|b| *b <= MAX_DESCRIPTOR_BYTES);
+        let start = header.descriptor_sector.checked_mul(SECTOR_BYTES);
+        let (bytes, start) = match (bytes, start) {
+            (Some(b), Some(s)) if s.checked_add(b).is_some_and(|e| e <= file_len) => (b, s),
+            _ => {
+                return Err(Error::Corrupt(format!(
+                    "{}: embedded descriptor at sector {} ({} sectors) is too large or past the end of the file",
+                    path.display(),
+                    header.descriptor_sector,
+                    header.descriptor_sectors
+                )))
+            }
+        };
+        let mut text = vec![0u8; bytes as usize];
+        file.read_exact_at(&mut text, start)
+            .map_err(|e| Error::read(&format!("{} descriptor", name(path)), start, e))?;
+        // The descriptor area is NUL-padded after the text.
+        let used = text.iter().position(|b| *b == 0).unwrap_or(text.len());
+        text.truncate(used);
+        parse_descriptor(&text, path)
+    } else {
+        Ok(Descriptor::default())
+    }
+}
+
+/// A descriptor that is its own small text file.
+fn read_text_descriptor(file: &File, path: &Path, file_len: u64) -> Result<Descriptor> {
+    if file_len > MAX_DESCRIPTOR_BYTES {
+        return Err(Error::Corrupt(format!(
+            "{}: not a sparse extent, and at {file_len} bytes too large for a VMDK descriptor",
+            path.display()
+        )));
+    }
+    let mut text = vec![0u8; file_len as usize];
+    file.read_exact_at(&mut text, 0)
+        .map_err(|e| Error::read(&format!("{} descriptor", name(path)), 0, e))?;
+    // A rewritten descriptor may be NUL-padded after its text.
+    let used = text.iter().position(|b| *b == 0).unwrap_or(text.len());
+    parse_descriptor(&text[..used], path)
+}
+
+/// The UUIDs a VMDK descriptor records (VirtualBox writes them; QEMU does
+/// not), in the byte order of their text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmdkUuids {
+    /// `ddb.uuid.image`.
+    pub image: Option<[u8; 16]>,
+    /// `ddb.uuid.parent`, unless it is all zeros (a base disk).
+    pub parent: Option<[u8; 16]>,
+}
+
+/// Reads the descriptor of the VMDK at `path` (a descriptor file or a
+/// monolithic sparse file) for its UUIDs, without opening extents or parent.
+pub fn descriptor_uuids(path: &Path) -> Result<VmdkUuids> {
+    let file = open_read_only(path)?;
+    let file_len = file_length(&file, path)?;
+    let mut magic = [0u8; 4];
+    let have = read_prefix(&file, &mut magic).map_err(|e| Error::read(&name(path), 0, e))?;
+    if have == 4 && magic == COWD_MAGIC {
+        return Err(Error::Unsupported(format!(
+            "{}: COWD (ESX/legacy) sparse VMDK extents are not supported",
+            path.display()
+        )));
+    }
+    let descriptor = if have == 4 && magic == SPARSE_MAGIC {
+        let header = read_sparse_header(&file, path, file_len)?;
+        read_embedded_descriptor(&file, path, file_len, &header)?
+    } else {
+        read_text_descriptor(&file, path, file_len)?
+    };
+    Ok(VmdkUuids {
+        image: descriptor.uuid,
+        parent: descriptor.parent_uuid,
+    })
+}
+
+/// Opens the parent a child names in `parentFileNameHint`. When that file
+/// is not there (and parents are followed), a loaded media registry is
+/// asked: by the child's `ddb.uuid.parent`, else for the parent of the
+/// registry entry that is the child itself. A parent found through the
+/// registry must carry the `ddb.uuid.image` the child's `ddb.uuid.parent`
+/// names, when both are recorded.
+fn open_hinted_parent(
+    child: &Path,
+    hint: &str,
+    ids: VmdkUuids,
+    options: &OpenOptions,
+    depth: usize,
+) -> Result<Box<dyn Disk>> {
+    let hinted = Path::new(hint);
+    let resolved = if hinted.is_absolute() {
+        hinted.to_path_buf()
+    } else {
+        child
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(hinted)
+    };
+    if !options.follow_parent_paths || resolved.exists() {
+        return open_parent(child, hint, options, depth);
+    }
+    let Some(path) = media_registry::registry_parent(child, ids.parent, ids.image) else {
+        return open_parent(child, hint, options, depth).map_err(|e| match e {
+            Error::Open(text) => Error::Open(format!(
+                "{text}; no loaded media registry names the parent{}",
+                ids.parent.map_or_else(
+                    || " of this image".to_string(),
+                    |u| format!(" UUID {}", media_registry::uuid_text(&u))
+                )
+            )),
+            other => other,
+        });
+    };
+    let parent = open_parent_at_path(child, &path, options, depth)?;
+    if let (Some(wanted), Some(found)) = (ids.parent, parent.uuid()) {
+        if wanted != found {
+            return Err(Error::SourceMismatch(format!(
+                "{}: the media registry names '{}' as parent {}, but that image's \
+                 ddb.uuid.image is {}",
+                child.display(),
+                path.display(),
+                media_registry::uuid_text(&wanted),
+                media_registry::uuid_text(&found)
+            )));
+        }
+    }
+    Ok(parent)
+}
+
 /// Parses descriptor text. Unknown keys and lines are ignored, as VMware's
 /// own readers do; extent lines must be well formed.
 fn parse_descriptor(text: &[u8], path: &Path) -> Result<Descriptor> {
@@ -595,6 +708,8 @@ fn parse_descriptor(text: &[u8], path: &Path) -> Result<Descriptor> {
             descriptor.parent_hint = Some(value.to_string());
         } else if key.eq_ignore_ascii_case("ddb.uuid.image") {
             descriptor.uuid = parse_uuid(value);
+        } else if key.eq_ignore_ascii_case("ddb.uuid.parent") {
+            descriptor.parent_uuid = parse_uuid(value).filter(|u| *u != [0u8; 16]);
         }
     }
     Ok(descriptor)

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod model;
+pub mod vdi;
+pub mod vhd;
 
 /// The fuzz harness's driver (`fuzz/src/lib.rs`): the shared way to open and
 /// read a possibly damaged image with a cap on work.

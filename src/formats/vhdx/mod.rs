@@ -217,6 +217,18 @@ pub fn data_write_guid(path: &Path) -> Result<[u8; 16]> {
     Ok(read_header(&file, &path.display().to_string())?.data_write_guid)
 }
 
+/// The page 83 GUID of the VHDX at `path`, in the byte order
+/// [`Disk::uuid`] reports it, without opening a parent.
+pub fn page83_uuid(path: &Path) -> Result<[u8; 16]> {
+    let disk = VhdxDisk::open_without_parent(path)?;
+    disk.page83.map(|g| guid_to_rfc_order(&g)).ok_or_else(|| {
+        Error::Corrupt(format!(
+            "{}: VHDX metadata has no page 83 data item",
+            path.display()
+        ))
+    })
+}
+
 impl VhdxDisk {
     /// Opens a VHDX read-only. A differencing image's parent is opened
     /// through [`open_parent`] (so only when `options` allow it) and must
