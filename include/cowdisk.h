@@ -688,17 +688,64 @@ uint32_t COW_GetVersion(void);
 /**
  * Opens a disk image read-only as an HVDDR, choosing the reader by the
  * file's content: every registered backend's pfnProbe first (in
- * registration order), then the built-in formats (raw last). `iChain` is the legacy snapshot-chain index; this
- * library opens the image as named and ignores it. Parent/backing paths
- * named inside an image are not followed (see VDDR_OpenEx). `path` is a
+ * registration order), then the built-in formats (raw last). `path` is a
  * `CPFN` (`const unsigned char *`) when the legacy djtypes.h was included
- * first, else `const char *`. Returns NULL
- * on failure (COW_GetLastError: COW_ERR_OPEN, COW_ERR_CORRUPT,
- * COW_ERR_UNSUPPORTED, ...). Close the handle with COW_Close (or its
- * Close method) unless an overlay adopts it.
+ * first, else `const char *`.
+ *
+ * `iChain` is the legacy chain index: this disk's position in a chain of
+ * differencing disks, 0 for the disk a user names (its parents are opened
+ * at iChain+1, iChain+2, ...; the chain below always opens with it). It
+ * counts against the chain depth cap of 32; 32 or more fails with
+ * COW_ERR_INVALID_ARG. Above 0, only the built-in formats are probed.
+ *
+ * Parents: without a loaded media registry, parent/backing paths named
+ * inside an image are not followed (use VDDR_OpenEx with
+ * COW_OPEN_FOLLOW_PARENTS). Once the caller has loaded one
+ * (VDDR_OpenMediaRegistry), the caller has said where its disks are, and
+ * VDDR_Open follows parents - by path, then through the registry by UUID,
+ * as the legacy module did. Returns NULL on failure (COW_GetLastError:
+ * COW_ERR_OPEN, COW_ERR_CORRUPT, COW_ERR_UNSUPPORTED, ...). Close the
+ * handle with COW_Close (or its Close method) unless an overlay adopts it.
  */
-HVDDR VDDR_Open(COW_CPFN path,
-                uint32_t iChain);
+HVDDR VDDR_Open(COW_CPFN path, uint32_t iChain);
+
+/**
+ * Loads the VirtualBox media registry that describes the disk image at
+ * `path`, so differencing images whose parents sit in other folders (a
+ * machine's `Snapshots/`) open - by VDDR_Open, VDDR_OpenByUUID, and
+ * VDDR_OpenEx with COW_OPEN_FOLLOW_PARENTS. It reads, highest priority
+ * first, `CloneVDI_Media.xml` beside the image, the `.vbox` files beside it
+ * and in the folder above, and the global `VirtualBox.xml` (in
+ * `$VBOX_USER_HOME`, else `~/.config/VirtualBox` then `~/.VirtualBox`).
+ * Loads accumulate for the process (a later entry for a UUID replaces an
+ * earlier one). Returns TRUE, or FALSE when no registry file was found
+ * (COW_ERR_OPEN, naming where it looked) or one is malformed or over the
+ * limits (COW_ERR_CORRUPT or COW_ERR_UNSUPPORTED naming the file and
+ * line); nothing of a failed load is kept. Thread-safe.
+ */
+unsigned int VDDR_OpenMediaRegistry(COW_CPFN path);
+
+/**
+ * Opens, read-only, the disk with creation UUID `*uuid` (an S_UUID as
+ * VirtualBox holds it) through the loaded media registry
+ * (VDDR_OpenMediaRegistry), with its chain of parents below it; `iChain`
+ * as for VDDR_Open (a legacy reader opening its parent passes its own
+ * index + 1). Returns NULL on failure: COW_ERR_OPEN when no loaded registry
+ * knows the UUID or the file is missing, COW_ERR_SOURCE_MISMATCH when the
+ * file found carries another UUID, COW_ERR_INVALID_ARG for a NULL `uuid`.
+ */
+HVDDR VDDR_OpenByUUID(S_UUID *uuid, uint32_t iChain);
+
+/**
+ * Stores in `*uuid` the creation UUID of the disk image at `path`, read
+ * from its header alone (the parent chain is not opened, so this works for
+ * a differencing image whose parent is missing), as VirtualBox holds it.
+ * VDI, VHD, VMDK (with `ddb.uuid.image`), VHDX and VCI have one. Returns
+ * TRUE, or FALSE with `*uuid` zeroed: COW_ERR_UNSUPPORTED for a format or
+ * file without one (raw, qcow2, Parallels, UML COW, a VMDK without the
+ * UUID), COW_ERR_OPEN, COW_ERR_CORRUPT.
+ */
+unsigned int VDDR_QuickGetUUID(COW_CPFN path, S_UUID *uuid);
 
 /**
  * Opens a disk image read-only like VDDR_Open, with COW_OPEN_* `flags`

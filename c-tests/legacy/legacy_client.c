@@ -176,6 +176,14 @@ int main(void)
     hdisk = VDDR_Open((CPFN)path, 0);
     EXPECT(hdisk != NULL && hdisk->GetDriveType(hdisk) == VDD_TYPE_RAW, "VDDR_Open(CPFN)");
     if (hdisk) hdisk = hdisk->Close(hdisk);
+    /* The rest of the legacy vddr.h, with its legacy types: a raw image
+     * has no UUID, and no media registry is beside it. */
+    {
+        BOOL ok = VDDR_QuickGetUUID((CPFN)path, &uuid);
+        EXPECT(!ok && VDDR_GetLastError() == COW_ERR_UNSUPPORTED, "VDDR_QuickGetUUID of a raw image");
+        EXPECT(VDDR_OpenByUUID(&uuid, 0) == NULL, "VDDR_OpenByUUID without a registry");
+        (void)VDDR_OpenMediaRegistry; /* declared with BOOL (CPFN) */
+    }
     unlink(path);
 
     if (failures) {

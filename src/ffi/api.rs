@@ -3,7 +3,7 @@
 #![allow(non_snake_case)]
 
 use std::ffi::{CStr, OsStr};
-use std::os::raw::{c_char, c_int, c_void};
+use std::os::raw::{c_char, c_int, c_uint, c_void};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -16,6 +16,7 @@ use super::{
 };
 use crate::disk::{check_range, Disk, SectorStatus, SECTOR_SIZE};
 use crate::error::{Error, Result};
+use crate::formats::{media_registry, OpenOptions};
 use crate::overlay::extents::{Extent, ExtentKind};
 use crate::overlay::space::FileStorage;
 use crate::overlay::{Overlay, OverlayOptions, DEFAULT_GRANULARITY};
@@ -129,19 +130,116 @@ pub extern "C" fn COW_GetVersion() -> u32 {
 
 /// Opens a disk image read-only as an HVDDR, choosing the reader by the
 /// file's content: every registered backend's pfnProbe first (in
-/// registration order), then the built-in formats (raw last). `iChain` is the legacy snapshot-chain index; this
-/// library opens the image as named and ignores it. Parent/backing paths
-/// named inside an image are not followed (see VDDR_OpenEx). `path` is a
+/// registration order), then the built-in formats (raw last). `path` is a
 /// `CPFN` (`const unsigned char *`) when the legacy djtypes.h was included
-/// first, else `const char *`. Returns NULL
-/// on failure (COW_GetLastError: COW_ERR_OPEN, COW_ERR_CORRUPT,
-/// COW_ERR_UNSUPPORTED, ...). Close the handle with COW_Close (or its
-/// Close method) unless an overlay adopts it.
+/// first, else `const char *`.
+///
+/// `iChain` is the legacy chain index: this disk's position in a chain of
+/// differencing disks, 0 for the disk a user names (its parents are opened
+/// at iChain+1, iChain+2, ...; the chain below always opens with it). It
+/// counts against the chain depth cap of 32; 32 or more fails with
+/// COW_ERR_INVALID_ARG. Above 0, only the built-in formats are probed.
+///
+/// Parents: without a loaded media registry, parent/backing paths named
+/// inside an image are not followed (use VDDR_OpenEx with
+/// COW_OPEN_FOLLOW_PARENTS). Once the caller has loaded one
+/// (VDDR_OpenMediaRegistry), the caller has said where its disks are, and
+/// VDDR_Open follows parents - by path, then through the registry by UUID,
+/// as the legacy module did. Returns NULL on failure (COW_GetLastError:
+/// COW_ERR_OPEN, COW_ERR_CORRUPT, COW_ERR_UNSUPPORTED, ...). Close the
+/// handle with COW_Close (or its Close method) unless an overlay adopts it.
 #[no_mangle]
 pub unsafe extern "C" fn VDDR_Open(path: COW_CPFN, iChain: u32) -> HVDDR {
-    let _ = iChain;
-    // SAFETY: forwarded contract.
-    unsafe { VDDR_OpenEx(path, 0) }
+    let follow = if media_registry::snapshot().is_empty() {
+        0
+    } else {
+        COW_OPEN_FOLLOW_PARENTS
+    };
+    if iChain == 0 {
+        // SAFETY: forwarded contract.
+        return unsafe { VDDR_OpenEx(path, follow) };
+    }
+    guard(|| {
+        // SAFETY: NULL or NUL-terminated per the contract.
+        let path =
+            unsafe { c_path(path) }.ok_or_else(|| Error::InvalidArgument("path is NULL".into()))?;
+        let options = OpenOptions {
+            follow_parent_paths: follow != 0,
+        };
+        let disk = media_registry::open_chain(&path, chain_index(iChain), &options)?;
+        Ok(handle::register(Object::Disk(disk)))
+    })
+}
+
+fn chain_index(i_chain: u32) -> usize {
+    usize::try_from(i_chain).unwrap_or(usize::MAX)
+}
+
+/// Loads the VirtualBox media registry that describes the disk image at
+/// `path`, so differencing images whose parents sit in other folders (a
+/// machine's `Snapshots/`) open - by VDDR_Open, VDDR_OpenByUUID, and
+/// VDDR_OpenEx with COW_OPEN_FOLLOW_PARENTS. It reads, highest priority
+/// first, `CloneVDI_Media.xml` beside the image, the `.vbox` files beside it
+/// and in the folder above, and the global `VirtualBox.xml` (in
+/// `$VBOX_USER_HOME`, else `~/.config/VirtualBox` then `~/.VirtualBox`).
+/// Loads accumulate for the process (a later entry for a UUID replaces an
+/// earlier one). Returns TRUE, or FALSE when no registry file was found
+/// (COW_ERR_OPEN, naming where it looked) or one is malformed or over the
+/// limits (COW_ERR_CORRUPT or COW_ERR_UNSUPPORTED naming the file and
+/// line); nothing of a failed load is kept. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn VDDR_OpenMediaRegistry(path: COW_CPFN) -> c_uint {
+    guard(|| {
+        // SAFETY: NULL or NUL-terminated per the contract.
+        let path =
+            unsafe { c_path(path) }.ok_or_else(|| Error::InvalidArgument("path is NULL".into()))?;
+        media_registry::load_for_image(&path)?;
+        Ok(1)
+    })
+}
+
+/// Opens, read-only, the disk with creation UUID `*uuid` (an S_UUID as
+/// VirtualBox holds it) through the loaded media registry
+/// (VDDR_OpenMediaRegistry), with its chain of parents below it; `iChain`
+/// as for VDDR_Open (a legacy reader opening its parent passes its own
+/// index + 1). Returns NULL on failure: COW_ERR_OPEN when no loaded registry
+/// knows the UUID or the file is missing, COW_ERR_SOURCE_MISMATCH when the
+/// file found carries another UUID, COW_ERR_INVALID_ARG for a NULL `uuid`.
+#[no_mangle]
+pub unsafe extern "C" fn VDDR_OpenByUUID(uuid: *mut S_UUID, iChain: u32) -> HVDDR {
+    guard(|| {
+        non_null(uuid, "uuid")?;
+        // SAFETY: non-NULL; an S_UUID per the contract.
+        let wanted = unsafe { uuid.read_unaligned() }.to_rfc();
+        let options = OpenOptions {
+            follow_parent_paths: true,
+        };
+        let disk = media_registry::open_by_uuid(&wanted, chain_index(iChain), &options)?;
+        Ok(handle::register(Object::Disk(disk)))
+    })
+}
+
+/// Stores in `*uuid` the creation UUID of the disk image at `path`, read
+/// from its header alone (the parent chain is not opened, so this works for
+/// a differencing image whose parent is missing), as VirtualBox holds it.
+/// VDI, VHD, VMDK (with `ddb.uuid.image`), VHDX and VCI have one. Returns
+/// TRUE, or FALSE with `*uuid` zeroed: COW_ERR_UNSUPPORTED for a format or
+/// file without one (raw, qcow2, Parallels, UML COW, a VMDK without the
+/// UUID), COW_ERR_OPEN, COW_ERR_CORRUPT.
+#[no_mangle]
+pub unsafe extern "C" fn VDDR_QuickGetUUID(path: COW_CPFN, uuid: *mut S_UUID) -> c_uint {
+    guard(|| {
+        non_null(uuid, "uuid")?;
+        // SAFETY: non-NULL out pointer.
+        unsafe { uuid.write_unaligned(S_UUID::default()) };
+        // SAFETY: NULL or NUL-terminated per the contract.
+        let path =
+            unsafe { c_path(path) }.ok_or_else(|| Error::InvalidArgument("path is NULL".into()))?;
+        let found = media_registry::quick_registry_uuid(&path)?;
+        // SAFETY: non-NULL out pointer.
+        unsafe { uuid.write_unaligned(S_UUID::from_rfc(found)) };
+        Ok(1)
+    })
 }
 
 /// Opens a disk image read-only like VDDR_Open, with COW_OPEN_* `flags`
@@ -419,7 +517,17 @@ pub unsafe extern "C" fn COW_BlockStatus(h: HVDDR, LBA_start: u64, LBA_end: u64)
 #[no_mangle]
 pub unsafe extern "C" fn COW_GetDriveUUID(h: HVDDR, uuid: *mut S_UUID) -> c_int {
     guard(|| {
-        let found = handle::with_object(h, |o| Ok(o.disk().uuid()))?;
+        // VirtualBox's form of the UUID (a VHD's footer bytes are its RTUUID
+        // bytes as they are): the same bytes VDDR_QuickGetUUID gives.
+        let found = handle::with_object(h, |o| {
+            let kind = match o {
+                Object::Overlay(ov) => ov.source().drive_type(),
+                Object::Disk(d) => d.drive_type(),
+            };
+            Ok(o.disk()
+                .uuid()
+                .map(|u| media_registry::registry_key(kind, u)))
+        })?;
         non_null(uuid, "uuid")?;
         // SAFETY: non-NULL out pointer.
         unsafe { uuid.write(found.map(S_UUID::from_rfc).unwrap_or_default()) };
