@@ -476,6 +476,11 @@ impl ExtentMap {
         self.dirty_pages.len()
     }
 
+    /// Marks node pages changed again (a transaction that took them failed).
+    pub fn mark_pages_dirty(&mut self, pages: &[u64]) {
+        self.dirty_pages.extend(pages.iter().copied());
+    }
+
     /// Marks every node page changed (after a rebuild).
     pub fn mark_all_dirty(&mut self) {
         for page in 0..self.node_pages() {

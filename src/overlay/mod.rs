@@ -182,7 +182,33 @@ impl Overlay {
         options: OverlayOptions,
     ) -> Result<Overlay> {
         Overlay::check_source(source.as_ref(), &options)?;
-        let prepared = PreparedStore::create(store, source.sector_count(), identity, options)?;
+        Overlay::create_on_with_log(
+            store,
+            source,
+            identity,
+            options,
+            store::format::DEFAULT_LOG_SIZE,
+        )
+    }
+
+    /// `create_on` with a log of `log_size` bytes instead of the default
+    /// 16 MiB (a multiple of 4096, at least 64 KiB): the format allows small
+    /// logs, and the crash tests use them to reach log wraps and full logs.
+    pub fn create_on_with_log(
+        store: Box<dyn Storage>,
+        source: Box<dyn Disk>,
+        identity: SourceIdentity,
+        options: OverlayOptions,
+        log_size: u64,
+    ) -> Result<Overlay> {
+        Overlay::check_source(source.as_ref(), &options)?;
+        let prepared = PreparedStore::create_with_log(
+            store,
+            source.sector_count(),
+            identity,
+            options,
+            log_size,
+        )?;
         Ok(prepared.attach(source))
     }
 
@@ -604,10 +630,27 @@ impl PreparedStore {
     /// Initialises a store for a source of `sectors` sectors on empty
     /// `store`.
     pub fn create(
+        store: Box<dyn Storage>,
+        sectors: u64,
+        identity: SourceIdentity,
+        options: OverlayOptions,
+    ) -> Result<PreparedStore> {
+        PreparedStore::create_with_log(
+            store,
+            sectors,
+            identity,
+            options,
+            store::format::DEFAULT_LOG_SIZE,
+        )
+    }
+
+    /// `create` with a log of `log_size` bytes.
+    pub fn create_with_log(
         mut store: Box<dyn Storage>,
         sectors: u64,
         identity: SourceIdentity,
         options: OverlayOptions,
+        log_size: u64,
     ) -> Result<PreparedStore> {
         options.validate()?;
         let mut map = ExtentMap::with_extent(Extent {
@@ -616,7 +659,7 @@ impl PreparedStore {
             base: 0,
         });
         let mut units = UnitMap::new(options.granularity, true);
-        let journal = Journal::create(store.as_mut(), identity, &mut map, &mut units)?;
+        let journal = Journal::create(store.as_mut(), identity, &mut map, &mut units, log_size)?;
         Ok(PreparedStore {
             store,
             map,
