@@ -17,6 +17,7 @@ pub mod clone;
 pub mod disk;
 pub mod error;
 pub mod formats;
+pub mod newfile;
 pub mod overlay;
 pub mod partition;
 pub mod store;

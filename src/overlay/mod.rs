@@ -159,6 +159,11 @@ impl Overlay {
 
     /// The fallible half of `create_persistent`: creates and initialises the
     /// store file for `source` without taking the source.
+    ///
+    /// The store is created atomically (`crate::newfile`): built and synced
+    /// under a temporary name in the same folder, renamed into place, then
+    /// the folder synced. A crash before this returns leaves nothing at
+    /// `path`; once it returns, the store survives a crash.
     pub fn prepare_persistent(
         path: &Path,
         source: &mut dyn Disk,
@@ -166,11 +171,23 @@ impl Overlay {
     ) -> Result<PreparedStore> {
         Overlay::check_source(source, &options)?;
         let identity = store::identify(source)?;
-        let storage = open_store_file(path, StoreFileMode::Create)?;
-        PreparedStore::create(Box::new(storage), source.sector_count(), identity, options)
-            .inspect_err(|_| {
-                let _ = std::fs::remove_file(path);
-            })
+        let sectors = source.sector_count();
+        let what = format!("overlay store {}", path.display());
+        let (_file, prepared) = crate::newfile::create_atomically(path, &what, |file| {
+            // Locked before it has its name: no one sees it unlocked.
+            file.try_lock()
+                .map_err(|_| Error::Locked(format!("{what}: cannot lock the new store")))?;
+            let file = file
+                .try_clone()
+                .map_err(|e| Error::Open(format!("{what}: {e}")))?;
+            PreparedStore::create(
+                Box::new(FileStorage::new(file, what.clone())),
+                sectors,
+                identity,
+                options,
+            )
+        })?;
+        Ok(prepared)
     }
 
     /// `create_persistent` on any empty storage (tests put a fault-injecting
@@ -694,21 +711,15 @@ impl Drop for Overlay {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum StoreFileMode {
-    Create,
     ReadWrite,
     ReadOnly,
 }
 
-/// Opens (or creates) a store file and takes its advisory lock: exclusive
-/// for writers, shared for readers.
+/// Opens a store file and takes its advisory lock: exclusive for writers,
+/// shared for readers.
 fn open_store_file(path: &Path, mode: StoreFileMode) -> Result<FileStorage> {
     let shown = path.display();
     let file = match mode {
-        StoreFileMode::Create => std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path),
         StoreFileMode::ReadWrite => std::fs::OpenOptions::new()
             .read(true)
             .write(true)
