@@ -14,6 +14,7 @@ declare -A package_of=(
   [sfdisk]=fdisk
   [sgdisk]=gdisk
   [c++]=g++
+  [strace]=strace
 )
 missing=()
 for tool in "${!package_of[@]}"; do

@@ -244,6 +244,8 @@ pub fn clone_to_file(
             e.error
         ))
     })?;
+    // The new name is durable only once its folder is.
+    crate::newfile::sync_folder(&folder)?;
     Ok(stats)
 }
 

@@ -17,6 +17,7 @@ pub mod clone;
 pub mod disk;
 pub mod error;
 pub mod formats;
+pub mod newfile;
 pub mod numbers;
 pub mod overlay;
 pub mod partition;

@@ -12,7 +12,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::fuzz::{run, Target, DESCRIPTOR_EXTENT};
+use support::fuzz::{fix_vhd, fix_vhdx, run, Target, DESCRIPTOR_EXTENT};
 
 /// Cases per target, unless the time budget runs out first.
 const MAX_CASES: usize = 1500;
@@ -178,43 +178,6 @@ fn seeds(target: Target, dir: &Path) -> Vec<Seed> {
             assert!(text.contains(DESCRIPTOR_EXTENT), "{text}");
             let len = text.len();
             vec![seed(&d, head(len))]
-        }
-    }
-}
-
-/// Recomputes the checksums of a VHD's footers and dynamic header.
-fn fix_vhd(bytes: &mut [u8]) {
-    fn seal(b: &mut [u8], at: usize, len: usize, field: usize) {
-        b[at + field..at + field + 4].fill(0);
-        let sum = b[at..at + len]
-            .iter()
-            .fold(0u32, |s, x| s.wrapping_add(u32::from(*x)));
-        b[at + field..at + field + 4].copy_from_slice(&(!sum).to_be_bytes());
-    }
-    let n = bytes.len();
-    if n >= 512 && &bytes[..8] == b"conectix" {
-        seal(bytes, 0, 512, 64);
-    }
-    if n >= 1536 && &bytes[512..520] == b"cxsparse" {
-        seal(bytes, 512, 1024, 36);
-    }
-    if n >= 1024 && &bytes[n - 512..n - 504] == b"conectix" {
-        seal(bytes, n - 512, 512, 64);
-    }
-}
-
-/// Recomputes the CRC-32C of a VHDX's headers and region tables.
-fn fix_vhdx(bytes: &mut [u8]) {
-    for (at, len) in [
-        (64 * KIB, 4 * KIB),
-        (128 * KIB, 4 * KIB),
-        (192 * KIB, 64 * KIB),
-        (256 * KIB, 64 * KIB),
-    ] {
-        if bytes.len() >= at + len {
-            bytes[at + 4..at + 8].fill(0);
-            let crc = crc32c::crc32c(&bytes[at..at + len]);
-            bytes[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
         }
     }
 }
@@ -474,4 +437,113 @@ fn every_target_has_a_fuzz_target_file() {
             target.name()
         );
     }
+}
+
+/// Every input kept under `fuzz/regressions/TARGET/` (findings of the
+/// coverage-guided campaign, `scripts/fuzz-campaign.sh`) replays without a
+/// panic, a hang or a change to the input.
+#[test]
+fn regression_inputs_replay() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    let mut replayed = 0;
+    let Ok(targets) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for target in targets {
+        let target = target.unwrap();
+        let name = target.file_name().to_string_lossy().into_owned();
+        for input in std::fs::read_dir(target.path()).unwrap() {
+            let path = input.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            let started = Instant::now();
+            match name.as_str() {
+                "store" => {
+                    support::fuzz::run_store(&bytes);
+                }
+                "store_fixed" => {
+                    support::fuzz::run_store_fixed(&bytes);
+                }
+                "vhd_fixed" => {
+                    support::fuzz::run_vhd_fixed(&bytes);
+                }
+                "vhdx_fixed" => {
+                    support::fuzz::run_vhdx_fixed(&bytes);
+                }
+                "capi" => support::fuzz::run_capi(&bytes),
+                "umlcow" => {
+                    cowdisk::formats::umlcow::fuzz_one(&bytes);
+                }
+                "vci" => {
+                    cowdisk::formats::vci::fuzz_one(&bytes);
+                }
+                other => {
+                    let target = Target::ALL
+                        .into_iter()
+                        .find(|t| t.name() == other)
+                        .unwrap_or_else(|| panic!("unknown fuzz target folder {other}"));
+                    run(target, &bytes);
+                }
+            }
+            assert!(
+                started.elapsed() < SLOW_CASE,
+                "{}: took {:?}",
+                path.display(),
+                started.elapsed()
+            );
+            replayed += 1;
+        }
+    }
+    eprintln!("{replayed} regression inputs replayed");
+}
+
+/// The C API target over random call sequences (the real fuzzer runs it
+/// coverage-guided under AddressSanitizer; this keeps it working in CI).
+#[test]
+fn capi_random_call_sequences() {
+    let mut rng = Rng(0xCA11_5EC0_0000_0001);
+    let started = Instant::now();
+    let mut cases = 0;
+    while cases < 400 && started.elapsed() < BUDGET {
+        let len = 1 + rng.below(600);
+        let program: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        support::fuzz::run_capi(&program);
+        cases += 1;
+    }
+    assert!(cases >= 50, "only {cases} C API call sequences");
+    eprintln!("capi: {cases} call sequences in {:?}", started.elapsed());
+}
+
+/// The sparse store encoding round-trips and the checksum-fixing store
+/// target opens a real store encoded that way (so its mutations start
+/// from stores that open).
+#[test]
+fn store_fixed_opens_an_encoded_store() {
+    let dir = support::temp_dir();
+    let path = dir.path().join("s.cow");
+    let data: Vec<u8> = (0..64 * 512).map(|i| (i * 7 / 512) as u8).collect();
+    let src = cowdisk::MemDisk::new(data, vec![cowdisk::SectorStatus::Normal; 64]).unwrap();
+    let mut overlay = cowdisk::Overlay::create_persistent(
+        Box::new(src),
+        &path,
+        cowdisk::OverlayOptions {
+            granularity: 8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    overlay.write(3, &[9u8; 1024]).unwrap();
+    overlay.close().unwrap();
+    let file = std::fs::read(&path).unwrap();
+    let encoded = support::fuzz::encode_sparse_store(&file);
+    let (pages, len) = support::fuzz::decode_sparse_store(&encoded);
+    assert_eq!(len, file.len() as u64);
+    for (p, page) in &pages {
+        assert_eq!(&file[*p as usize * 4096..][..4096], &page[..]);
+    }
+    assert!(support::fuzz::run_store_fixed(&encoded));
+    // A byte flipped in an unused part of the identity page: the CRC
+    // fix-up makes the page valid again, so the store still opens.
+    let mut damaged = encoded.clone();
+    damaged[4 + 100] ^= 1;
+    assert!(support::fuzz::run_store_fixed(&damaged));
 }

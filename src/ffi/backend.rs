@@ -3,12 +3,12 @@
 //! backend a [`Disk`].
 #![allow(non_snake_case, non_camel_case_types)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{CStr, CString, OsStr};
 use std::os::raw::{c_char, c_int, c_uint, c_void};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use super::handle::{self, Object};
 use super::types::{COW_OPEN_FOLLOW_PARENTS, COW_PROGRESS_FN, HVDDR, S_UUID};
@@ -306,39 +306,67 @@ struct BuiltinData {
     image: Option<Box<dyn Image>>,
 }
 
+/// The pBackendData of built-in tables: the address of a token the library
+/// allocates (and never dereferences), the key of the live table below.
+/// Validate-then-pin, as `handle.rs` does for handles: a call looks the key
+/// up and clones the `Arc` under the table's lock, so a close racing with
+/// it can retire the key but never free the data while the call uses it
+/// (the call then finds the image closed and fails cleanly). Retired tokens
+/// stay allocated in a quarantine for a while, so their address is not
+/// handed out again soon and a stale pointer is refused.
+type Live = HashMap<usize, Arc<Mutex<BuiltinData>>>;
+
+fn live() -> MutexGuard<'static, Live> {
+    static LIVE: OnceLock<Mutex<Live>> = OnceLock::new();
+    LIVE.get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        // Inserts and removes are single calls: never left half-done.
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Retired tokens kept allocated (see `Live`).
+const TOKEN_QUARANTINE: usize = 4096;
+
 fn new_data(backend: usize, path: PathBuf, image: Box<dyn Image>) -> *mut c_void {
-    let ptr = Box::into_raw(Box::new(Mutex::new(BuiltinData {
+    let token = Box::into_raw(Box::new(0u64));
+    let data = Arc::new(Mutex::new(BuiltinData {
         backend,
         path,
         image: Some(image),
-    })));
-    live_set()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(ptr as usize);
-    ptr.cast()
+    }));
+    live().insert(token as usize, data);
+    token.cast()
 }
 
-/// Live pBackendData pointers of built-in tables, so a stale or foreign
-/// pointer is an error, not a crash.
-fn live_set() -> &'static Mutex<HashSet<usize>> {
-    static SET: OnceLock<Mutex<HashSet<usize>>> = OnceLock::new();
-    SET.get_or_init(|| Mutex::new(HashSet::new()))
-}
-
-/// Runs `f` on the image behind a built-in table's pBackendData.
-fn with_data<T>(data: *mut c_void, f: impl FnOnce(&mut BuiltinData) -> Result<T>) -> Result<T> {
-    if !live_set()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .contains(&(data as usize))
-    {
-        return Err(Error::InvalidHandle(format!(
+/// Retires pBackendData `data`: removes it from the live table (once; a
+/// second close, or one racing with it, gets an error) and returns its
+/// data, which calls in flight may still hold.
+fn retire_data(data: *mut c_void) -> Result<Arc<Mutex<BuiltinData>>> {
+    let cell = live().remove(&(data as usize)).ok_or_else(|| {
+        Error::InvalidHandle(format!(
             "{data:p} is not an open image of a built-in backend"
-        )));
+        ))
+    })?;
+    // SAFETY: keys of the live table come from Box::into_raw in new_data,
+    // and a key is removed once.
+    let token = unsafe { Box::from_raw(data.cast::<u64>()) };
+    static RETIRED: Mutex<VecDeque<Box<u64>>> = Mutex::new(VecDeque::new());
+    let mut retired = RETIRED.lock().unwrap_or_else(|p| p.into_inner());
+    retired.push_back(token);
+    if retired.len() > TOKEN_QUARANTINE {
+        retired.pop_front();
     }
-    // SAFETY: a live pointer made by new_data.
-    let cell = unsafe { &*data.cast::<Mutex<BuiltinData>>() };
+    Ok(cell)
+}
+
+/// Runs `f` on the image behind a built-in table's pBackendData, holding
+/// its data pinned (an `Arc`) and locked.
+fn with_data<T>(data: *mut c_void, f: impl FnOnce(&mut BuiltinData) -> Result<T>) -> Result<T> {
+    let cell = live().get(&(data as usize)).cloned().ok_or_else(|| {
+        Error::InvalidHandle(format!(
+            "{data:p} is not an open image of a built-in backend"
+        ))
+    })?;
     let mut guard = cell
         .lock()
         .map_err(|_| Error::Internal("backend data damaged by an earlier panic".into()))?;
@@ -455,13 +483,11 @@ unsafe extern "C" fn builtin_create<const I: usize>(
 
 unsafe extern "C" fn builtin_close(data: *mut c_void, delete: c_int) -> c_int {
     status(|| {
-        let (image, path) = with_data(data, |d| Ok((d.image.take(), d.path.clone())))?;
-        live_set()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(data as usize));
-        // SAFETY: made by new_data, removed from the live set once.
-        drop(unsafe { Box::from_raw(data.cast::<Mutex<BuiltinData>>()) });
+        let cell = retire_data(data)?;
+        let (image, path) = {
+            let mut d = cell.lock().unwrap_or_else(|p| p.into_inner());
+            (d.image.take(), d.path.clone())
+        };
         let closed = match image {
             Some(i) => i.close(),
             None => Ok(()),

@@ -602,25 +602,16 @@ impl UmlCow {
             options.alignment,
         );
         let parsed = parse_header(&header, u64::MAX)?;
-        let file = FsOpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| Error::Open(format!("{}: {e}", path.display())))?;
-        let result = (|| {
+        // Built under a temporary name, synced, renamed into place and the
+        // folder synced: a crash never leaves a half-made file at `path`.
+        let what = path.display().to_string();
+        let (file, ()) = crate::newfile::create_atomically(path, &what, |file| {
             file.write_all_at(&header, 0)
                 .map_err(|e| Error::write("UML COW header", 0, e))?;
             // Like Linux: the file covers the whole data area (sparse).
             file.set_len(parsed.data_offset + size)
-                .map_err(|e| Error::write("UML COW file length", parsed.data_offset + size, e))?;
-            file.sync_all()
-                .map_err(|e| Error::write("UML COW create sync", 0, e))
-        })();
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(path);
-            return Err(e);
-        }
+                .map_err(|e| Error::write("UML COW file length", parsed.data_offset + size, e))
+        })?;
         drop(file);
         UmlCow::open(
             path,

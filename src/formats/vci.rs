@@ -350,13 +350,10 @@ impl Vci {
         b[H_UUID..H_UUID + 16].copy_from_slice(&uuid);
         b[H_MOD_UUID..H_MOD_UUID + 16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
         put64(&mut b, H_DISK_SIZE, params.size);
-        let file = FsOpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| Error::Open(format!("{}: {e}", path.display())))?;
-        let result = (|| -> Result<()> {
+        // Built under a temporary name, synced, renamed into place and the
+        // folder synced: a crash never leaves a half-made image at `path`.
+        let what = path.display().to_string();
+        let (file, ()) = crate::newfile::create_atomically(path, &what, |file| {
             let end = if fixed {
                 blocks * BLOCK
             } else {
@@ -370,21 +367,14 @@ impl Vci {
             for n in 0..meta {
                 bitmap[(n / 8) as usize] |= 1 << (n % 8);
             }
-            write_blkmap(&file, blkmap, blocks, meta, 0, &bitmap)?;
+            write_blkmap(file, blkmap, blocks, meta, 0, &bitmap)?;
             let mut node = vec![0u8; NODE_BYTES];
             node[0] = NODE_LEAF;
             file.write_all_at(&node, root * BLOCK)
                 .map_err(|e| Error::write("VCI root node", root * BLOCK, e))?;
             file.write_all_at(&b, 0)
-                .map_err(|e| Error::write("VCI header", 0, e))?;
-            file.sync_all()
-                .map_err(|e| Error::write("VCI create sync", 0, e))
-        })();
-        if let Err(e) = result {
-            drop(file);
-            let _ = std::fs::remove_file(path);
-            return Err(e);
-        }
+                .map_err(|e| Error::write("VCI header", 0, e))
+        })?;
         drop(file);
         Vci::open(
             path,

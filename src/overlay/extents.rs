@@ -504,6 +504,11 @@ impl ExtentMap {
         self.dirty_pages.len()
     }
 
+    /// Marks node pages changed again (a transaction that took them failed).
+    pub fn mark_pages_dirty(&mut self, pages: &[u64]) {
+        self.dirty_pages.extend(pages.iter().copied());
+    }
+
     /// Marks every node page changed (after a rebuild).
     pub fn mark_all_dirty(&mut self) {
         for page in 0..self.node_pages() {
@@ -628,6 +633,9 @@ impl ExtentMap {
         let depth = map.validate(&what)?;
         if depth > MAX_LOADED_DEPTH {
             map.rebuild_balanced()?;
+            // Every node moved: the next transaction must carry every page,
+            // or it would persist the new root over the old pages.
+            map.mark_all_dirty();
         }
         Ok(map)
     }
@@ -874,5 +882,42 @@ mod tests {
         assert!(map.extent_count() >= 1_000_000);
         assert_eq!(map.find(4).unwrap(), (4, Extent::none(1)));
         assert_eq!(map.find(5).unwrap(), (5, src(3, 5)));
+    }
+
+    /// A persisted map deeper than the load bound (a chain, as a crafted
+    /// store could hold) is rebuilt balanced on load, and every node page is
+    /// then dirty: the next transaction must carry them all, or it would
+    /// persist the new root and slot count over the old pages.
+    #[test]
+    fn a_map_rebuilt_on_load_has_every_page_dirty() {
+        let n = MAX_LOADED_DEPTH as u32 + 40;
+        let pages = u64::from(n).div_ceil(NODES_PER_PAGE);
+        let mut load = |p: u64| -> Result<Vec<u8>> {
+            let mut payload = vec![0u8; 4080];
+            for i in 0..NODES_PER_PAGE {
+                let t = (p * NODES_PER_PAGE + i) as u32;
+                if t >= n {
+                    break;
+                }
+                let r = &mut payload[i as usize * NODE_RECORD_BYTES..][..NODE_RECORD_BYTES];
+                let below = u64::from(n - t);
+                r[0..8].copy_from_slice(&1u64.to_le_bytes());
+                r[8..16].copy_from_slice(&u64::from(t).to_le_bytes());
+                r[16..24].copy_from_slice(&below.to_le_bytes());
+                r[24] = ExtentKind::Source as u8;
+                r[28..32].copy_from_slice(&(n - t).to_le_bytes());
+                r[32..36].copy_from_slice(&NIL.to_le_bytes());
+                let right = if t + 1 < n { t + 1 } else { NIL };
+                r[36..40].copy_from_slice(&right.to_le_bytes());
+                r[40..44].copy_from_slice(&(n - t).to_le_bytes());
+            }
+            Ok(payload)
+        };
+        let mut map = ExtentMap::from_pages(n, 0, 1, &mut load, &|p| format!("page {p}")).unwrap();
+        assert_eq!(map.len(), u64::from(n));
+        assert_eq!(map.find(7).unwrap(), (7, src(1, 7)));
+        assert!(map.node_pages() >= 1 && pages >= 1);
+        let dirty = map.take_dirty_pages();
+        assert_eq!(dirty, (0..map.node_pages()).collect::<Vec<_>>());
     }
 }

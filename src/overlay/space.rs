@@ -326,6 +326,12 @@ impl UnitMap {
         std::mem::take(&mut self.dirty_pages).into_iter().collect()
     }
 
+    /// Marks bitmap pages changed again (a transaction that took them
+    /// failed).
+    pub fn mark_pages_dirty(&mut self, pages: &[u64]) {
+        self.dirty_pages.extend(pages.iter().copied());
+    }
+
     /// Number of bitmap pages the store spans.
     pub fn bitmap_pages(&self) -> u64 {
         self.end.div_ceil(UNITS_PER_BITMAP_PAGE)

@@ -21,6 +21,8 @@ pub const BITMAP_TABLE_PAGES: std::ops::RangeInclusive<u64> = 12..=15;
 pub const TABLE_ENTRIES_PER_PAGE: u64 = (PAYLOAD / 8) as u64;
 pub const LOG_OFFSET: u64 = 1 << 20;
 pub const DEFAULT_LOG_SIZE: u64 = 16 << 20;
+/// The smallest log a store may have (docs/FORMAT.md).
+pub const MIN_LOG_SIZE: u64 = 64 << 10;
 /// The data area (units) starts here.
 pub const DATA_OFFSET: u64 = LOG_OFFSET + DEFAULT_LOG_SIZE;
 /// Pages per metadata chunk (node or bitmap pages): 1 MiB.
@@ -162,7 +164,7 @@ impl Header {
         };
         let at = HEADER_OFFSETS[slot];
         if header.log_offset != LOG_OFFSET
-            || header.log_size < 16 * PAGE as u64
+            || header.log_size < MIN_LOG_SIZE
             || header.log_size > DATA_OFFSET - LOG_OFFSET
             || !header.log_size.is_multiple_of(PAGE as u64)
             || header.log_tail >= header.log_size

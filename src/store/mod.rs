@@ -12,7 +12,8 @@
 
 pub mod format;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::disk::{Disk, SECTOR_SIZE};
 use crate::error::{Error, Result};
@@ -30,17 +31,119 @@ const MAX_ENTRY_PAGES: usize = 1024;
 /// fresh units (shadow paging) instead of logging its pages one by one.
 /// Tests lower it (`set_shadow_threshold`) to drive the shadow path on
 /// small maps.
-static SHADOW_CHUNK_PAGES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(96);
+static SHADOW_CHUNK_PAGES: AtomicUsize = AtomicUsize::new(96);
 
 /// Sets the dirty-page count from which a map chunk is shadowed instead of
 /// logged (default 96). For tests and benchmarks; affects every store in
 /// the process.
 pub fn set_shadow_threshold(pages: usize) {
-    SHADOW_CHUNK_PAGES.store(pages.max(1), std::sync::atomic::Ordering::Relaxed);
+    SHADOW_CHUNK_PAGES.store(pages.max(1), Ordering::Relaxed);
 }
 /// If more node pages than this would still go to the log, every chunk
-/// with dirty pages is shadowed, so a transaction stays small.
-const MAX_LOGGED_NODE_PAGES: usize = 1024;
+/// with dirty pages is shadowed, so a transaction stays small. Tests lower
+/// or raise it (`set_log_limits`).
+static MAX_LOGGED_NODE_PAGES: AtomicUsize = AtomicUsize::new(1024);
+/// Pages per log entry the writer uses (at most `MAX_ENTRY_PAGES`, the
+/// format's limit). Tests lower it to make transactions of many entries on
+/// small maps.
+static ENTRY_PAGES: AtomicUsize = AtomicUsize::new(MAX_ENTRY_PAGES);
+
+/// Test and benchmark knobs, process-wide: the pages the writer puts in one
+/// log entry (clamped to 1..=1024) and the node pages it logs before it
+/// shadows every dirty chunk instead (at least 1). Defaults: 1024, 1024.
+pub fn set_log_limits(entry_pages: usize, logged_node_pages: usize) {
+    ENTRY_PAGES.store(entry_pages.clamp(1, MAX_ENTRY_PAGES), Ordering::Relaxed);
+    MAX_LOGGED_NODE_PAGES.store(logged_node_pages.max(1), Ordering::Relaxed);
+}
+
+/// How often the journal took its rarer paths, process-wide since start
+/// (the crash tests read them to prove they reached those paths).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JournalCounters {
+    /// Transactions written.
+    pub transactions: u64,
+    /// Transactions of more than one log entry.
+    pub multi_entry_transactions: u64,
+    /// Checkpoints made before a transaction because the log had no room
+    /// for all of it (the transaction was then encoded with the new GUID).
+    pub room_checkpoints: u64,
+    /// Of those, the ones that restarted the log at offset 0 because the
+    /// transaction would not fit between the old tail and the log's end.
+    pub room_checkpoints_from_start: u64,
+    /// Entries placed at log offset 0 because they did not fit before the
+    /// end (the log wrapped).
+    pub wrapped_entries: u64,
+    /// Flushes refused because one transaction would not fit even an empty
+    /// log (nothing acknowledged, nothing freed).
+    pub oversized_transactions: u64,
+    /// Transactions that failed after their pages were collected (their
+    /// pages were marked dirty again).
+    pub failed_transactions: u64,
+    /// Entries replay found at log offset 0 after the one before them
+    /// (a wrap, read back).
+    pub replayed_wrapped_entries: u64,
+}
+
+static COUNTERS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+const C_TRANSACTIONS: usize = 0;
+const C_MULTI: usize = 1;
+const C_ROOM: usize = 2;
+const C_ROOM_FROM_START: usize = 3;
+const C_WRAPPED: usize = 4;
+const C_OVERSIZED: usize = 5;
+const C_FAILED: usize = 6;
+const C_REPLAYED_WRAPPED: usize = 7;
+
+fn count(counter: usize) {
+    COUNTERS[counter].fetch_add(1, Ordering::Relaxed);
+}
+
+/// The journal's counters (see [`JournalCounters`]).
+pub fn journal_counters() -> JournalCounters {
+    let c = |i: usize| COUNTERS[i].load(Ordering::Relaxed);
+    JournalCounters {
+        transactions: c(C_TRANSACTIONS),
+        multi_entry_transactions: c(C_MULTI),
+        room_checkpoints: c(C_ROOM),
+        room_checkpoints_from_start: c(C_ROOM_FROM_START),
+        wrapped_entries: c(C_WRAPPED),
+        oversized_transactions: c(C_OVERSIZED),
+        failed_transactions: c(C_FAILED),
+        replayed_wrapped_entries: c(C_REPLAYED_WRAPPED),
+    }
+}
+
+/// Blocks (4 KiB) of a log entry carrying `pages` pages: its descriptor
+/// blocks, then the pages.
+fn entry_blocks(pages: usize) -> u64 {
+    ((64 + 8 * pages).div_ceil(PAGE) + pages) as u64
+}
+
+/// Where entries of `sizes` bytes would go, in order, in a log of
+/// `log_size` bytes whose next entry goes at `head` and whose entries not
+/// yet checkpointed are `live`: each at the head, or at offset 0 when it
+/// does not fit before the end; `None` when one would overwrite a live
+/// entry (or an earlier entry of the same set).
+fn plan_entries(
+    sizes: &[u64],
+    head: u64,
+    live: &VecDeque<(u64, u64)>,
+    log_size: u64,
+) -> Option<Vec<u64>> {
+    let mut taken: Vec<(u64, u64)> = live.iter().copied().collect();
+    let mut head = head;
+    let mut offsets = Vec::with_capacity(sizes.len());
+    for &size in sizes {
+        let at = if head + size > log_size { 0 } else { head };
+        if at + size > log_size || taken.iter().any(|&(o, s)| at < o + s && o < at + size) {
+            return None;
+        }
+        taken.push((at, size));
+        offsets.push(at);
+        head = at + size;
+    }
+    Some(offsets)
+}
 
 /// Identifies a source disk: size, UUID, and a CRC-32C of sixteen sample
 /// sectors spread evenly over it.
@@ -125,7 +228,9 @@ pub struct Journal {
     granularity: u64,
     map_chunks: Vec<u64>,
     bitmap_chunks: Vec<u64>,
-    tables_dirty: bool,
+    /// Chunk table pages (meta page numbers) changed since the last
+    /// transaction.
+    dirty_tables: BTreeSet<u64>,
     /// The state page last logged (to skip it when unchanged).
     last_state: Option<State>,
     /// Offset within the log for the next entry.
@@ -137,6 +242,35 @@ pub struct Journal {
     unchecked: BTreeMap<u64, Vec<u8>>,
     /// A transaction was written since the last durable flush.
     unsynced: bool,
+    /// A transaction failed part-way: the log may hold some of its entries,
+    /// so the next transaction starts with a checkpoint (a new log GUID).
+    must_checkpoint: bool,
+    /// Map chunks were moved since the last checkpoint: their old units are
+    /// released (pending), and must not be reused before a checkpoint, since
+    /// older log entries name pages in them. Kept when the transaction that
+    /// moved them fails, so the next successful flush still checkpoints.
+    shadowed_since_checkpoint: bool,
+}
+
+/// What `collect_pages` took from the dirty sets (given back if the
+/// transaction fails).
+struct Taken {
+    nodes: Vec<u64>,
+    bitmap: Vec<u64>,
+    tables: BTreeSet<u64>,
+}
+
+/// The pages of one transaction.
+struct Collected {
+    pages: Vec<HomedPage>,
+    /// Map chunks were moved to fresh units (shadow paging).
+    shadowed: bool,
+    taken: Taken,
+}
+
+/// Every chunk table page (meta pages 1..=15).
+fn all_table_pages() -> BTreeSet<u64> {
+    MAP_TABLE_PAGES.chain(BITMAP_TABLE_PAGES).collect()
 }
 
 /// A store read from disk, before it is joined to its source.
@@ -179,16 +313,25 @@ impl CheckReport {
 
 impl Journal {
     /// Initialises a new store on empty `storage` holding `map` (a fresh
-    /// overlay's map): writes the identity page, the metadata and then the
-    /// headers, and makes it all durable.
+    /// overlay's map), with a log of `log_size` bytes (`DEFAULT_LOG_SIZE`;
+    /// smaller logs, down to 64 KiB, are for tests): writes the identity
+    /// page, the metadata and then the headers, and makes it all durable.
     pub fn create(
         storage: &mut dyn Storage,
         source: SourceIdentity,
         map: &mut ExtentMap,
         units: &mut UnitMap,
+        log_size: u64,
     ) -> Result<Journal> {
         if !storage.is_empty()? {
             return Err(Error::InvalidArgument("the store file is not empty".into()));
+        }
+        if !(MIN_LOG_SIZE..=DEFAULT_LOG_SIZE).contains(&log_size)
+            || !log_size.is_multiple_of(PAGE as u64)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "log size {log_size}: a multiple of 4096 from {MIN_LOG_SIZE} to {DEFAULT_LOG_SIZE} bytes"
+            )));
         }
         let mut identity = vec![0u8; PAYLOAD];
         identity[..IDENTITY_TEXT.len()].copy_from_slice(IDENTITY_TEXT);
@@ -204,7 +347,7 @@ impl Journal {
                 store_uuid: new_guid(),
                 log_guid: new_guid(),
                 log_offset: LOG_OFFSET,
-                log_size: DEFAULT_LOG_SIZE,
+                log_size,
                 log_tail: 0,
                 log_sequence: 1,
                 modification_uuid: new_guid(),
@@ -214,19 +357,21 @@ impl Journal {
             granularity: units.granularity(),
             map_chunks: Vec::new(),
             bitmap_chunks: Vec::new(),
-            tables_dirty: true,
+            dirty_tables: all_table_pages(),
             last_state: None,
             head: 0,
             next_sequence: 1,
             live: VecDeque::new(),
             unchecked: BTreeMap::new(),
             unsynced: false,
+            must_checkpoint: false,
+            shadowed_since_checkpoint: false,
         };
         map.track_dirty_pages();
         map.mark_all_dirty();
-        let (pages, _) = journal.collect_pages(map, units, None)?;
+        let collected = journal.collect_pages(map, units, None)?;
         storage.set_len(data_byte(units.end() * units.granularity()))?;
-        for (home, page) in pages {
+        for (home, page) in collected.pages {
             storage.write_at(&page, home)?;
         }
         units.transaction_written();
@@ -283,40 +428,78 @@ impl Journal {
                 ));
             }
             let chunk = units.allocate(chunk_sectors)? / g;
-            if self.map_chunks.len() < need_map {
-                self.map_chunks.push(chunk);
+            let (table, first_page) = if self.map_chunks.len() < need_map {
+                (&mut self.map_chunks, *MAP_TABLE_PAGES.start())
             } else {
-                self.bitmap_chunks.push(chunk);
-            }
-            self.tables_dirty = true;
+                (&mut self.bitmap_chunks, *BITMAP_TABLE_PAGES.start())
+            };
+            self.dirty_tables
+                .insert(first_page + table.len() as u64 / TABLE_ENTRIES_PER_PAGE);
+            table.push(chunk);
         }
     }
 
     /// Every metadata page that changed since the last call, sealed, with
     /// its home offset. Chunks with many dirty node pages are first moved to
     /// fresh units and written there whole (`shadow`): then only the chunk
-    /// table, not their pages, goes into the returned set. Returns the pages
-    /// and whether any chunk was shadowed.
+    /// table, not their pages, goes into the returned set. If this fails,
+    /// the pages it took are marked dirty again.
     fn collect_pages(
         &mut self,
         map: &mut ExtentMap,
         units: &mut UnitMap,
         storage: Option<&mut dyn Storage>,
-    ) -> Result<(Vec<HomedPage>, bool)> {
+    ) -> Result<Collected> {
         self.ensure_chunks(map, units)?;
         let node_pages = map.node_pages();
-        let dirty: Vec<u64> = map
-            .take_dirty_pages()
-            .into_iter()
-            .filter(|&p| p < node_pages)
-            .collect();
-        let mut shadow = std::collections::BTreeSet::new();
+        let mut taken = Taken {
+            nodes: map
+                .take_dirty_pages()
+                .into_iter()
+                .filter(|&p| p < node_pages)
+                .collect(),
+            bitmap: units.take_dirty_pages(),
+            tables: std::mem::take(&mut self.dirty_tables),
+        };
+        match self.seal_pages(map, units, storage, &mut taken) {
+            Ok((pages, shadowed)) => Ok(Collected {
+                pages,
+                shadowed,
+                taken,
+            }),
+            Err(e) => {
+                self.give_back(map, units, taken);
+                Err(e)
+            }
+        }
+    }
+
+    /// Marks the pages a failed transaction took as dirty again, so the
+    /// next transaction carries them.
+    fn give_back(&mut self, map: &mut ExtentMap, units: &mut UnitMap, taken: Taken) {
+        map.mark_pages_dirty(&taken.nodes);
+        units.mark_pages_dirty(&taken.bitmap);
+        self.dirty_tables.extend(taken.tables);
+        self.last_state = None;
+    }
+
+    /// The fallible half of `collect_pages`.
+    fn seal_pages(
+        &mut self,
+        map: &mut ExtentMap,
+        units: &mut UnitMap,
+        storage: Option<&mut dyn Storage>,
+        taken: &mut Taken,
+    ) -> Result<(Vec<HomedPage>, bool)> {
+        let node_pages = map.node_pages();
+        let dirty = taken.nodes.clone();
+        let mut shadow = BTreeSet::new();
         if let Some(storage) = storage {
             let mut per_chunk: BTreeMap<u64, usize> = BTreeMap::new();
             for p in &dirty {
                 *per_chunk.entry(p / CHUNK_PAGES).or_default() += 1;
             }
-            let threshold = SHADOW_CHUNK_PAGES.load(std::sync::atomic::Ordering::Relaxed);
+            let threshold = SHADOW_CHUNK_PAGES.load(Ordering::Relaxed);
             shadow.extend(
                 per_chunk
                     .iter()
@@ -328,17 +511,21 @@ impl Journal {
                 .filter(|(c, _)| !shadow.contains(*c))
                 .map(|(_, n)| n)
                 .sum();
-            if logged > MAX_LOGGED_NODE_PAGES {
+            if logged > MAX_LOGGED_NODE_PAGES.load(Ordering::Relaxed) {
                 shadow.extend(per_chunk.keys().copied());
             }
             let g = self.granularity;
             let chunk_sectors = chunk_units(g) * g;
+            if !shadow.is_empty() {
+                self.shadowed_since_checkpoint = true;
+            }
             for &c in &shadow {
                 let fresh = units.allocate(chunk_sectors)? / g;
                 let old = std::mem::replace(&mut self.map_chunks[c as usize], fresh);
                 // Reusable only once the switch is durable and checkpointed.
                 units.release(old * g, chunk_sectors);
-                self.tables_dirty = true;
+                self.dirty_tables
+                    .insert(*MAP_TABLE_PAGES.start() + c / TABLE_ENTRIES_PER_PAGE);
             }
             self.ensure_chunks(map, units)?;
             for &c in &shadow {
@@ -355,40 +542,41 @@ impl Journal {
             }
         }
         let mut pages = Vec::new();
-        for page in dirty {
+        for &page in &dirty {
             if !shadow.contains(&(page / CHUNK_PAGES)) {
                 let home = self.node_page_home(page);
                 pages.push((home, seal(TYPE_NODES, home, &map.page_payload(page))));
             }
         }
         let bitmap_pages = units.bitmap_pages();
-        for page in units.take_dirty_pages() {
+        // Pages the chunk allocations above dirtied join this transaction.
+        taken.bitmap.extend(units.take_dirty_pages());
+        let bitmap: BTreeSet<u64> = taken.bitmap.iter().copied().collect();
+        for page in bitmap {
             if page < bitmap_pages {
                 let home = self.bitmap_page_home(page);
                 pages.push((home, seal(TYPE_BITMAP, home, &units.bitmap_page(page))));
             }
         }
-        if self.tables_dirty {
-            for (table, range) in [
-                (&self.map_chunks, MAP_TABLE_PAGES),
-                (&self.bitmap_chunks, BITMAP_TABLE_PAGES),
-            ] {
-                for (i, page) in range.enumerate() {
-                    let mut payload = vec![0u8; PAYLOAD];
-                    let first = i * TABLE_ENTRIES_PER_PAGE as usize;
-                    for (j, unit) in table
-                        .iter()
-                        .skip(first)
-                        .take(TABLE_ENTRIES_PER_PAGE as usize)
-                        .enumerate()
-                    {
-                        FieldsMut(&mut payload).u64(j * 8, *unit);
-                    }
-                    let home = META_OFFSET + page * PAGE as u64;
-                    pages.push((home, seal(TYPE_META, home, &payload)));
-                }
+        taken.tables.append(&mut self.dirty_tables);
+        for &page in &taken.tables {
+            let (table, first_page) = if MAP_TABLE_PAGES.contains(&page) {
+                (&self.map_chunks, *MAP_TABLE_PAGES.start())
+            } else {
+                (&self.bitmap_chunks, *BITMAP_TABLE_PAGES.start())
+            };
+            let mut payload = vec![0u8; PAYLOAD];
+            let first = ((page - first_page) * TABLE_ENTRIES_PER_PAGE) as usize;
+            for (j, unit) in table
+                .iter()
+                .skip(first)
+                .take(TABLE_ENTRIES_PER_PAGE as usize)
+                .enumerate()
+            {
+                FieldsMut(&mut payload).u64(j * 8, *unit);
             }
-            self.tables_dirty = false;
+            let home = META_OFFSET + page * PAGE as u64;
+            pages.push((home, seal(TYPE_META, home, &payload)));
         }
         let state = State {
             granularity: self.granularity,
@@ -415,81 +603,119 @@ impl Journal {
     /// durable first). Does not wait for the log write to be durable:
     /// `flush` does. Returns whether chunks were shadowed (then the caller
     /// must checkpoint before the old chunks' units can be reused).
+    ///
+    /// Room for the whole transaction is made before any of it is encoded:
+    /// if its entries do not all fit in the log's free space, the log is
+    /// checkpointed first (restarting at offset 0 when the transaction would
+    /// not fit between the tail and the end), so every entry carries the
+    /// log GUID of the header replay will start from, and no checkpoint
+    /// ever falls between the entries of one transaction. A transaction
+    /// larger than the whole log fails with `NoSpace` before anything is
+    /// written: nothing is acknowledged, nothing freed, and its pages stay
+    /// dirty for the next flush.
     fn write_transaction(
         &mut self,
         map: &mut ExtentMap,
         units: &mut UnitMap,
         storage: &mut dyn Storage,
     ) -> Result<bool> {
+        if self.must_checkpoint {
+            // An earlier transaction failed part-way: its entries may be in
+            // the log. A new GUID retires them before anything follows.
+            self.checkpoint_with(storage, false)?;
+        }
+        let collected = self.collect_pages(map, units, Some(&mut *storage))?;
+        if collected.pages.is_empty() {
+            return Ok(collected.shadowed);
+        }
+        match self.log_transaction(&collected.pages, units, storage) {
+            Ok(()) => Ok(collected.shadowed),
+            Err(e) => {
+                count(C_FAILED);
+                self.give_back(map, units, collected.taken);
+                Err(e)
+            }
+        }
+    }
+
+    fn log_transaction(
+        &mut self,
+        pages: &[HomedPage],
+        units: &mut UnitMap,
+        storage: &mut dyn Storage,
+    ) -> Result<()> {
+        let per_entry = ENTRY_PAGES
+            .load(Ordering::Relaxed)
+            .clamp(1, MAX_ENTRY_PAGES);
+        let groups: Vec<&[HomedPage]> = pages.chunks(per_entry).collect();
+        let sizes: Vec<u64> = groups
+            .iter()
+            .map(|g| entry_blocks(g.len()) * PAGE as u64)
+            .collect();
+        let log = self.header.log_size;
+        if plan_entries(&sizes, 0, &VecDeque::new(), log).is_none() {
+            count(C_OVERSIZED);
+            return Err(Error::NoSpace(format!(
+                "one transaction of {} metadata pages needs {} bytes of log entries but the store's log holds {log} bytes; the flush was not done (the overlay stays usable)",
+                pages.len(),
+                sizes.iter().sum::<u64>()
+            )));
+        }
         // Grow the file first: shadowed chunks may be written past its end,
         // and a reader bounds the unit count by the file's length.
-        let (pages, shadowed) = {
-            let before = units.end();
-            let result = self.collect_pages(map, units, Some(&mut *storage))?;
-            debug_assert!(units.end() >= before);
-            result
-        };
-        if pages.is_empty() {
-            return Ok(shadowed);
-        }
         let span = data_byte(units.end() * self.granularity);
         if storage.len()? < span {
             storage.set_len(span)?;
         }
         // Data (and shadowed chunks) before the map that refers to them.
         storage.flush()?;
-        let groups: Vec<&[(u64, Vec<u8>)]> = pages.chunks(MAX_ENTRY_PAGES).collect();
-        let entries: Vec<Vec<u8>> = groups
-            .iter()
-            .enumerate()
-            .map(|(i, group)| {
-                let flags = if i + 1 == groups.len() {
-                    ENTRY_COMMIT
-                } else {
-                    0
-                };
-                self.encode_entry(self.next_sequence + i as u64, flags, group)
-            })
-            .collect();
-        let total: u64 = entries.iter().map(|e| e.len() as u64).sum();
-        if total > self.header.log_size / 2 {
-            return Err(Error::NoSpace(format!(
-                "one transaction of {} pages exceeds half the {} byte log",
-                pages.len(),
-                self.header.log_size
-            )));
-        }
-        for entry in entries {
-            let size = entry.len() as u64;
-            let at = match self.place(size) {
-                Some(at) => at,
-                None => {
-                    self.checkpoint(storage)?;
-                    self.place(size).ok_or_else(|| {
-                        Error::Internal("no room in an empty log for an entry".into())
-                    })?
+        let offsets = match plan_entries(&sizes, self.head, &self.live, log) {
+            Some(offsets) => offsets,
+            None => {
+                let from_start =
+                    plan_entries(&sizes, self.tail_after_checkpoint(), &VecDeque::new(), log)
+                        .is_none();
+                count(C_ROOM);
+                if from_start {
+                    count(C_ROOM_FROM_START);
                 }
+                self.checkpoint_with(storage, from_start)?;
+                plan_entries(&sizes, self.head, &self.live, log).ok_or_else(|| {
+                    Error::Internal("no room in an empty log for a transaction that fits it".into())
+                })?
+            }
+        };
+        // From here entries may reach the disk: no unit they map may be
+        // written in place again, and until the last one is written the
+        // log holds an unfinished transaction.
+        units.transaction_written();
+        self.must_checkpoint = true;
+        for (i, (group, at)) in groups.iter().zip(offsets).enumerate() {
+            let flags = if i + 1 == groups.len() {
+                ENTRY_COMMIT
+            } else {
+                0
             };
+            let entry = self.encode_entry(self.next_sequence, flags, group);
+            let size = entry.len() as u64;
+            if at != self.head {
+                count(C_WRAPPED);
+            }
             storage.write_at(&entry, self.header.log_offset + at)?;
             self.live.push_back((at, size));
             self.head = at + size;
             self.next_sequence += 1;
         }
-        for (home, page) in pages {
-            self.unchecked.insert(home, page);
+        self.must_checkpoint = false;
+        count(C_TRANSACTIONS);
+        if groups.len() > 1 {
+            count(C_MULTI);
         }
-        units.transaction_written();
+        for (home, page) in pages {
+            self.unchecked.insert(*home, page.clone());
+        }
         self.unsynced = true;
-        Ok(shadowed)
-    }
-
-    /// Where an entry of `size` bytes can go without overwriting a live
-    /// entry; `None` when the log must be checkpointed first.
-    fn place(&self, size: u64) -> Option<u64> {
-        let log = self.header.log_size;
-        let at = if self.head + size > log { 0 } else { self.head };
-        let overlaps = self.live.iter().any(|&(o, s)| at < o + s && o < at + size);
-        (!overlaps).then_some(at)
+        Ok(())
     }
 
     fn encode_entry(&self, sequence: u64, flags: u32, pages: &[(u64, Vec<u8>)]) -> Vec<u8> {
@@ -524,10 +750,10 @@ impl Journal {
         units: &mut UnitMap,
         storage: &mut dyn Storage,
     ) -> Result<()> {
-        let shadowed = self.write_transaction(map, units, storage)?;
+        self.write_transaction(map, units, storage)?;
         storage.flush()?;
         self.unsynced = false;
-        if shadowed {
+        if self.shadowed_since_checkpoint {
             // Old log entries name pages in the replaced chunks: empty the
             // log before those units can be reused.
             self.checkpoint(storage)?;
@@ -540,9 +766,24 @@ impl Journal {
         Ok(())
     }
 
+    /// Where the log's tail goes at a checkpoint that does not restart it:
+    /// the head, or 0 when less than a block remains after it.
+    fn tail_after_checkpoint(&self) -> u64 {
+        if self.head + PAGE as u64 > self.header.log_size {
+            0
+        } else {
+            self.head
+        }
+    }
+
     /// Writes every logged page to its home, then empties the log by
     /// writing a header with a new log GUID and tail.
     pub fn checkpoint(&mut self, storage: &mut dyn Storage) -> Result<()> {
+        self.checkpoint_with(storage, false)
+    }
+
+    /// `checkpoint`, with the new tail at log offset 0 when `from_start`.
+    fn checkpoint_with(&mut self, storage: &mut dyn Storage, from_start: bool) -> Result<()> {
         if self.unsynced {
             storage.flush()?;
             self.unsynced = false;
@@ -554,10 +795,10 @@ impl Journal {
         let mut header = self.header.clone();
         header.sequence += 1;
         header.log_guid = new_guid();
-        header.log_tail = if self.head + PAGE as u64 > header.log_size {
+        header.log_tail = if from_start {
             0
         } else {
-            self.head
+            self.tail_after_checkpoint()
         };
         header.log_sequence = self.next_sequence;
         let slot = 1 - self.header_slot;
@@ -568,6 +809,8 @@ impl Journal {
         self.head = self.header.log_tail;
         self.live.clear();
         self.unchecked.clear();
+        self.must_checkpoint = false;
+        self.shadowed_since_checkpoint = false;
         Ok(())
     }
 }
@@ -582,9 +825,13 @@ fn read_log(storage: &dyn Storage, header: &Header) -> (Vec<LogEntry>, u64, u64)
     for _ in 0..header.log_size / PAGE as u64 {
         let entry = read_entry(storage, header, at, sequence).or_else(|| {
             // An entry that did not fit before the log's end starts at 0.
-            (at != 0)
+            let wrapped = (at != 0)
                 .then(|| read_entry(storage, header, 0, sequence))
-                .flatten()
+                .flatten();
+            if wrapped.is_some() {
+                count(C_REPLAYED_WRAPPED);
+            }
+            wrapped
         });
         let Some(entry) = entry else { break };
         at = entry.offset + entry.size;
@@ -896,13 +1143,15 @@ pub fn open_store(storage: &mut dyn Storage, read_only: bool) -> Result<OpenedSt
         granularity: g,
         map_chunks: loaded.map_chunks.clone(),
         bitmap_chunks: loaded.bitmap_chunks.clone(),
-        tables_dirty: false,
+        dirty_tables: BTreeSet::new(),
         last_state: Some(loaded.state.clone()),
         head: loaded.head,
         next_sequence: loaded.next_sequence,
         live: loaded.live.iter().copied().collect(),
         unchecked: loaded.replayed,
         unsynced: true,
+        must_checkpoint: false,
+        shadowed_since_checkpoint: false,
     };
     journal.header.modification_uuid = new_guid();
     // Replayed pages go home; the header gets a new log GUID (so entries
