@@ -7,11 +7,14 @@ use std::path::Path;
 use crate::disk::Disk;
 use crate::error::{Error, Result};
 
+pub(crate) mod guid;
+mod inflate;
 pub mod mapped;
 pub mod media_registry;
 pub mod parallels;
 pub mod qcow2;
 pub mod raw;
+mod table_cache;
 pub mod umlcow;
 pub mod vci;
 pub mod vdi;

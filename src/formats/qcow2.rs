@@ -48,14 +48,15 @@
 //!   rather than probed, so a raw backing file is never mistaken for an image
 //!   because of what its data starts with. Other types are skipped.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use flate2::{Decompress, FlushDecompress, Status};
+use byteorder::{BigEndian, ByteOrder};
 
+use super::inflate::inflate_exact;
 use super::mapped::{self, MappedImage, Mapping};
+use super::table_cache::TableCache;
 use super::{open_parent_as, open_read_only, OpenOptions};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
@@ -107,7 +108,7 @@ pub fn probe(file: &File) -> bool {
     if file.read_exact_at(&mut head, 0).is_err() || head[..4] != MAGIC {
         return false;
     }
-    be32(&head, 4) >= 2
+    BigEndian::read_u32(&head[4..]) >= 2
 }
 
 /// `open` for the format table.
@@ -421,7 +422,7 @@ impl Qcow2Disk {
             self.file
                 .read_exact_at(&mut raw, l2_offset)
                 .map_err(|e| Error::read(&format!("{} L2 table", self.describe()), l2_offset, e))?;
-            let entries = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+            let entries = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
             self.l2_cache.insert(l2_offset, entries);
         }
         self.l2_cache
@@ -505,19 +506,19 @@ fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Header> {
     if raw[..4] != MAGIC {
         return Err(corrupt("bad magic at byte offset 0".into()));
     }
-    let version = be32(&raw, 4);
+    let version = BigEndian::read_u32(&raw[4..]);
     if version != 2 && version != 3 {
         return Err(Error::Unsupported(format!(
             "{name}: qcow2 version {version} (only 2 and 3 are read)"
         )));
     }
-    let backing_offset = be64(&raw, 8);
-    let backing_len = be32(&raw, 16);
-    let cluster_bits = be32(&raw, 20);
-    let virtual_size = be64(&raw, 24);
-    let crypt_method = be32(&raw, 32);
-    let l1_size = be32(&raw, 36);
-    let l1_offset = be64(&raw, 40);
+    let backing_offset = BigEndian::read_u64(&raw[8..]);
+    let backing_len = BigEndian::read_u32(&raw[16..]);
+    let cluster_bits = BigEndian::read_u32(&raw[20..]);
+    let virtual_size = BigEndian::read_u64(&raw[24..]);
+    let crypt_method = BigEndian::read_u32(&raw[32..]);
+    let l1_size = BigEndian::read_u32(&raw[36..]);
+    let l1_offset = BigEndian::read_u64(&raw[40..]);
 
     if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
         return Err(corrupt(format!(
@@ -544,8 +545,8 @@ fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Header> {
                 "version 3 header needs {V3_MIN_HEADER_LEN} bytes, file has {file_len}"
             )));
         }
-        let incompatible = be64(&raw, 72);
-        header_len = u64::from(be32(&raw, 100));
+        let incompatible = BigEndian::read_u64(&raw[72..]);
+        header_len = u64::from(BigEndian::read_u32(&raw[100..]));
         if header_len < V3_MIN_HEADER_LEN || header_len > cluster_size.min(file_len) {
             return Err(corrupt(format!(
                 "header length {header_len} at byte offset 100 is invalid"
@@ -666,8 +667,8 @@ fn read_backing_format(
     let mut found = None;
     // Each extension takes at least 8 bytes, so the walk ends.
     while at + 8 <= area.len() {
-        let kind = be32(&area, at);
-        let len = be32(&area, at + 4);
+        let kind = BigEndian::read_u32(&area[at..]);
+        let len = BigEndian::read_u32(&area[at + 4..]);
         if kind == EXT_END {
             break;
         }
@@ -716,7 +717,7 @@ fn read_l1(
     let mut raw = vec![0u8; (entries * 8) as usize];
     file.read_exact_at(&mut raw, offset)
         .map_err(|e| Error::read(&format!("{} L1 table", path.display()), offset, e))?;
-    let l1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+    let l1: Vec<u64> = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
     for (index, entry) in l1.iter().enumerate() {
         let l2 = entry & OFFSET_MASK;
         let inside = l2
@@ -731,99 +732,6 @@ fn read_l1(
         }
     }
     Ok(l1)
-}
-
-/// Inflates `input` into exactly `output.len()` bytes, never more: a stream
-/// that would produce more simply stops there (a zip bomb ends at one
-/// cluster); one that produces less is an error.
-pub(crate) fn inflate_exact(
-    input: &[u8],
-    output: &mut [u8],
-    zlib_header: bool,
-) -> std::result::Result<(), String> {
-    let mut inflater = Decompress::new(zlib_header);
-    loop {
-        let before_in = inflater.total_in();
-        let before_out = inflater.total_out();
-        let in_pos = before_in as usize;
-        let out_pos = before_out as usize;
-        let status = inflater
-            .decompress(
-                &input[in_pos..],
-                &mut output[out_pos..],
-                FlushDecompress::Finish,
-            )
-            .map_err(|e| format!("deflate stream is invalid: {e}"))?;
-        let produced = inflater.total_out() as usize;
-        if produced == output.len() {
-            return Ok(());
-        }
-        let stalled = inflater.total_in() == before_in && inflater.total_out() == before_out;
-        if status == Status::StreamEnd || stalled {
-            return Err(format!(
-                "deflate stream ends after {produced} of {} bytes",
-                output.len()
-            ));
-        }
-    }
-}
-
-/// A bounded cache of metadata tables (qcow2 L2 tables, VMDK grain
-/// tables) keyed by where they live, evicting the least recently used.
-pub(crate) struct TableCache<T> {
-    capacity: usize,
-    clock: u64,
-    tables: HashMap<u64, (u64, Vec<T>)>,
-}
-
-impl<T> TableCache<T> {
-    pub(crate) fn new(capacity: usize) -> TableCache<T> {
-        TableCache {
-            capacity: capacity.max(1),
-            clock: 0,
-            tables: HashMap::new(),
-        }
-    }
-
-    pub(crate) fn contains(&self, key: u64) -> bool {
-        self.tables.contains_key(&key)
-    }
-
-    pub(crate) fn get(&mut self, key: u64) -> Option<&[T]> {
-        self.clock += 1;
-        let now = self.clock;
-        self.tables.get_mut(&key).map(|(used, table)| {
-            *used = now;
-            table.as_slice()
-        })
-    }
-
-    pub(crate) fn insert(&mut self, key: u64, table: Vec<T>) {
-        if self.tables.len() >= self.capacity && !self.tables.contains_key(&key) {
-            // A linear scan is fine: the cache holds at most a few thousand
-            // tables and a miss costs a read from disk anyway.
-            let oldest = self
-                .tables
-                .iter()
-                .min_by_key(|(_, (used, _))| *used)
-                .map(|(key, _)| *key);
-            if let Some(oldest) = oldest {
-                self.tables.remove(&oldest);
-            }
-        }
-        self.clock += 1;
-        self.tables.insert(key, (self.clock, table));
-    }
-}
-
-fn be32(buf: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
-}
-
-fn be64(buf: &[u8], at: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&buf[at..at + 8]);
-    u64::from_be_bytes(b)
 }
 
 impl MappedImage for Qcow2Disk {

@@ -36,6 +36,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use super::guid::{swap_guid_fields, uuid_text};
 use super::mapped::{self, MappedImage, Mapping};
 use super::{media_registry, open_parent, open_parent_at_path, open_read_only, OpenOptions};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES};
@@ -116,19 +117,9 @@ fn le_u64(bytes: &[u8], at: usize) -> u64 {
 }
 
 /// A GUID stored with its first three fields little-endian, as RFC 4122
-/// (big-endian) bytes. The swap is its own inverse.
+/// (big-endian) bytes.
 pub(crate) fn guid_to_rfc_bytes(stored: &[u8]) -> [u8; 16] {
-    let mut uuid = [0u8; 16];
-    uuid.copy_from_slice(&stored[..16]);
-    uuid[0..4].reverse();
-    uuid[4..6].reverse();
-    uuid[6..8].reverse();
-    uuid
-}
-
-/// A UUID in the usual hyphenated text form, for messages.
-fn uuid_text(uuid: &[u8; 16]) -> String {
-    uuid::Uuid::from_bytes(*uuid).hyphenated().to_string()
+    swap_guid_fields(stored)
 }
 
 /// Parses and cross-checks the header in the first [`HEADER_BYTES`] bytes

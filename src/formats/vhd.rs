@@ -46,6 +46,7 @@ use std::path::{Path, PathBuf};
 
 use byteorder::{BigEndian, ByteOrder, LittleEndian};
 
+use super::guid::hex;
 use super::mapped::{self, MappedImage, Mapping};
 use super::{media_registry, open_parent, open_parent_at_path, open_read_only, OpenOptions};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES};
@@ -632,10 +633,6 @@ fn file_url_path(url: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl VhdDisk {

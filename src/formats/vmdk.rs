@@ -48,7 +48,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 
 use super::mapped::{self, MappedImage, Mapping};
-use super::qcow2::{inflate_exact, TableCache};
+use byteorder::{ByteOrder, LittleEndian};
+
+use super::inflate::inflate_exact;
+use super::table_cache::TableCache;
 use super::{media_registry, open_parent, open_parent_at_path, open_read_only, OpenOptions};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES, SECTOR_SIZE};
 use crate::error::{Error, Result};
@@ -777,30 +780,16 @@ fn parse_uuid(text: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
-fn le16(buf: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([buf[at], buf[at + 1]])
-}
-
-fn le32(buf: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
-}
-
-fn le64(buf: &[u8], at: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&buf[at..at + 8]);
-    u64::from_le_bytes(b)
-}
-
 fn parse_sparse_header(raw: &[u8; SECTOR_SIZE]) -> SparseHeader {
     SparseHeader {
-        flags: le32(raw, 8),
-        capacity: le64(raw, 12),
-        grain_sectors: le64(raw, 20),
-        descriptor_sector: le64(raw, 28),
-        descriptor_sectors: le64(raw, 36),
-        gtes_per_gt: le32(raw, 44),
-        gd_sector: le64(raw, 56),
-        compression: le16(raw, 77),
+        flags: LittleEndian::read_u32(&raw[8..]),
+        capacity: LittleEndian::read_u64(&raw[12..]),
+        grain_sectors: LittleEndian::read_u64(&raw[20..]),
+        descriptor_sector: LittleEndian::read_u64(&raw[28..]),
+        descriptor_sectors: LittleEndian::read_u64(&raw[36..]),
+        gtes_per_gt: LittleEndian::read_u32(&raw[44..]),
+        gd_sector: LittleEndian::read_u64(&raw[56..]),
+        compression: LittleEndian::read_u16(&raw[77..]),
     }
 }
 
@@ -822,7 +811,7 @@ fn read_sparse_header(file: &File, path: &Path, file_len: u64) -> Result<SparseH
     if raw[..4] != SPARSE_MAGIC {
         return Err(corrupt("bad magic at byte offset 0".into()));
     }
-    let version = le32(&raw, 4);
+    let version = LittleEndian::read_u32(&raw[4..]);
     if !(1..=3).contains(&version) {
         return Err(Error::Unsupported(format!(
             "{}: VMDK sparse extent version {version} (only 1 to 3 are read)",
@@ -909,7 +898,7 @@ impl SparseExtent {
         let at = header.gd_sector * SECTOR_BYTES;
         file.read_exact_at(&mut raw, at)
             .map_err(|e| Error::read(&format!("{} grain directory", name(path)), at, e))?;
-        let directory: Vec<u32> = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
+        let directory: Vec<u32> = raw.chunks_exact(4).map(LittleEndian::read_u32).collect();
         // Every grain table the directory names must lie inside the file, so
         // a damaged directory fails at open rather than mid-read.
         let table_bytes = gtes_per_gt * 4;
@@ -1012,7 +1001,7 @@ impl SparseExtent {
                 .map_err(|e| Error::read(&format!("{} grain table", self.describe()), at, e))?;
             self.tables.insert(
                 table_index,
-                raw.chunks_exact(4).map(|c| le32(c, 0)).collect(),
+                raw.chunks_exact(4).map(LittleEndian::read_u32).collect(),
             );
         }
         self.tables
@@ -1048,8 +1037,8 @@ impl SparseExtent {
             self.file.read_exact_at(&mut marker, offset).map_err(|e| {
                 Error::read(&format!("{} grain marker", self.describe()), offset, e)
             })?;
-            let lba = le64(&marker, 0);
-            let size = u64::from(le32(&marker, 8));
+            let lba = LittleEndian::read_u64(&marker[0..]);
+            let size = u64::from(LittleEndian::read_u32(&marker[8..]));
             if lba != grain_start {
                 return Err(bad(format!(
                     "marker names sector {lba}, but the grain table maps sector {grain_start} here"

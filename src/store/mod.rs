@@ -181,10 +181,10 @@ pub fn compare_identity(recorded: &SourceIdentity, found: &SourceIdentity) -> Re
     } else if recorded.uuid.is_some() && recorded.uuid != found.uuid {
         format!(
             "UUID: the store was made on disk {}, this one is {}",
-            hex(&recorded.uuid.unwrap_or_default()),
+            uuid::Uuid::from_bytes(recorded.uuid.unwrap_or_default()).hyphenated(),
             found
                 .uuid
-                .map(|u| hex(&u))
+                .map(|u| uuid::Uuid::from_bytes(u).hyphenated().to_string())
                 .unwrap_or_else(|| "without a UUID".into())
         )
     } else if recorded.fingerprint != found.fingerprint {
@@ -196,10 +196,6 @@ pub fn compare_identity(recorded: &SourceIdentity, found: &SourceIdentity) -> Re
         return Ok(());
     };
     Err(Error::SourceMismatch(why))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn new_guid() -> [u8; 16] {

@@ -52,6 +52,7 @@ use std::path::{Path, PathBuf};
 
 use byteorder::{ByteOrder, LittleEndian};
 
+use super::guid::swap_guid_fields;
 use super::mapped::{self, MappedImage, Mapping};
 use super::{open_parent, open_read_only, OpenOptions};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES};
@@ -221,7 +222,7 @@ pub fn data_write_guid(path: &Path) -> Result<[u8; 16]> {
 /// [`Disk::uuid`] reports it, without opening a parent.
 pub fn page83_uuid(path: &Path) -> Result<[u8; 16]> {
     let disk = VhdxDisk::open_without_parent(path)?;
-    disk.page83.map(|g| guid_to_rfc_order(&g)).ok_or_else(|| {
+    disk.page83.map(|g| swap_guid_fields(&g)).ok_or_else(|| {
         Error::Corrupt(format!(
             "{}: VHDX metadata has no page 83 data item",
             path.display()
@@ -814,19 +815,9 @@ fn parse_guid_text(text: &str) -> Option<[u8; 16]> {
     Some(ms_guid(d1, d2, d3, d4))
 }
 
-/// On-disk GUID bytes in RFC 4122 order (as the GUID's text reads).
-fn guid_to_rfc_order(g: &[u8]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[0..4].copy_from_slice(&[g[3], g[2], g[1], g[0]]);
-    out[4..6].copy_from_slice(&[g[5], g[4]]);
-    out[6..8].copy_from_slice(&[g[7], g[6]]);
-    out[8..16].copy_from_slice(&g[8..16]);
-    out
-}
-
 /// On-disk GUID bytes as text.
 fn guid_text(g: &[u8]) -> String {
-    let r = guid_to_rfc_order(g);
+    let r = swap_guid_fields(g);
     uuid::Uuid::from_bytes(r).braced().to_string()
 }
 
@@ -1032,7 +1023,7 @@ impl Disk for VhdxDisk {
     }
     /// The page 83 GUID in RFC 4122 byte order.
     fn uuid(&self) -> Option<[u8; 16]> {
-        self.page83.map(|g| guid_to_rfc_order(&g))
+        self.page83.map(|g| swap_guid_fields(&g))
     }
     fn is_snapshot(&self) -> bool {
         self.locator.is_some()
