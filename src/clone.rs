@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use crate::disk::{Disk, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
+use crate::formats::vdi::writer::DynamicVdi;
 
 /// Sectors per page read and per VDI block (1 MiB).
 pub const PAGE_SECTORS: u64 = 2048;
@@ -294,37 +295,8 @@ fn write_raw(
     Ok(stats)
 }
 
-const VDI_TEXT: &[u8] = b"<<< cowdisk Virtual Disk Image >>>\n";
-const VDI_SIGNATURE: u32 = 0xBEDA_107F;
-const VDI_VERSION: u32 = 0x0001_0001;
-const VDI_HEADER_SIZE: u32 = 0x190;
-const VDI_DYNAMIC: u32 = 1;
-const VDI_BLOCK_FREE: u32 = 0xFFFF_FFFF;
-/// Where the block map starts: the first sector after the header.
-const VDI_MAP_OFFSET: u64 = 0x200;
-/// The data area starts on this boundary.
-const VDI_DATA_ALIGN: u64 = 4096;
-/// The largest block map this writer makes (as the reader accepts).
-const VDI_MAX_BLOCKS: u64 = 1 << 26;
-
-fn put_u32(bytes: &mut [u8], at: usize, value: u32) {
-    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
-}
-
-fn put_u64(bytes: &mut [u8], at: usize, value: u64) {
-    bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
-}
-
-/// A UUID (RFC 4122 bytes) in the GUID layout VDI stores: the first three
-/// fields little-endian.
-fn guid_bytes(uuid: [u8; 16]) -> [u8; 16] {
-    let mut out = uuid;
-    out[0..4].reverse();
-    out[4..6].reverse();
-    out[6..8].reverse();
-    out
-}
-
+/// Writes a dynamic VDI with 1 MiB blocks (the pages); its layout is the
+/// VDI module's (`formats::vdi::writer`).
 fn write_vdi(
     disk: &mut dyn Disk,
     file: &File,
@@ -332,58 +304,34 @@ fn write_vdi(
     tracker: &mut Tracker<'_>,
 ) -> Result<CloneStats> {
     let sectors = disk.sector_count();
-    let blocks = sectors.div_ceil(PAGE_SECTORS);
-    if blocks > VDI_MAX_BLOCKS {
-        return Err(Error::Unsupported(format!(
-            "{what}: a VDI image of {blocks} blocks of 1 MiB is larger than this writer makes \
-             ({VDI_MAX_BLOCKS} blocks)"
-        )));
-    }
-    let map_bytes = blocks * 4;
-    let data_offset = (VDI_MAP_OFFSET + map_bytes).div_ceil(VDI_DATA_ALIGN) * VDI_DATA_ALIGN;
-    let mut map = vec![VDI_BLOCK_FREE; blocks as usize];
     let mut stats = CloneStats {
         virtual_bytes: sectors * SECTOR_BYTES,
         ..CloneStats::default()
     };
+    let mut vdi = DynamicVdi::new(stats.virtual_bytes, PAGE_BYTES, what)?;
     let mut buf = Vec::with_capacity(PAGE_BYTES as usize);
-    let mut allocated: u32 = 0;
     for (index, (start, len)) in pages(sectors).enumerate() {
         if read_page(disk, start, len, &mut buf)? {
             // A short last block is stored whole, zero-padded.
             buf.resize(PAGE_BYTES as usize, 0);
-            let offset = data_offset + u64::from(allocated) * PAGE_BYTES;
+            let offset = vdi.allocate(index);
             write_in_pieces(file, &buf, offset, what)?;
-            map[index] = allocated;
-            allocated += 1;
             stats.pages_written += 1;
         } else {
             stats.pages_skipped += 1;
         }
         tracker.report(start + len)?;
     }
-    let map_raw: Vec<u8> = map.iter().flat_map(|e| e.to_le_bytes()).collect();
-    file.write_all_at(&map_raw, VDI_MAP_OFFSET)
-        .map_err(|e| Error::write(what, VDI_MAP_OFFSET, e))?;
-    let mut header = vec![0u8; VDI_MAP_OFFSET as usize];
-    header[..VDI_TEXT.len()].copy_from_slice(VDI_TEXT);
-    put_u32(&mut header, 0x40, VDI_SIGNATURE);
-    put_u32(&mut header, 0x44, VDI_VERSION);
-    put_u32(&mut header, 0x48, VDI_HEADER_SIZE);
-    put_u32(&mut header, 0x4C, VDI_DYNAMIC);
-    put_u32(&mut header, 0x154, VDI_MAP_OFFSET as u32);
-    put_u32(&mut header, 0x158, data_offset as u32);
-    put_u32(&mut header, 0x168, SECTOR_BYTES as u32);
-    put_u64(&mut header, 0x170, stats.virtual_bytes);
-    put_u32(&mut header, 0x178, PAGE_BYTES as u32);
-    put_u32(&mut header, 0x180, blocks as u32);
-    put_u32(&mut header, 0x184, allocated);
-    header[0x188..0x198].copy_from_slice(&guid_bytes(*uuid::Uuid::new_v4().as_bytes()));
-    header[0x198..0x1A8].copy_from_slice(&guid_bytes(*uuid::Uuid::new_v4().as_bytes()));
+    let (map_at, map) = vdi.block_map();
+    file.write_all_at(&map, map_at)
+        .map_err(|e| Error::write(what, map_at, e))?;
+    let header = vdi.header(
+        *uuid::Uuid::new_v4().as_bytes(),
+        *uuid::Uuid::new_v4().as_bytes(),
+    );
     file.write_all_at(&header, 0)
         .map_err(|e| Error::write(what, 0, e))?;
-    // The file always covers the data area's start, even with no block.
-    let end = data_offset + u64::from(allocated) * PAGE_BYTES;
+    let end = vdi.file_len();
     file.set_len(end).map_err(|e| Error::write(what, end, e))?;
     Ok(stats)
 }

@@ -42,6 +42,9 @@ use super::{media_registry, open_parent, open_parent_at_path, open_read_only, Op
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
 
+pub mod writer;
+
+// The header layout (version 1.1), shared by the reader and the writer.
 const SIGNATURE: u32 = 0xBEDA_107F;
 const SIGNATURE_AT: usize = 0x40;
 const VERSION_AT: usize = 0x44;
@@ -49,11 +52,14 @@ const HEADER_SIZE_AT: usize = 0x48;
 const IMAGE_TYPE_AT: usize = 0x4C;
 const BLOCK_MAP_OFFSET_AT: usize = 0x154;
 const DATA_OFFSET_AT: usize = 0x158;
+const SECTOR_SIZE_AT: usize = 0x168;
 const DISK_SIZE_AT: usize = 0x170;
 const BLOCK_SIZE_AT: usize = 0x178;
 const BLOCK_EXTRA_AT: usize = 0x17C;
 const BLOCK_COUNT_AT: usize = 0x180;
+const BLOCKS_ALLOCATED_AT: usize = 0x184;
 const IMAGE_UUID_AT: usize = 0x188;
+const MODIFICATION_UUID_AT: usize = 0x198;
 const PARENT_UUID_AT: usize = 0x1A8;
 /// The pre-header plus the smallest version-1 header: every field read here.
 const HEADER_BYTES: usize = 0x48 + MIN_HEADER_SIZE as usize;
