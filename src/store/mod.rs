@@ -35,6 +35,7 @@ static SHADOW_CHUNK_PAGES: std::sync::atomic::AtomicUsize = std::sync::atomic::A
 /// Sets the dirty-page count from which a map chunk is shadowed instead of
 /// logged (default 96). For tests and benchmarks; affects every store in
 /// the process.
+#[cfg(feature = "test-utils")]
 pub fn set_shadow_threshold(pages: usize) {
     SHADOW_CHUNK_PAGES.store(pages.max(1), std::sync::atomic::Ordering::Relaxed);
 }
