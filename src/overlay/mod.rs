@@ -116,7 +116,7 @@ impl Overlay {
     }
 
     /// An overlay whose store lives in `store` (empty).
-    pub fn with_storage(
+    pub(crate) fn with_storage(
         source: Box<dyn Disk>,
         store: Box<dyn Storage>,
         options: OverlayOptions,
@@ -249,14 +249,11 @@ impl Overlay {
     }
 
     /// Sets zero detection (reads and status report all-zero data as
-    /// `Blank`).
+    /// `Blank`). A test hook: the C API and `OverlayOptions` set it at
+    /// creation.
+    #[cfg(feature = "test-utils")]
     pub fn set_detect_zeros(&mut self, on: bool) {
         self.options.detect_zeros = on;
-    }
-
-    /// True for an overlay on a persistent store.
-    pub fn is_persistent(&self) -> bool {
-        self.journal.is_some() || self.read_only
     }
 
     /// True when opened read-only.
