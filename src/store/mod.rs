@@ -10,7 +10,7 @@
 //! refers to are never overwritten: so after a crash the log's newest
 //! committed transaction gives a state the overlay really had.
 
-pub mod format;
+pub(crate) mod format;
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -70,7 +70,7 @@ pub fn identify(source: &mut dyn Disk) -> Result<SourceIdentity> {
 }
 
 /// Says how `found` differs from the identity a store recorded.
-pub fn compare_identity(recorded: &SourceIdentity, found: &SourceIdentity) -> Result<()> {
+pub(crate) fn compare_identity(recorded: &SourceIdentity, found: &SourceIdentity) -> Result<()> {
     let why = if recorded.sectors != found.sectors {
         format!(
             "size: the store was made on a disk of {} sectors, this one has {}",
@@ -182,7 +182,7 @@ impl Journal {
     /// Initialises a new store on empty `storage` holding `map` (a fresh
     /// overlay's map): writes the identity page, the metadata and then the
     /// headers, and makes it all durable.
-    pub fn create(
+    pub(crate) fn create(
         storage: &mut dyn Storage,
         source: SourceIdentity,
         map: &mut ExtentMap,
@@ -241,18 +241,13 @@ impl Journal {
     }
 
     /// The store's UUID.
-    pub fn store_uuid(&self) -> [u8; 16] {
+    pub(crate) fn store_uuid(&self) -> [u8; 16] {
         self.header.store_uuid
     }
 
     /// The UUID of the current modification session.
-    pub fn modification_uuid(&self) -> [u8; 16] {
+    pub(crate) fn modification_uuid(&self) -> [u8; 16] {
         self.header.modification_uuid
-    }
-
-    /// The source identity the store records.
-    pub fn source(&self) -> &SourceIdentity {
-        &self.source
     }
 
     fn node_page_home(&self, page: u64) -> u64 {
@@ -519,7 +514,7 @@ impl Journal {
 
     /// The durability point: logs what changed, waits for it to be on disk,
     /// and lets units freed before it be reused.
-    pub fn flush(
+    pub(crate) fn flush(
         &mut self,
         map: &mut ExtentMap,
         units: &mut UnitMap,
@@ -543,7 +538,7 @@ impl Journal {
 
     /// Writes every logged page to its home, then empties the log by
     /// writing a header with a new log GUID and tail.
-    pub fn checkpoint(&mut self, storage: &mut dyn Storage) -> Result<()> {
+    pub(crate) fn checkpoint(&mut self, storage: &mut dyn Storage) -> Result<()> {
         if self.unsynced {
             storage.flush()?;
             self.unsynced = false;
