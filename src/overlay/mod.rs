@@ -163,7 +163,7 @@ impl Overlay {
 
     /// The fallible half of `create_persistent`: creates and initialises the
     /// store file for `source` without taking the source.
-    pub fn prepare_persistent(
+    pub(crate) fn prepare_persistent(
         path: &Path,
         source: &mut dyn Disk,
         options: OverlayOptions,
@@ -709,7 +709,7 @@ impl Overlay {
 }
 
 /// A new persistent store, initialised, waiting for its source.
-pub struct PreparedStore {
+pub(crate) struct PreparedStore {
     store: Box<dyn Storage>,
     map: ExtentMap,
     units: UnitMap,
@@ -720,7 +720,7 @@ pub struct PreparedStore {
 impl PreparedStore {
     /// Initialises a store for a source of `sectors` sectors on empty
     /// `store`.
-    pub fn create(
+    pub(crate) fn create(
         mut store: Box<dyn Storage>,
         sectors: u64,
         identity: SourceIdentity,
@@ -744,7 +744,7 @@ impl PreparedStore {
     }
 
     /// The overlay over `source` (the disk the store was prepared for).
-    pub fn attach(self, source: Box<dyn Disk>) -> Overlay {
+    pub(crate) fn attach(self, source: Box<dyn Disk>) -> Overlay {
         Overlay {
             source,
             map: self.map,
