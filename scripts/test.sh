@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs missing tools, checks
-# formatting, lints, checks the committed C headers are what the build
-# generates, runs the Rust tests, then builds the C harness with CMake and
-# runs the C tests with ctest (each also under valgrind memcheck).
+# formatting, lints (the whole workspace: the library and cli/), checks
+# the committed C headers are what the build generates, runs the Rust
+# tests, then builds the C harness with CMake and runs the C tests with
+# ctest (each also under valgrind memcheck).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +13,7 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
 echo "== cargo clippy -D warnings"
-cargo clippy --release --all-targets -- -D warnings
+cargo clippy --release --workspace --all-targets -- -D warnings
 
 echo "== generated headers are committed as generated"
 cargo build --release --lib
@@ -23,8 +24,8 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   fi
 fi
 
-echo "== cargo test"
-cargo test --release --all-targets
+echo "== cargo test (the library and the cli/ package)"
+cargo test --release --workspace --all-targets
 
 echo "== C tests (CMake + ctest, valgrind memcheck)"
 build="${COWDISK_BUILD_DIR:-target/ctest}"

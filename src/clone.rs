@@ -48,27 +48,12 @@ pub enum CloneFormat {
 }
 
 impl CloneFormat {
-    /// Every writable format, for help texts and messages.
-    pub const ALL: [CloneFormat; 2] = [CloneFormat::Raw, CloneFormat::Vdi];
-
     /// The format's short name ("raw", "vdi").
     pub fn name(self) -> &'static str {
         match self {
             CloneFormat::Raw => "raw",
             CloneFormat::Vdi => "vdi",
         }
-    }
-
-    /// Parses a short name (case-insensitive).
-    pub fn from_name(name: &str) -> Result<CloneFormat> {
-        CloneFormat::ALL
-            .into_iter()
-            .find(|f| f.name().eq_ignore_ascii_case(name))
-            .ok_or_else(|| {
-                Error::Unsupported(format!(
-                    "cannot write images of format '{name}' (writable formats: raw, vdi)"
-                ))
-            })
     }
 
     /// The format a destination file name suggests (`.vdi` → VDI, anything
@@ -109,13 +94,6 @@ pub struct CloneStats {
     pub pages_written: u64,
     /// Pages left out: unallocated, blank, or all zeros.
     pub pages_skipped: u64,
-}
-
-impl CloneStats {
-    /// Bytes of data written (whole pages; the last may be shorter).
-    pub fn data_bytes(&self) -> u64 {
-        self.pages_written * PAGE_BYTES
-    }
 }
 
 /// Progress reporting: called with a percentage (0 to 100, never going
@@ -164,7 +142,7 @@ impl Tracker<'_> {
 }
 
 /// True when every byte is zero (written so the compiler vectorises it).
-pub fn is_zero(buf: &[u8]) -> bool {
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(4096)
         .all(|chunk| chunk.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }

@@ -155,7 +155,9 @@ pub fn sectors_in(buf_len: usize) -> Result<u64> {
 }
 
 /// A disk held entirely in memory with a per-sector status: a test source
-/// and a building block for tests of everything that sits on a `Disk`.
+/// and a building block for tests of everything that sits on a `Disk`
+/// (the `test-utils` feature).
+#[cfg(any(test, feature = "test-utils"))]
 #[derive(Debug, Clone)]
 pub struct MemDisk {
     data: Vec<u8>,
@@ -164,6 +166,7 @@ pub struct MemDisk {
     uuid: Option<[u8; 16]>,
 }
 
+#[cfg(any(test, feature = "test-utils"))]
 impl MemDisk {
     /// A disk with the given bytes (a multiple of 512) and statuses, one per
     /// sector. Non-`Normal` sectors must hold zeros in `data`.
@@ -201,6 +204,7 @@ impl MemDisk {
     }
 }
 
+#[cfg(any(test, feature = "test-utils"))]
 impl Disk for MemDisk {
     fn drive_type(&self) -> DriveType {
         self.drive_type

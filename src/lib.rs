@@ -25,6 +25,9 @@ pub mod store;
 
 pub mod ffi;
 
-pub use disk::{Disk, DriveType, MemDisk, SectorStatus, SECTOR_SIZE};
+/// An in-memory disk for tests (the `test-utils` feature).
+#[cfg(feature = "test-utils")]
+pub use disk::MemDisk;
+pub use disk::{Disk, DriveType, SectorStatus, SECTOR_SIZE};
 pub use error::{Error, Result};
 pub use overlay::{Overlay, OverlayOptions};

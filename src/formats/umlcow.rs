@@ -1005,6 +1005,7 @@ impl Drop for UmlCow {
 /// backing) and exercises probe, header parsing, open and full reads. Any
 /// outcome but a panic, hang or huge allocation is fine; returns whether
 /// the open succeeded.
+#[cfg(feature = "test-utils")]
 pub fn fuzz_one(bytes: &[u8]) -> bool {
     let _ = parse_header(&bytes[..bytes.len().min(HEADER_READ)], bytes.len() as u64);
     let Ok(dir) = tempfile::tempdir() else {

@@ -790,7 +790,7 @@ impl Vci {
     }
 
     /// Drops the image as a crash would: nothing more is written (tests).
-    #[doc(hidden)]
+    #[cfg(feature = "test-utils")]
     pub fn simulate_crash(mut self) {
         self.closed = true;
     }
@@ -1265,6 +1265,7 @@ impl Drop for Vci {
 /// Fuzz entry point: treats `bytes` as a VCI file and exercises probe,
 /// open (plain and repairing) and full reads. Any outcome but a panic,
 /// hang or huge allocation is fine; returns whether an open succeeded.
+#[cfg(feature = "test-utils")]
 pub fn fuzz_one(bytes: &[u8]) -> bool {
     let Ok(dir) = tempfile::tempdir() else {
         return false;

@@ -98,11 +98,11 @@ impl Extent {
 }
 
 /// The "no node" index (also on disk).
-pub const NIL: u32 = u32::MAX;
+pub(crate) const NIL: u32 = u32::MAX;
 /// Bytes of one node record on disk.
-pub const NODE_RECORD_BYTES: usize = 48;
+pub(crate) const NODE_RECORD_BYTES: usize = 48;
 /// Node records per 4 KiB map page (after the 16-byte page header).
-pub const NODES_PER_PAGE: u64 = (4080 / NODE_RECORD_BYTES) as u64;
+pub(crate) const NODES_PER_PAGE: u64 = (4080 / NODE_RECORD_BYTES) as u64;
 /// A tree deeper than this (possible only if priorities on disk were not
 /// random) is rebuilt on load, so recursion stays shallow.
 const MAX_LOADED_DEPTH: usize = 160;
@@ -490,55 +490,50 @@ impl ExtentMap {
 /// The persisted form of the map: the node arena, page by page.
 impl ExtentMap {
     /// Starts recording which node pages change.
-    pub fn track_dirty_pages(&mut self) {
+    pub(crate) fn track_dirty_pages(&mut self) {
         self.track_dirty = true;
     }
 
     /// Node pages changed since the last call.
-    pub fn take_dirty_pages(&mut self) -> Vec<u64> {
+    pub(crate) fn take_dirty_pages(&mut self) -> Vec<u64> {
         std::mem::take(&mut self.dirty_pages).into_iter().collect()
     }
 
-    /// Number of node pages changed and not yet taken.
-    pub fn dirty_page_count(&self) -> usize {
-        self.dirty_pages.len()
-    }
-
     /// Marks node pages changed again (a transaction that took them failed).
-    pub fn mark_pages_dirty(&mut self, pages: &[u64]) {
+    pub(crate) fn mark_pages_dirty(&mut self, pages: &[u64]) {
         self.dirty_pages.extend(pages.iter().copied());
     }
 
     /// Marks every node page changed (after a rebuild).
-    pub fn mark_all_dirty(&mut self) {
+    pub(crate) fn mark_all_dirty(&mut self) {
         for page in 0..self.node_pages() {
             self.dirty_pages.insert(page);
         }
     }
 
     /// Length of the node arena (slots, used or free).
-    pub fn node_slots(&self) -> u32 {
+    pub(crate) fn node_slots(&self) -> u32 {
         self.nodes.len() as u32
     }
 
     /// Pages the node arena spans.
-    pub fn node_pages(&self) -> u64 {
+    pub(crate) fn node_pages(&self) -> u64 {
         (self.nodes.len() as u64).div_ceil(NODES_PER_PAGE)
     }
 
     /// The root node's index (`NIL` for an empty map).
-    pub fn root_index(&self) -> u32 {
+    pub(crate) fn root_index(&self) -> u32 {
         self.root
     }
 
     /// The priority generator's state.
-    pub fn rng_state(&self) -> u64 {
+    pub(crate) fn rng_state(&self) -> u64 {
         self.rng
     }
 
     /// The payload of node page `page`: `NODES_PER_PAGE` records of
     /// `NODE_RECORD_BYTES` (slots past the arena's end are zero).
-    pub fn page_payload(&self, page: u64) -> Vec<u8> {
+    pub(crate) fn page_payload(&self, page: u64) -> Vec<u8> {
         let mut out = vec![0u8; 4080];
         let first = page * NODES_PER_PAGE;
         for i in 0..NODES_PER_PAGE {
@@ -563,7 +558,7 @@ impl ExtentMap {
     /// reachable twice), and every subtree total. `page(i)` returns the
     /// payload of node page `i`; `what(i)` names it in errors. Slots not
     /// reachable from the root become free slots.
-    pub fn from_pages(
+    pub(crate) fn from_pages(
         slots: u32,
         root: u32,
         rng: u64,

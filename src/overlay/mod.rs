@@ -116,7 +116,7 @@ impl Overlay {
     }
 
     /// An overlay whose store lives in `store` (empty).
-    pub fn with_storage(
+    pub(crate) fn with_storage(
         source: Box<dyn Disk>,
         store: Box<dyn Storage>,
         options: OverlayOptions,
@@ -168,7 +168,7 @@ impl Overlay {
     /// under a temporary name in the same folder, renamed into place, then
     /// the folder synced. A crash before this returns leaves nothing at
     /// `path`; once it returns, the store survives a crash.
-    pub fn prepare_persistent(
+    pub(crate) fn prepare_persistent(
         path: &Path,
         source: &mut dyn Disk,
         options: OverlayOptions,
@@ -292,14 +292,11 @@ impl Overlay {
     }
 
     /// Sets zero detection (reads and status report all-zero data as
-    /// `Blank`).
+    /// `Blank`). A test hook: the C API and `OverlayOptions` set it at
+    /// creation.
+    #[cfg(feature = "test-utils")]
     pub fn set_detect_zeros(&mut self, on: bool) {
         self.options.detect_zeros = on;
-    }
-
-    /// True for an overlay on a persistent store.
-    pub fn is_persistent(&self) -> bool {
-        self.journal.is_some() || self.read_only
     }
 
     /// True when opened read-only.
@@ -764,7 +761,7 @@ impl Overlay {
 }
 
 /// A new persistent store, initialised, waiting for its source.
-pub struct PreparedStore {
+pub(crate) struct PreparedStore {
     store: Box<dyn Storage>,
     map: ExtentMap,
     units: UnitMap,
@@ -775,7 +772,7 @@ pub struct PreparedStore {
 impl PreparedStore {
     /// Initialises a store for a source of `sectors` sectors on empty
     /// `store`.
-    pub fn create(
+    pub(crate) fn create(
         store: Box<dyn Storage>,
         sectors: u64,
         identity: SourceIdentity,
@@ -791,7 +788,7 @@ impl PreparedStore {
     }
 
     /// `create` with a log of `log_size` bytes.
-    pub fn create_with_log(
+    pub(crate) fn create_with_log(
         mut store: Box<dyn Storage>,
         sectors: u64,
         identity: SourceIdentity,
@@ -816,7 +813,7 @@ impl PreparedStore {
     }
 
     /// The overlay over `source` (the disk the store was prepared for).
-    pub fn attach(self, source: Box<dyn Disk>) -> Overlay {
+    pub(crate) fn attach(self, source: Box<dyn Disk>) -> Overlay {
         Overlay {
             source,
             map: self.map,

@@ -24,7 +24,7 @@
 use crate::disk::{Disk, SECTOR_BYTES, SECTOR_SIZE};
 use crate::error::{Error, Result};
 
-pub const SIGNATURE: &[u8; 8] = b"EFI PART";
+pub(crate) const SIGNATURE: &[u8; 8] = b"EFI PART";
 const MIN_HEADER_SIZE: u32 = 92;
 /// The largest entry array read (bytes): 128 KiB is 8x the usual.
 const MAX_ARRAY_BYTES: u64 = 128 * 1024;
@@ -54,7 +54,7 @@ pub struct Header {
 
 impl Header {
     /// Sectors the entry array occupies.
-    pub fn array_sectors(&self) -> u64 {
+    pub(crate) fn array_sectors(&self) -> u64 {
         self.array_bytes().div_ceil(SECTOR_BYTES)
     }
 
@@ -64,7 +64,7 @@ impl Header {
 
     /// The header as one sector, with the given positions and the CRCs
     /// recomputed.
-    pub fn to_sector(
+    pub(crate) fn to_sector(
         &self,
         my_lba: u64,
         alternate_lba: u64,
@@ -115,7 +115,7 @@ pub struct Gpt {
 }
 
 /// A GUID's text form from its on-disk mixed-endian bytes.
-pub fn guid_text(stored: &[u8; 16]) -> String {
+pub(crate) fn guid_text(stored: &[u8; 16]) -> String {
     let mut b = *stored;
     b[0..4].reverse();
     b[4..6].reverse();
@@ -129,7 +129,7 @@ pub fn guid_text(stored: &[u8; 16]) -> String {
 impl Gpt {
     /// Reads and checks the primary header and entry array. `what` names
     /// the image in errors.
-    pub fn read(disk: &mut dyn Disk, what: &str) -> Result<Gpt> {
+    pub(crate) fn read(disk: &mut dyn Disk, what: &str) -> Result<Gpt> {
         let disk_sectors = disk.sector_count();
         if disk_sectors < 3 {
             return Err(Error::Corrupt(format!(
@@ -254,21 +254,21 @@ impl Gpt {
     }
 
     /// Sets an entry's first and last LBA in the array.
-    pub fn set_range(&mut self, index: usize, first_lba: u64, last_lba: u64) {
+    pub(crate) fn set_range(&mut self, index: usize, first_lba: u64, last_lba: u64) {
         let at = index * self.header.entry_size as usize;
         self.array[at + 32..at + 40].copy_from_slice(&first_lba.to_le_bytes());
         self.array[at + 40..at + 48].copy_from_slice(&last_lba.to_le_bytes());
     }
 
     /// The entry array padded to whole sectors.
-    pub fn array_sectors_bytes(&self) -> Vec<u8> {
+    pub(crate) fn array_sectors_bytes(&self) -> Vec<u8> {
         let mut bytes = self.array.clone();
         bytes.resize((self.header.array_sectors() * SECTOR_BYTES) as usize, 0);
         bytes
     }
 
     /// The CRC32 of the entry array.
-    pub fn array_crc(&self) -> u32 {
+    pub(crate) fn array_crc(&self) -> u32 {
         crc32fast::hash(&self.array)
     }
 }

@@ -26,9 +26,9 @@ use crate::disk::{Disk, SECTOR_SIZE};
 use crate::error::{Error, Result};
 
 /// First byte of the partition entries in an MBR or EBR.
-pub const ENTRIES_AT: usize = 446;
+pub(crate) const ENTRIES_AT: usize = 446;
 /// Bytes per entry.
-pub const ENTRY_SIZE: usize = 16;
+pub(crate) const ENTRY_SIZE: usize = 16;
 /// The protective MBR's partition type.
 pub const TYPE_PROTECTIVE: u8 = 0xEE;
 /// Longest EBR chain followed (a loop or damage ends in an error).
@@ -36,11 +36,11 @@ const MAX_LOGICAL: usize = 1024;
 
 /// Heads per cylinder and sectors per track of the usual LBA-assist
 /// geometry, used for CHS fields (and the cylinder alignment option).
-pub const HEADS: u64 = 255;
-pub const SECTORS_PER_TRACK: u64 = 63;
+pub(crate) const HEADS: u64 = 255;
+pub(crate) const SECTORS_PER_TRACK: u64 = 63;
 
 /// True for the extended-partition types.
-pub fn is_extended(kind: u8) -> bool {
+pub(crate) fn is_extended(kind: u8) -> bool {
     matches!(kind, 0x05 | 0x0F | 0x85)
 }
 
@@ -89,7 +89,7 @@ pub fn write_entry(sector: &mut [u8], slot: usize, entry: &Entry, absolute_start
 }
 
 /// The CHS bytes of an LBA in the 255-head, 63-sector geometry.
-pub fn chs(lba: u64) -> [u8; 3] {
+pub(crate) fn chs(lba: u64) -> [u8; 3] {
     let cylinder = lba / (HEADS * SECTORS_PER_TRACK);
     if cylinder > 1023 {
         return [0xFE, 0xFF, 0xFF];
@@ -104,7 +104,7 @@ pub fn chs(lba: u64) -> [u8; 3] {
 }
 
 /// True when the sector ends with the boot signature.
-pub fn has_signature(sector: &[u8]) -> bool {
+pub(crate) fn has_signature(sector: &[u8]) -> bool {
     sector.len() >= SECTOR_SIZE && sector[510] == 0x55 && sector[511] == 0xAA
 }
 
@@ -140,7 +140,7 @@ impl Mbr {
     /// Parses sector 0 (which must carry the boot signature and no
     /// protective entry) and the EBR chain, checking every partition lies
     /// inside a disk of `disk_sectors` sectors. `what` names the image.
-    pub fn read(disk: &mut dyn Disk, what: &str) -> Result<Mbr> {
+    pub(crate) fn read(disk: &mut dyn Disk, what: &str) -> Result<Mbr> {
         let disk_sectors = disk.sector_count();
         let mut sector = vec![0u8; SECTOR_SIZE];
         disk.read_sectors(0, &mut sector)?;
@@ -230,7 +230,7 @@ impl Mbr {
 }
 
 /// Checks a partition lies inside the disk, naming it in the error.
-pub fn check_inside(what: &str, name: &str, start: u64, len: u64, disk: u64) -> Result<()> {
+pub(crate) fn check_inside(what: &str, name: &str, start: u64, len: u64, disk: u64) -> Result<()> {
     let end = start + len;
     if start == 0 || end > disk {
         return Err(Error::Corrupt(format!(

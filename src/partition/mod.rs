@@ -16,7 +16,7 @@
 pub mod gpt;
 pub mod mbr;
 
-use crate::disk::{Disk, SECTOR_BYTES, SECTOR_SIZE};
+use crate::disk::{Disk, SECTOR_SIZE};
 use crate::error::{Error, Result};
 use crate::overlay::Overlay;
 
@@ -417,9 +417,4 @@ fn rewrite_gpt(
     }
     overlay.write(0, &sector)?;
     Ok(())
-}
-
-/// Bytes of `sectors` sectors.
-pub fn sectors_to_bytes(sectors: u64) -> u64 {
-    sectors.saturating_mul(SECTOR_BYTES)
 }

@@ -13,8 +13,8 @@ pub const PAYLOAD: usize = PAGE - PAGE_HEADER;
 pub const IDENTITY_OFFSET: u64 = 0;
 pub const HEADER_OFFSETS: [u64; 2] = [4096, 8192];
 pub const META_OFFSET: u64 = 65536;
-/// Meta pages: 0 = state, 1..=11 map chunk table, 12..=15 bitmap chunk table.
-pub const META_PAGES: u64 = 16;
+/// Meta pages (16): 0 = state, 1..=11 map chunk table, 12..=15 bitmap chunk
+/// table.
 pub const MAP_TABLE_PAGES: std::ops::RangeInclusive<u64> = 1..=11;
 pub const BITMAP_TABLE_PAGES: std::ops::RangeInclusive<u64> = 12..=15;
 /// Chunk table entries per page (u64 unit numbers).

@@ -10,7 +10,7 @@
 //! refers to are never overwritten: so after a crash the log's newest
 //! committed transaction gives a state the overlay really had.
 
-pub mod format;
+pub(crate) mod format;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,6 +36,7 @@ static SHADOW_CHUNK_PAGES: AtomicUsize = AtomicUsize::new(96);
 /// Sets the dirty-page count from which a map chunk is shadowed instead of
 /// logged (default 96). For tests and benchmarks; affects every store in
 /// the process.
+#[cfg(feature = "test-utils")]
 pub fn set_shadow_threshold(pages: usize) {
     SHADOW_CHUNK_PAGES.store(pages.max(1), Ordering::Relaxed);
 }
@@ -172,7 +173,7 @@ pub fn identify(source: &mut dyn Disk) -> Result<SourceIdentity> {
 }
 
 /// Says how `found` differs from the identity a store recorded.
-pub fn compare_identity(recorded: &SourceIdentity, found: &SourceIdentity) -> Result<()> {
+pub(crate) fn compare_identity(recorded: &SourceIdentity, found: &SourceIdentity) -> Result<()> {
     let why = if recorded.sectors != found.sectors {
         format!(
             "size: the store was made on a disk of {} sectors, this one has {}",
@@ -312,7 +313,7 @@ impl Journal {
     /// overlay's map), with a log of `log_size` bytes (`DEFAULT_LOG_SIZE`;
     /// smaller logs, down to 64 KiB, are for tests): writes the identity
     /// page, the metadata and then the headers, and makes it all durable.
-    pub fn create(
+    pub(crate) fn create(
         storage: &mut dyn Storage,
         source: SourceIdentity,
         map: &mut ExtentMap,
@@ -381,18 +382,13 @@ impl Journal {
     }
 
     /// The store's UUID.
-    pub fn store_uuid(&self) -> [u8; 16] {
+    pub(crate) fn store_uuid(&self) -> [u8; 16] {
         self.header.store_uuid
     }
 
     /// The UUID of the current modification session.
-    pub fn modification_uuid(&self) -> [u8; 16] {
+    pub(crate) fn modification_uuid(&self) -> [u8; 16] {
         self.header.modification_uuid
-    }
-
-    /// The source identity the store records.
-    pub fn source(&self) -> &SourceIdentity {
-        &self.source
     }
 
     fn node_page_home(&self, page: u64) -> u64 {
@@ -740,7 +736,7 @@ impl Journal {
 
     /// The durability point: logs what changed, waits for it to be on disk,
     /// and lets units freed before it be reused.
-    pub fn flush(
+    pub(crate) fn flush(
         &mut self,
         map: &mut ExtentMap,
         units: &mut UnitMap,
@@ -774,7 +770,7 @@ impl Journal {
 
     /// Writes every logged page to its home, then empties the log by
     /// writing a header with a new log GUID and tail.
-    pub fn checkpoint(&mut self, storage: &mut dyn Storage) -> Result<()> {
+    pub(crate) fn checkpoint(&mut self, storage: &mut dyn Storage) -> Result<()> {
         self.checkpoint_with(storage, false)
     }
 

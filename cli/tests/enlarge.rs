@@ -4,6 +4,9 @@
 //! `qemu-img convert`), and every partition's bytes are compared with the
 //! source's. The source file is never written.
 
+// The library's test helpers (qemu-img oracles, source fingerprints), shared
+// rather than copied.
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::path::Path;

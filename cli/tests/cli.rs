@@ -5,6 +5,9 @@
 //! behind, and the source unchanged. Results are judged by sfdisk and
 //! qemu-img, not by cowdisk itself.
 
+// The library's test helpers (qemu-img oracles, source fingerprints), shared
+// rather than copied.
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::path::{Path, PathBuf};

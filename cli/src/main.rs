@@ -4,8 +4,6 @@
 //! never written. See docs/CLI.md.
 
 mod bench;
-mod bench_formats;
-mod bench_store;
 mod overlay;
 mod sample;
 mod size;

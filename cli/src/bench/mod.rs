@@ -16,9 +16,12 @@
 //!    on the same filesystem (target: at least as fast);
 //! 5. memory per extent of the extent map (100,000 and 1,000,000 extents);
 //! 6. sequential reads of an image of each format vs `qemu-img convert`
-//!    (`bench_formats.rs`);
+//!    (`formats.rs`);
 //! 7. the persistent store: flush cost, random writes vs `qemu-io`, open
-//!    time with 1,000,000 extents (`bench_store.rs`).
+//!    time with 1,000,000 extents (`store.rs`).
+
+mod formats;
+mod store;
 
 use std::fs::File;
 use std::io::Write;
@@ -219,7 +222,7 @@ pub fn run(scale: Scale, dir: Option<&Path>) -> Bench<()> {
     println!();
 
     // 6. Each format's reader.
-    super::bench_formats::run_formats(pick(1024, 256, 16), dir)?;
+    formats::run_formats(pick(1024, 256, 16), dir)?;
     println!();
 
     // 7. The persistent store.
@@ -230,11 +233,9 @@ pub fn run(scale: Scale, dir: Option<&Path>) -> Bench<()> {
     let (mut best_ours, mut best_qemu) = (Duration::MAX, Duration::MAX);
     for _ in 0..pick(3, 2, 1) {
         settle()?;
-        best_ours = best_ours.min(super::bench_store::persistent_writes(
-            &path, &store, &offsets,
-        )?);
+        best_ours = best_ours.min(store::persistent_writes(&path, &store, &offsets)?);
         settle()?;
-        best_qemu = best_qemu.min(super::bench_store::qemu_io_writes(
+        best_qemu = best_qemu.min(store::qemu_io_writes(
             &path,
             &dir.join("w.qcow2"),
             &offsets,
@@ -257,14 +258,13 @@ pub fn run(scale: Scale, dir: Option<&Path>) -> Bench<()> {
         best_qemu.as_secs_f64() / best_ours.as_secs_f64()
     );
     for writes in [1usize, 100, pick(10_000, 10_000, 1_000) as usize] {
-        let d = super::bench_store::flush_after(&path, &store, &offsets, writes)?;
+        let d = store::flush_after(&path, &store, &offsets, writes)?;
         println!(
             "  flush after {writes:>6} writes: {:>8.2} ms",
             d.as_secs_f64() * 1000.0
         );
     }
-    let (made, rw, ro) =
-        super::bench_store::open_time(&path, &store, pick(1_000_000, 1_000_000, 10_000))?;
+    let (made, rw, ro) = store::open_time(&path, &store, pick(1_000_000, 1_000_000, 10_000))?;
     println!(
         "  open a store of {made} extents: {:.0} ms read-write, {:.0} ms read-only   (target < 1000 ms)",
         rw.as_secs_f64() * 1000.0,
