@@ -17,9 +17,9 @@ use super::{
 use crate::disk::{check_range, Disk, SectorStatus, SECTOR_SIZE};
 use crate::error::{Error, Result};
 use crate::formats::{media_registry, OpenOptions};
-use crate::overlay::extents::{Extent, ExtentKind};
-use crate::overlay::space::FileStorage;
 use crate::overlay::{Overlay, OverlayOptions, DEFAULT_GRANULARITY};
+use crate::store::extents::{Extent, ExtentKind};
+use crate::store::space::FileStorage;
 
 /// Largest SPBshift accepted by ReadPage and GetDriveBlockCount: pages of
 /// up to 2^24 sectors (8 GiB). The legacy tool uses 11 (1 MiB pages).

@@ -24,8 +24,9 @@
 //! and docs/FORMAT.md). In a persistent store, data a durable map refers to
 //! is never overwritten in place: a write to it goes to fresh units.
 
-pub mod extents;
-pub mod space;
+// The extent map and the store's space live in `store/` (the store
+// persists them; the overlay edits them); their public paths stay here.
+pub use crate::store::{extents, space};
 
 use crate::disk::{
     check_range, sectors_in, Disk, DriveType, SectorStatus, SECTOR_BYTES, SECTOR_SIZE,
@@ -249,15 +250,7 @@ impl Overlay {
         path: &Path,
         read_only: bool,
     ) -> Result<(Box<dyn Storage>, OpenedStore)> {
-        let mode = if read_only {
-            StoreFileMode::ReadOnly
-        } else {
-            StoreFileMode::ReadWrite
-        };
-        let mut storage: Box<dyn Storage> = Box::new(open_store_file(path, mode)?);
-        let opened =
-            store::open_store(storage.as_mut(), read_only).map_err(|e| prefix_error(e, path))?;
-        Ok((storage, opened))
+        store::load_store_file(path, read_only)
     }
 
     /// Checks that `source` is the disk the loaded store was made on.
@@ -832,54 +825,6 @@ impl Drop for Overlay {
     fn drop(&mut self) {
         // Best effort: `close` reports errors; a drop cannot.
         let _ = self.finish();
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum StoreFileMode {
-    ReadWrite,
-    ReadOnly,
-}
-
-/// Opens a store file and takes its advisory lock: exclusive for writers,
-/// shared for readers.
-fn open_store_file(path: &Path, mode: StoreFileMode) -> Result<FileStorage> {
-    let shown = path.display();
-    let file = match mode {
-        StoreFileMode::ReadWrite => std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path),
-        StoreFileMode::ReadOnly => std::fs::File::open(path),
-    }
-    .map_err(|e| Error::Open(format!("overlay store {shown}: {e}")))?;
-    let locked = match mode {
-        StoreFileMode::ReadOnly => file.try_lock_shared(),
-        _ => file.try_lock(),
-    };
-    locked.map_err(|_| {
-        Error::Locked(format!(
-            "overlay store {shown} is open for writing elsewhere{}",
-            if mode == StoreFileMode::ReadOnly {
-                ""
-            } else {
-                " (or being read)"
-            }
-        ))
-    })?;
-    Ok(FileStorage::new(file, format!("overlay store {shown}")))
-}
-
-/// Names the store file in an error that does not already.
-fn prefix_error(error: Error, path: &Path) -> Error {
-    let shown = path.display().to_string();
-    if error.to_string().contains(&shown) {
-        return error;
-    }
-    match error {
-        Error::Corrupt(m) => Error::Corrupt(format!("overlay store {shown}: {m}")),
-        Error::Unsupported(m) => Error::Unsupported(format!("overlay store {shown}: {m}")),
-        other => other,
     }
 }
 

@@ -287,7 +287,7 @@ impl State {
             ));
         }
         if u64::from(state.node_slots)
-            > state.map_chunks * CHUNK_PAGES * crate::overlay::extents::NODES_PER_PAGE
+            > state.map_chunks * CHUNK_PAGES * super::extents::NODES_PER_PAGE
         {
             return bad(format!(
                 "{} node slots exceed {} map chunks",

@@ -10,16 +10,21 @@
 //! refers to are never overwritten: so after a crash the log's newest
 //! committed transaction gives a state the overlay really had.
 
+pub mod extents;
+mod file;
 pub(crate) mod format;
+pub mod space;
+
+pub use file::load_store_file;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::disk::{Disk, SECTOR_SIZE};
 use crate::error::{Error, Result};
-use crate::overlay::extents::ExtentMap;
-use crate::overlay::space::{Storage, UnitMap, UNITS_PER_BITMAP_PAGE};
+use extents::ExtentMap;
 use format::*;
+use space::{Storage, UnitMap, UNITS_PER_BITMAP_PAGE};
 
 pub use format::SourceIdentity;
 
@@ -1246,14 +1251,6 @@ pub fn check_store(storage: &dyn Storage) -> CheckReport {
 /// `check_store` on a store file, opened read-only under a shared lock
 /// (`Locked` while a writer has it open).
 pub fn check_store_file(path: &std::path::Path) -> Result<CheckReport> {
-    let shown = path.display();
-    let file = std::fs::File::open(path)
-        .map_err(|e| Error::Open(format!("overlay store {shown}: {e}")))?;
-    file.try_lock_shared().map_err(|_| {
-        Error::Locked(format!(
-            "overlay store {shown} is open for writing elsewhere"
-        ))
-    })?;
-    let storage = crate::overlay::space::FileStorage::new(file, format!("overlay store {shown}"));
+    let storage = file::open_locked(path, true)?;
     Ok(check_store(&storage))
 }

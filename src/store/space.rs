@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use super::format::PAYLOAD;
 use crate::error::{Error, Result};
 
 /// Byte-addressed storage under the overlay store. A trait so tests can put
@@ -147,8 +148,8 @@ impl FreeRanges {
     }
 }
 
-/// Units per page of the persisted free-space bitmap (4080 payload bytes).
-pub const UNITS_PER_BITMAP_PAGE: u64 = 4080 * 8;
+/// Units per page of the persisted free-space bitmap (a bit per payload bit).
+pub const UNITS_PER_BITMAP_PAGE: u64 = PAYLOAD as u64 * 8;
 
 /// The allocation state of the store's units.
 #[derive(Debug, Clone)]
@@ -337,7 +338,7 @@ impl UnitMap {
         self.end.div_ceil(UNITS_PER_BITMAP_PAGE)
     }
 
-    /// The 4080-byte payload of bitmap page `page`: bit `i` of byte `b` is
+    /// The payload of bitmap page `page`: bit `i` of byte `b` is
     /// unit `page * UNITS_PER_BITMAP_PAGE + 8 * b + i`.
     pub fn bitmap_page(&self, page: u64) -> Vec<u8> {
         let mut out = vec![0u8; (UNITS_PER_BITMAP_PAGE / 8) as usize];

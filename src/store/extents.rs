@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 
+use super::format::PAYLOAD;
 use crate::error::{Error, Result};
 
 /// What backs an extent.
@@ -102,7 +103,7 @@ pub(crate) const NIL: u32 = u32::MAX;
 /// Bytes of one node record on disk.
 pub(crate) const NODE_RECORD_BYTES: usize = 48;
 /// Node records per 4 KiB map page (after the 16-byte page header).
-pub(crate) const NODES_PER_PAGE: u64 = (4080 / NODE_RECORD_BYTES) as u64;
+pub(crate) const NODES_PER_PAGE: u64 = (PAYLOAD / NODE_RECORD_BYTES) as u64;
 /// A tree deeper than this (possible only if priorities on disk were not
 /// random) is rebuilt on load, so recursion stays shallow.
 const MAX_LOADED_DEPTH: usize = 160;
@@ -534,7 +535,7 @@ impl ExtentMap {
     /// The payload of node page `page`: `NODES_PER_PAGE` records of
     /// `NODE_RECORD_BYTES` (slots past the arena's end are zero).
     pub(crate) fn page_payload(&self, page: u64) -> Vec<u8> {
-        let mut out = vec![0u8; 4080];
+        let mut out = vec![0u8; PAYLOAD];
         let first = page * NODES_PER_PAGE;
         for i in 0..NODES_PER_PAGE {
             let Some(n) = self.nodes.get((first + i) as usize) else {
@@ -888,7 +889,7 @@ mod tests {
         let n = MAX_LOADED_DEPTH as u32 + 40;
         let pages = u64::from(n).div_ceil(NODES_PER_PAGE);
         let mut load = |p: u64| -> Result<Vec<u8>> {
-            let mut payload = vec![0u8; 4080];
+            let mut payload = vec![0u8; PAYLOAD];
             for i in 0..NODES_PER_PAGE {
                 let t = (p * NODES_PER_PAGE + i) as u32;
                 if t >= n {
