@@ -104,6 +104,44 @@ pub trait Disk: Send {
         }
         Ok((first, run))
     }
+
+    /// True when sectors `[lba, lba + count)` (inside the disk) read as
+    /// zeros. The default reads them; a disk that knows ranges read as
+    /// zeros without reading them (an overlay's inserted ranges) answers
+    /// those from its metadata, so a zero check over a huge unallocated
+    /// range costs nothing.
+    fn reads_as_zeros(&mut self, lba: u64, count: u64) -> Result<bool> {
+        zeros_by_reading(self, lba, count)
+    }
+}
+
+/// Sectors per read of `zeros_by_reading` (1 MiB).
+const ZERO_CHECK_SECTORS: u64 = 2048;
+
+/// `Disk::reads_as_zeros` by reading the range, 1 MiB at a time.
+pub fn zeros_by_reading<D: Disk + ?Sized>(disk: &mut D, lba: u64, count: u64) -> Result<bool> {
+    let mut buf = Vec::new();
+    let end = lba + count;
+    let mut pos = lba;
+    while pos < end {
+        let n = (end - pos).min(ZERO_CHECK_SECTORS);
+        buf.resize(n as usize * SECTOR_SIZE, 0);
+        disk.read_sectors(pos, &mut buf)?;
+        if !is_zero(&buf) {
+            return Ok(false);
+        }
+        pos += n;
+    }
+    Ok(true)
+}
+
+/// True when every byte is zero (compared 16 bytes at a time).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut words = buf.chunks_exact(16);
+    words
+        .by_ref()
+        .all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
 }
 
 impl<D: Disk + ?Sized> Disk for Box<D> {
@@ -130,6 +168,9 @@ impl<D: Disk + ?Sized> Disk for Box<D> {
     }
     fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         (**self).status_run(lba, count)
+    }
+    fn reads_as_zeros(&mut self, lba: u64, count: u64) -> Result<bool> {
+        (**self).reads_as_zeros(lba, count)
     }
 }
 
