@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use crate::disk::{Disk, SectorStatus};
 use crate::error::{Error, Result};
-use crate::formats::{self, FormatProbe, OpenOptions};
+use crate::formats::{self, FormatId, OpenOptions};
 
 /// Backend capability bits (`COW_CAP_*`, defined in [`crate::numbers`]).
 pub mod caps {
@@ -226,70 +226,42 @@ impl Image for ReadOnlyImage {
     }
 }
 
-/// Which code serves a backend.
-#[derive(Clone, Copy)]
-enum Kind {
-    /// A read-only reader of the format table.
-    Format(&'static FormatProbe),
-    UmlCow,
-    Vci,
-}
-
-/// A built-in backend.
+/// A built-in backend: a format of the format registry.
 #[derive(Clone, Copy)]
 pub struct BackendInfo {
-    kind: Kind,
+    format: FormatId,
 }
 
 impl BackendInfo {
+    /// The format this backend serves.
+    pub fn format(&self) -> FormatId {
+        self.format
+    }
+
     /// Short lowercase name ("raw", "vdi", "cow", "vci", ...).
     pub fn name(&self) -> &'static str {
-        match self.kind {
-            Kind::Format(f) => f.name,
-            Kind::UmlCow => "cow",
-            Kind::Vci => "vci",
-        }
+        self.format.name()
     }
 
     /// `caps::*` bits.
     pub fn caps(&self) -> u64 {
-        match self.kind {
-            Kind::Format(_) => caps::FILE,
-            Kind::UmlCow => caps::FILE | caps::DIFF | caps::WRITE,
-            Kind::Vci => {
+        match self.format {
+            FormatId::UmlCow => caps::FILE | caps::DIFF | caps::WRITE,
+            FormatId::Vci => {
                 caps::FILE | caps::CREATE_FIXED | caps::CREATE_DYNAMIC | caps::DISCARD | caps::WRITE
             }
+            _ => caps::FILE,
         }
     }
 
     /// File name extensions, without the dot.
     pub fn extensions(&self) -> &'static [&'static str] {
-        match self.kind {
-            Kind::Format(f) => match f.name {
-                "raw" => &["img", "raw", "bin"],
-                "vdi" => &["vdi"],
-                "parallels" => &["hdd"],
-                "vhd" => &["vhd"],
-                "vhdx" => &["vhdx"],
-                "vmdk" => &["vmdk"],
-                "qcow2" => &["qcow2"],
-                _ => &[],
-            },
-            Kind::UmlCow => &["cow"],
-            Kind::Vci => &["vci"],
-        }
+        self.format.info().extensions
     }
 
     /// True when the file looks like this format. Never fails loudly.
     pub fn probe(&self, path: &Path) -> bool {
-        match self.kind {
-            Kind::Format(f) => match formats::open_read_only(path) {
-                Ok(file) => (f.probe)(&file),
-                Err(_) => false,
-            },
-            Kind::UmlCow => formats::umlcow::probe_path(path),
-            Kind::Vci => formats::vci::probe_path(path),
-        }
+        self.format.info().probe_path(path)
     }
 
     /// Opens an image with `open_flags::*`.
@@ -302,24 +274,8 @@ impl BackendInfo {
         }
         let follow = flags & open_flags::FOLLOW_PARENTS != 0;
         let writable = flags & open_flags::READ_WRITE != 0;
-        match self.kind {
-            Kind::Format(f) => {
-                if writable {
-                    return Err(Error::ReadOnly(format!(
-                        "the {} backend reads source images only",
-                        f.name
-                    )));
-                }
-                let options = OpenOptions {
-                    follow_parent_paths: follow,
-                };
-                Ok(Box::new(ReadOnlyImage {
-                    disk: (f.open_at_depth)(path, &options, 0)?,
-                    path: path.to_path_buf(),
-                    flags,
-                }))
-            }
-            Kind::UmlCow => {
+        match self.format {
+            FormatId::UmlCow => {
                 let options = formats::umlcow::UmlCowOptions {
                     writable,
                     backing: if follow {
@@ -330,47 +286,57 @@ impl BackendInfo {
                 };
                 Ok(Box::new(formats::umlcow::UmlCow::open(path, &options)?))
             }
-            Kind::Vci => {
+            FormatId::Vci => {
                 let options = formats::vci::VciOptions {
                     writable,
                     repair: flags & open_flags::REPAIR != 0,
                 };
                 Ok(Box::new(formats::vci::Vci::open(path, &options)?))
             }
+            read_only => {
+                if writable {
+                    return Err(Error::ReadOnly(format!(
+                        "the {} backend reads source images only",
+                        read_only.name()
+                    )));
+                }
+                let options = OpenOptions {
+                    follow_parent_paths: follow,
+                };
+                Ok(Box::new(ReadOnlyImage {
+                    disk: (read_only.info().open_at_depth)(path, &options, 0)?,
+                    path: path.to_path_buf(),
+                    flags,
+                }))
+            }
         }
     }
 
     /// Creates an image (opened for writing), for backends that can.
     pub fn create(&self, path: &Path, params: &CreateParams) -> Result<Box<dyn Image>> {
-        match self.kind {
-            Kind::Vci => Ok(Box::new(formats::vci::Vci::create(path, params)?)),
-            Kind::UmlCow => Err(Error::Unsupported(
+        match self.format {
+            FormatId::Vci => Ok(Box::new(formats::vci::Vci::create(path, params)?)),
+            FormatId::UmlCow => Err(Error::Unsupported(
                 "a UML COW file is created over a backing file: use COW_UmlCowCreate".into(),
             )),
-            Kind::Format(f) => Err(Error::Unsupported(format!(
+            other => Err(Error::Unsupported(format!(
                 "the {} backend cannot create images",
-                f.name
+                other.name()
             ))),
         }
     }
 }
 
-/// The built-in backends in probe order (the format table's order; `raw`,
-/// which accepts anything, last).
+/// The built-in backends in probe order (the format registry's order;
+/// `raw`, which accepts anything, last).
 pub fn builtin_backends() -> Vec<BackendInfo> {
     formats::builtin_formats()
         .iter()
-        .map(|f| BackendInfo {
-            kind: match f.name {
-                "cow" => Kind::UmlCow,
-                "vci" => Kind::Vci,
-                _ => Kind::Format(f),
-            },
-        })
+        .map(|info| BackendInfo { format: info.id })
         .collect()
 }
 
 /// The built-in backend called `name`.
 pub fn find_builtin(name: &str) -> Option<BackendInfo> {
-    builtin_backends().into_iter().find(|b| b.name() == name)
+    FormatId::from_name(name).map(|format| BackendInfo { format })
 }

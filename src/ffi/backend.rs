@@ -16,7 +16,7 @@ use super::{guard, guard_code, guard_or, non_null};
 use crate::backend::{self as core, BackendInfo, CreateParams, Image};
 use crate::disk::{check_range, sectors_in, Disk, DriveType, SectorStatus, SECTOR_SIZE};
 use crate::error::{code, Error, Result};
-use crate::formats::{self, umlcow, vci, OpenOptions};
+use crate::formats::{self, registry, umlcow, OpenOptions};
 
 // COW_BACKEND_VERSION, COW_CAP_*, COW_OPEN_*, COW_IMAGE_*: src/numbers.rs.
 use super::types::{
@@ -1011,20 +1011,13 @@ pub(crate) fn open_probing(path: &Path, flags: u32) -> Result<Box<dyn Disk>> {
     let options = OpenOptions {
         follow_parent_paths: flags & COW_OPEN_FOLLOW_PARENTS != 0,
     };
-    if flags & COW_OPEN_REPAIR != 0 && vci::probe_path(path) {
-        return Ok(Box::new(open_vci_read_only(path, true)?));
+    if flags & COW_OPEN_REPAIR != 0 {
+        let format = registry::detect(path)?;
+        if let Some(open_repairable) = format.info().open_repairable {
+            return open_repairable(path, true);
+        }
     }
     formats::open_path(path, &options)
-}
-
-fn open_vci_read_only(path: &Path, repair: bool) -> Result<vci::Vci> {
-    vci::Vci::open(
-        path,
-        &vci::VciOptions {
-            writable: false,
-            repair,
-        },
-    )
 }
 
 // ---------------------------------------------------------------------------
@@ -1203,24 +1196,22 @@ pub unsafe extern "C" fn VDDR_OpenWithBackend(
         }
         let disk: Box<dyn Disk> = match builtin_index(backend) {
             Some(i) => {
-                let info = builtins().infos[i];
-                match info.name() {
-                    "vci" => Box::new(open_vci_read_only(&path, flags & COW_OPEN_REPAIR != 0)?),
-                    name => {
-                        let format = formats::builtin_formats()
-                            .iter()
-                            .find(|f| f.name == name)
-                            .ok_or_else(|| Error::Internal(format!("no format '{name}'")))?;
+                let info = builtins().infos[i].format().info();
+                match info.open_repairable {
+                    // It checks the file's format itself.
+                    Some(open_repairable) => open_repairable(&path, flags & COW_OPEN_REPAIR != 0)?,
+                    None => {
                         let options = OpenOptions {
                             follow_parent_paths: flags & COW_OPEN_FOLLOW_PARENTS != 0,
                         };
-                        if !info.probe(&path) {
+                        if !info.probe_path(&path) {
                             return Err(Error::Unsupported(format!(
-                                "{}: not a {name} image",
-                                path.display()
+                                "{}: not a {} image",
+                                path.display(),
+                                info.name
                             )));
                         }
-                        (format.open_at_depth)(&path, &options, 0)?
+                        (info.open_at_depth)(&path, &options, 0)?
                     }
                 }
             }

@@ -175,6 +175,18 @@ pub fn open_boxed(
     Ok(Box::new(Vci::open(path, &VciOptions::default())?))
 }
 
+/// The format table's repairing open: read-only, and with `repair` an
+/// image left unclean by a crashed writer is checked and accepted.
+pub fn open_repairable_boxed(path: &Path, repair: bool) -> Result<Box<dyn Disk>> {
+    Ok(Box::new(Vci::open(
+        path,
+        &VciOptions {
+            writable: false,
+            repair,
+        },
+    )?))
+}
+
 /// How to open a VCI image.
 #[derive(Debug, Clone, Default)]
 pub struct VciOptions {
