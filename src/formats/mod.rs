@@ -22,7 +22,7 @@ pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
-pub use registry::{builtin_formats, FormatId, FormatInfo, Opened};
+pub use registry::{builtin_formats, CreateParams, FormatId, FormatInfo, ImageOpenOptions, Opened};
 
 /// How a source image may be opened.
 #[derive(Debug, Clone, Default)]

@@ -11,7 +11,7 @@ use std::path::Path;
 use super::{
     open_read_only, parallels, qcow2, raw, umlcow, vci, vdi, vhd, vhdx, vmdk, OpenOptions,
 };
-use crate::disk::Disk;
+use crate::disk::{Disk, ImageFile};
 use crate::error::{Error, Result};
 
 /// A built-in format.
@@ -75,11 +75,40 @@ impl FormatId {
 /// (0 for the image the caller named), passed on to `open_parent`.
 pub type OpenAtDepth = fn(&Path, &OpenOptions, usize) -> Result<Box<dyn Disk>>;
 
-/// A read-only open that, when its `bool` is true, also accepts an image a
-/// crashed writer left marked unclean, after checking and rebuilding what
-/// the format keeps for that (the C API's COW_OPEN_REPAIR). It checks the
-/// file's format itself.
-pub type OpenRepairable = fn(&Path, bool) -> Result<Box<dyn Disk>>;
+/// How [`FormatInfo::open_image`] opens an image.
+#[derive(Debug, Clone, Default)]
+pub struct ImageOpenOptions {
+    /// Open for writing (else every write fails).
+    pub writable: bool,
+    /// Read unchanged sectors from the backing file the image names (a
+    /// differencing format); else they read as unallocated.
+    pub follow_backing: bool,
+    /// Also accept an image a crashed writer left marked unclean, after
+    /// checking and rebuilding what the format keeps for that (VCI).
+    pub repair: bool,
+}
+
+/// Parameters of [`FormatInfo::create`].
+#[derive(Debug, Clone, Default)]
+pub struct CreateParams {
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Preallocate the image ("fixed") rather than grow it as written.
+    pub fixed: bool,
+    /// Ask for a differencing image (formats that cannot make one refuse).
+    pub differencing: bool,
+    /// The image UUID to store, if the format has one (random if `None`).
+    pub uuid: Option<[u8; 16]>,
+    /// A comment, for formats that store one.
+    pub comment: Option<String>,
+}
+
+/// Opens an image as an [`ImageFile`]: writable, or read-only with what
+/// only such an open knows (which sectors the file itself holds).
+pub type OpenImage = fn(&Path, &ImageOpenOptions) -> Result<Box<dyn ImageFile>>;
+
+/// Creates an image (it must not exist) and opens it for writing.
+pub type CreateImage = fn(&Path, &CreateParams) -> Result<Box<dyn ImageFile>>;
 
 /// A built-in format: how to recognise an image and open it.
 pub struct FormatInfo {
@@ -91,10 +120,21 @@ pub struct FormatInfo {
     /// True when the file's content looks like this format. Must not fail
     /// loudly: a probe that cannot read the header says "no".
     pub probe: fn(&File) -> bool,
-    /// Opens the image read-only.
+    /// Opens the image read-only as a source disk.
     pub open_at_depth: OpenAtDepth,
-    /// For formats that can repair an image on open (VCI).
-    pub open_repairable: Option<OpenRepairable>,
+    /// For formats that can be written (UML COW, VCI). It checks the
+    /// file's format itself.
+    pub open_image: Option<OpenImage>,
+    /// For formats that can create images (VCI).
+    pub create: Option<CreateImage>,
+    /// The format can discard sectors ([`ImageFile::as_discard`]).
+    pub discards: bool,
+    /// [`FormatInfo::open_image`] can repair an image a crashed writer left
+    /// unclean ([`ImageOpenOptions::repair`]).
+    pub repairs: bool,
+    /// Every image of the format is a differencing image over a backing
+    /// file (UML COW).
+    pub differencing: bool,
 }
 
 impl FormatInfo {
@@ -113,7 +153,11 @@ static QCOW2: FormatInfo = FormatInfo {
     extensions: &["qcow2"],
     probe: qcow2::probe,
     open_at_depth: qcow2::open_boxed,
-    open_repairable: None,
+    open_image: None,
+    create: None,
+    discards: false,
+    repairs: false,
+    differencing: false,
 };
 
 static VMDK: FormatInfo = FormatInfo {
@@ -122,7 +166,11 @@ static VMDK: FormatInfo = FormatInfo {
     extensions: &["vmdk"],
     probe: vmdk::probe,
     open_at_depth: vmdk::open_boxed,
-    open_repairable: None,
+    open_image: None,
+    create: None,
+    discards: false,
+    repairs: false,
+    differencing: false,
 };
 
 static VDI: FormatInfo = FormatInfo {
@@ -131,7 +179,11 @@ static VDI: FormatInfo = FormatInfo {
     extensions: &["vdi"],
     probe: vdi::probe,
     open_at_depth: vdi::open_boxed,
-    open_repairable: None,
+    open_image: None,
+    create: None,
+    discards: false,
+    repairs: false,
+    differencing: false,
 };
 
 static PARALLELS: FormatInfo = FormatInfo {
@@ -140,7 +192,11 @@ static PARALLELS: FormatInfo = FormatInfo {
     extensions: &["hdd"],
     probe: parallels::probe,
     open_at_depth: parallels::open_boxed,
-    open_repairable: None,
+    open_image: None,
+    create: None,
+    discards: false,
+    repairs: false,
+    differencing: false,
 };
 
 static VHDX: FormatInfo = FormatInfo {
@@ -149,7 +205,11 @@ static VHDX: FormatInfo = FormatInfo {
     extensions: &["vhdx"],
     probe: vhdx::probe,
     open_at_depth: vhdx::open_boxed,
-    open_repairable: None,
+    open_image: None,
+    create: None,
+    discards: false,
+    repairs: false,
+    differencing: false,
 };
 
 static VHD: FormatInfo = FormatInfo {
@@ -158,7 +218,11 @@ static VHD: FormatInfo = FormatInfo {
     extensions: &["vhd"],
     probe: vhd::probe,
     open_at_depth: vhd::open_boxed,
-    open_repairable: None,
+    open_image: None,
+    create: None,
+    discards: false,
+    repairs: false,
+    differencing: false,
 };
 
 static UML_COW: FormatInfo = FormatInfo {
@@ -167,7 +231,11 @@ static UML_COW: FormatInfo = FormatInfo {
     extensions: &["cow"],
     probe: umlcow::probe,
     open_at_depth: umlcow::open_boxed,
-    open_repairable: None,
+    open_image: Some(umlcow::open_image),
+    create: None,
+    discards: false,
+    repairs: false,
+    differencing: true,
 };
 
 static VCI: FormatInfo = FormatInfo {
@@ -176,7 +244,11 @@ static VCI: FormatInfo = FormatInfo {
     extensions: &["vci"],
     probe: vci::probe,
     open_at_depth: vci::open_boxed,
-    open_repairable: Some(vci::open_repairable_boxed),
+    open_image: Some(vci::open_image),
+    create: Some(vci::create_image),
+    discards: true,
+    repairs: true,
+    differencing: false,
 };
 
 static RAW: FormatInfo = FormatInfo {
@@ -185,7 +257,11 @@ static RAW: FormatInfo = FormatInfo {
     extensions: &["img", "raw", "bin"],
     probe: raw::probe,
     open_at_depth: raw::open_boxed,
-    open_repairable: None,
+    open_image: None,
+    create: None,
+    discards: false,
+    repairs: false,
+    differencing: false,
 };
 
 /// Every built-in format in probe order: `raw`, which accepts any file,

@@ -619,6 +619,9 @@ impl Disk for VdiDisk {
     fn is_snapshot(&self) -> bool {
         self.header.is_differencing()
     }
+    fn parent_uuid(&self) -> Option<[u8; 16]> {
+        VdiDisk::parent_uuid(self)
+    }
     fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         mapped::read_sectors(self, lba, buf)
     }
