@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use crate::disk::{Disk, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
 use crate::formats::vdi::writer::DynamicVdi;
+use crate::formats::FormatId;
 
 /// Sectors per page read and per VDI block (1 MiB).
 pub const PAGE_SECTORS: u64 = 2048;
@@ -48,21 +49,38 @@ pub enum CloneFormat {
 }
 
 impl CloneFormat {
-    /// The format's short name ("raw", "vdi").
-    pub fn name(self) -> &'static str {
+    /// Every writable format.
+    pub const ALL: [CloneFormat; 2] = [CloneFormat::Raw, CloneFormat::Vdi];
+
+    /// The format in the format registry.
+    pub fn format(self) -> FormatId {
         match self {
-            CloneFormat::Raw => "raw",
-            CloneFormat::Vdi => "vdi",
+            CloneFormat::Raw => FormatId::Raw,
+            CloneFormat::Vdi => FormatId::Vdi,
         }
     }
 
+    /// The format's short name ("raw", "vdi").
+    pub fn name(self) -> &'static str {
+        self.format().name()
+    }
+
     /// The format a destination file name suggests (`.vdi` → VDI, anything
-    /// else raw).
+    /// else raw), by the extensions of the format registry.
     pub fn from_path(path: &Path) -> CloneFormat {
-        match path.extension().and_then(|e| e.to_str()) {
-            Some(e) if e.eq_ignore_ascii_case("vdi") => CloneFormat::Vdi,
-            _ => CloneFormat::Raw,
-        }
+        let Some(extension) = path.extension() else {
+            return CloneFormat::Raw;
+        };
+        CloneFormat::ALL
+            .into_iter()
+            .find(|f| {
+                f.format()
+                    .info()
+                    .extensions
+                    .iter()
+                    .any(|known| extension.eq_ignore_ascii_case(known))
+            })
+            .unwrap_or(CloneFormat::Raw)
     }
 }
 

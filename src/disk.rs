@@ -3,6 +3,8 @@
 //! Every source format, a caller's own C object and the overlay itself are
 //! `Disk`s, so an overlay can sit on any of them (even on another overlay).
 
+use std::path::Path;
+
 use crate::error::{Error, Result};
 
 /// Bytes in a sector. All positions in the library are in these units.
@@ -63,6 +65,12 @@ pub trait Disk: Send {
     /// True for a differencing image or snapshot.
     fn is_snapshot(&self) -> bool {
         false
+    }
+
+    /// The UUID of the parent a differencing image records, for formats
+    /// that record one (VDI).
+    fn parent_uuid(&self) -> Option<[u8; 16]> {
+        None
     }
 
     /// Reads `buf.len() / 512` sectors starting at `lba` into `buf` and tells
@@ -160,6 +168,9 @@ impl<D: Disk + ?Sized> Disk for Box<D> {
     fn is_snapshot(&self) -> bool {
         (**self).is_snapshot()
     }
+    fn parent_uuid(&self) -> Option<[u8; 16]> {
+        (**self).parent_uuid()
+    }
     fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         (**self).read_sectors(lba, buf)
     }
@@ -172,6 +183,105 @@ impl<D: Disk + ?Sized> Disk for Box<D> {
     fn reads_as_zeros(&mut self, lba: u64, count: u64) -> Result<bool> {
         (**self).reads_as_zeros(lba, count)
     }
+}
+
+// ---------------------------------------------------------------------------
+// Capabilities beyond reading. Most disks only read; the few image formats
+// that can do more (UML COW and VCI) say so by implementing these.
+
+/// A disk that can be written: an image opened for writing.
+pub trait WritableDisk: Disk {
+    /// Writes whole sectors at `lba`.
+    fn write_sectors(&mut self, lba: u64, data: &[u8]) -> Result<()>;
+
+    /// Makes every acknowledged write durable.
+    fn flush(&mut self) -> Result<()>;
+}
+
+/// A disk that can drop sectors out of its file: they are no longer held
+/// there (they read as the backing, or as unallocated zeros).
+pub trait DiscardDisk: Disk {
+    fn discard_sectors(&mut self, lba: u64, count: u64) -> Result<()>;
+}
+
+/// What an image file records about itself besides its sectors. The
+/// setters fail on an image opened read-only; a format that does not store
+/// an item says `Unsupported`.
+pub trait ImageMetadata {
+    /// The format's version number, as the file records it.
+    fn format_version(&self) -> u32;
+
+    /// True for a preallocated ("fixed") image.
+    fn is_fixed(&self) -> bool {
+        false
+    }
+
+    /// The image's comment.
+    fn comment(&self) -> Result<String> {
+        Err(Error::Unsupported("this format stores no comment".into()))
+    }
+
+    /// Changes the image's comment.
+    fn set_comment(&mut self, comment: &str) -> Result<()> {
+        let _ = comment;
+        Err(Error::Unsupported("this format stores no comment".into()))
+    }
+
+    /// Changes the image's UUID.
+    fn set_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
+        let _ = uuid;
+        Err(Error::Unsupported("this format stores no UUID".into()))
+    }
+
+    /// The image's modification UUID.
+    fn modification_uuid(&self) -> Option<[u8; 16]> {
+        None
+    }
+
+    /// Changes the image's modification UUID.
+    fn set_modification_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
+        let _ = uuid;
+        Err(Error::Unsupported(
+            "this format stores no modification UUID".into(),
+        ))
+    }
+}
+
+/// An image file a format can open for writing (or read-only, then every
+/// write fails): the disk with everything it can do. One trait over the
+/// capabilities above, because a trait object has one trait.
+pub trait ImageFile: WritableDisk + ImageMetadata {
+    /// Whether the sectors from `lba` are held in this image file (true)
+    /// or not (false: they come from the backing or read as unallocated),
+    /// and for how many of the `count` sectors (at least 1 when
+    /// `count > 0`) that holds.
+    fn held_run(&mut self, lba: u64, count: u64) -> Result<(bool, u64)>;
+
+    /// The image's file.
+    fn path(&self) -> &Path;
+
+    /// The size of the image file in bytes.
+    fn file_size(&self) -> u64;
+
+    /// True when the image was opened for writing.
+    fn is_writable(&self) -> bool;
+
+    /// True when the image reads unchanged sectors from a backing file it
+    /// opened.
+    fn has_backing(&self) -> bool {
+        false
+    }
+
+    /// The image as a [`DiscardDisk`], for formats that can discard.
+    fn as_discard(&mut self) -> Option<&mut dyn DiscardDisk> {
+        None
+    }
+
+    /// A human-readable description of the image's metadata.
+    fn dump(&self) -> String;
+
+    /// Closes the image cleanly (flushing what a writable image holds).
+    fn close(self: Box<Self>) -> Result<()>;
 }
 
 /// Checks that `count` sectors from `lba` lie wholly inside a disk of

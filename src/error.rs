@@ -137,7 +137,7 @@ mod tests {
 
     #[test]
     fn legacy_codes_keep_their_legacy_values() {
-        // Values fixed by the legacy cow.h; see API.md section 4.
+        // Values fixed by the legacy cow.h; see docs/C-API.md.
         assert_eq!(Error::InvalidHandle(String::new()).code(), 0x60001);
         assert_eq!(Error::OutOfMemory(String::new()).code(), 0x60002);
         assert_eq!(Error::InvalidBlock(String::new()).code(), 0x60003);

@@ -12,7 +12,6 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(unsafe_code)]
 
-pub mod backend;
 pub mod clone;
 pub mod disk;
 pub mod error;

@@ -4,8 +4,8 @@
 
 mod support;
 
-use cowdisk::backend::{builtin_backends, caps, find_builtin, open_flags};
 use cowdisk::error::code;
+use cowdisk::ffi::builtin::{builtin_backends, caps, find_builtin, open_flags};
 use support::{assert_unchanged, fingerprint, pattern, temp_dir};
 
 #[test]

@@ -67,10 +67,10 @@ fn create(kind: &str, path: &Path, backing: &Path, child: bool) -> cowdisk::Resu
             if child {
                 std::process::exit(0);
             }
-            cowdisk::backend::Image::close(Box::new(cow))
+            cowdisk::disk::ImageFile::close(Box::new(cow))
         }
         "vci" => {
-            let params = cowdisk::backend::CreateParams {
+            let params = cowdisk::formats::CreateParams {
                 size: 1 << 20,
                 ..Default::default()
             };
@@ -78,7 +78,7 @@ fn create(kind: &str, path: &Path, backing: &Path, child: bool) -> cowdisk::Resu
             if child {
                 std::process::exit(0);
             }
-            cowdisk::backend::Image::close(Box::new(vci))
+            cowdisk::disk::ImageFile::close(Box::new(vci))
         }
         other => panic!("unknown kind {other}"),
     }

@@ -1019,7 +1019,7 @@ fn quick_uuid_of_vhdx_and_vci() {
     // VCI: the UUID it was created with.
     let uuid = random_stored_uuid();
     let vci = dir.path().join("d.vci");
-    let params = cowdisk::backend::CreateParams {
+    let params = cowdisk::formats::CreateParams {
         size: MIB,
         uuid: Some(uuid),
         ..Default::default()

@@ -7,7 +7,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use cowdisk::backend::Image;
+use cowdisk::disk::{ImageFile, WritableDisk};
 use cowdisk::error::code;
 use cowdisk::formats::umlcow::{
     self, Backing, CreateOptions, Layout, UmlCow, UmlCowOptions, MAGIC,

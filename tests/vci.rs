@@ -9,9 +9,10 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use cowdisk::backend::{image_flags, CreateParams, Image};
+use cowdisk::disk::{DiscardDisk, ImageFile, ImageMetadata, WritableDisk};
 use cowdisk::error::code;
 use cowdisk::formats::vci::{Vci, VciOptions, LEAF_ENTRIES};
+use cowdisk::formats::CreateParams;
 use cowdisk::{Disk, SectorStatus};
 use proptest::prelude::*;
 use support::{pattern, temp_dir};
@@ -132,7 +133,7 @@ proptest! {
         let path = dir.path().join("c.vci");
         let params = CreateParams {
             size: SECTORS * 512,
-            image_flags: if fixed { image_flags::FIXED } else { 0 },
+            fixed,
             ..Default::default()
         };
         let mut img = Vci::create(&path, &params).unwrap();
@@ -250,17 +251,17 @@ fn created_image_has_the_documented_layout() {
 #[test]
 fn fixed_image_is_full_length_and_dynamic_grows() {
     let dir = temp_dir();
-    let params = |flags| CreateParams {
+    let params = |fixed| CreateParams {
         size: 4 * 1024 * 1024,
-        image_flags: flags,
+        fixed,
         ..Default::default()
     };
     let fixed = dir.path().join("f.vci");
-    let img = Vci::create(&fixed, &params(image_flags::FIXED)).unwrap();
-    assert_eq!(img.image_flags(), image_flags::FIXED);
+    let img = Vci::create(&fixed, &params(true)).unwrap();
+    assert!(img.is_fixed() && !img.is_snapshot());
     assert_eq!(img.file_size(), img.header().blocks * 512);
     let dynamic = dir.path().join("d.vci");
-    let mut img = Vci::create(&dynamic, &params(0)).unwrap();
+    let mut img = Vci::create(&dynamic, &params(false)).unwrap();
     let small = img.file_size();
     assert!(small < img.header().blocks * 512 / 4);
     img.write_sectors(8000, &pattern(64 * 512, 3)).unwrap();

@@ -5,8 +5,9 @@
 
 mod support;
 
-use cowdisk::backend::{CreateParams, Image};
+use cowdisk::disk::{ImageFile, WritableDisk};
 use cowdisk::formats::vci::{self, Vci, LEAF_ENTRIES};
+use cowdisk::formats::CreateParams;
 use proptest::prelude::*;
 use std::sync::OnceLock;
 

@@ -239,20 +239,15 @@ pub(crate) fn about(path: &Path, error: impl std::fmt::Display) -> String {
 }
 
 pub(crate) fn open_image(path: &Path, open: &OpenArgs) -> Fallible<Box<dyn Disk>> {
+    open_image_as_format(path, open).map(|opened| opened.disk)
+}
+
+/// Opens the image and says which format's reader opened it.
+fn open_image_as_format(path: &Path, open: &OpenArgs) -> Fallible<formats::Opened> {
     let options = OpenOptions {
         follow_parent_paths: open.follow_parents,
     };
-    formats::open_path(path, &options).map_err(|e| about(path, e))
-}
-
-/// The name of the reader that opens the file.
-fn format_name(path: &Path) -> Fallible<&'static str> {
-    let file = formats::open_read_only(path).map_err(|e| about(path, e))?;
-    Ok(formats::builtin_formats()
-        .iter()
-        .find(|f| (f.probe)(&file))
-        .map(|f| f.name)
-        .unwrap_or("unknown"))
+    formats::registry::open(path, &options).map_err(|e| about(path, e))
 }
 
 fn uuid_text(uuid: [u8; 16]) -> String {
@@ -326,8 +321,8 @@ fn print_partitions(indent: &str, partitions: &[Partition]) {
 }
 
 fn info(path: &Path, open: &OpenArgs, as_json: bool) -> Fallible<()> {
-    let mut disk = open_image(path, open)?;
-    let format = format_name(path)?;
+    let formats::Opened { format, mut disk } = open_image_as_format(path, open)?;
+    let format = format.name();
     let what = path.display().to_string();
     let sectors = disk.sector_count();
     let runs = allocation_runs(disk.as_mut(), clone::PAGE_SECTORS).map_err(|e| about(path, e))?;
@@ -337,14 +332,7 @@ fn info(path: &Path, open: &OpenArgs, as_json: bool) -> Fallible<()> {
     let (data, zero) = (count(SectorStatus::Normal), count(SectorStatus::Blank));
     let on_disk = clone::allocated_bytes(path).map_err(|e| about(path, e))?;
     let file_len = std::fs::metadata(path).map_err(|e| about(path, e))?.len();
-    let parent = if format == "vdi" {
-        formats::vdi::VdiDisk::open(path, &OpenOptions::default())
-            .ok()
-            .and_then(|v| v.parent_uuid())
-            .map(uuid_text)
-    } else {
-        None
-    };
+    let parent = disk.parent_uuid().map(uuid_text);
     let table = partition::read_table(disk.as_mut(), &what).map_err(|e| about(path, e))?;
     let partitions = table.as_ref().map(Table::partitions).unwrap_or_default();
     if as_json {

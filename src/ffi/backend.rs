@@ -10,13 +10,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use super::builtin::{self as core, BackendInfo, Image};
 use super::handle::{self, Object};
 use super::types::{COW_OPEN_FOLLOW_PARENTS, COW_PROGRESS_FN, HVDDR, S_UUID};
 use super::{guard, guard_code, guard_or, non_null};
-use crate::backend::{self as core, BackendInfo, CreateParams, Image};
-use crate::disk::{check_range, sectors_in, Disk, DriveType, SectorStatus, SECTOR_SIZE};
+use crate::disk::{check_range, sectors_in, Disk, DriveType, ImageFile, SectorStatus, SECTOR_SIZE};
 use crate::error::{code, Error, Result};
-use crate::formats::{self, umlcow, vci, OpenOptions};
+use crate::formats::{self, registry, umlcow, CreateParams, ImageOpenOptions, OpenOptions};
 
 // COW_BACKEND_VERSION, COW_CAP_*, COW_OPEN_*, COW_IMAGE_*: src/numbers.rs.
 use super::types::{
@@ -451,7 +451,8 @@ unsafe extern "C" fn builtin_create<const I: usize>(
         }
         let params = CreateParams {
             size,
-            image_flags,
+            fixed: image_flags & COW_IMAGE_FIXED != 0,
+            differencing: image_flags & COW_IMAGE_DIFF != 0,
             // SAFETY: NULL or a valid S_UUID.
             uuid: (!uuid.is_null()).then(|| unsafe { (*uuid).to_rfc() }),
             // SAFETY: NULL or a NUL-terminated string.
@@ -1011,20 +1012,23 @@ pub(crate) fn open_probing(path: &Path, flags: u32) -> Result<Box<dyn Disk>> {
     let options = OpenOptions {
         follow_parent_paths: flags & COW_OPEN_FOLLOW_PARENTS != 0,
     };
-    if flags & COW_OPEN_REPAIR != 0 && vci::probe_path(path) {
-        return Ok(Box::new(open_vci_read_only(path, true)?));
+    if flags & COW_OPEN_REPAIR != 0 {
+        let info = registry::detect(path)?.info();
+        if let (true, Some(open_image)) = (info.repairs, info.open_image) {
+            return Ok(open_image(path, &repairing_read_only(true))?);
+        }
     }
     formats::open_path(path, &options)
 }
 
-fn open_vci_read_only(path: &Path, repair: bool) -> Result<vci::Vci> {
-    vci::Vci::open(
-        path,
-        &vci::VciOptions {
-            writable: false,
-            repair,
-        },
-    )
+/// Image-open options for a read-only disk handle of a format that can
+/// repair: repairing only when the caller asked (COW_OPEN_REPAIR).
+fn repairing_read_only(repair: bool) -> ImageOpenOptions {
+    ImageOpenOptions {
+        writable: false,
+        follow_backing: false,
+        repair,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1203,24 +1207,25 @@ pub unsafe extern "C" fn VDDR_OpenWithBackend(
         }
         let disk: Box<dyn Disk> = match builtin_index(backend) {
             Some(i) => {
-                let info = builtins().infos[i];
-                match info.name() {
-                    "vci" => Box::new(open_vci_read_only(&path, flags & COW_OPEN_REPAIR != 0)?),
-                    name => {
-                        let format = formats::builtin_formats()
-                            .iter()
-                            .find(|f| f.name == name)
-                            .ok_or_else(|| Error::Internal(format!("no format '{name}'")))?;
+                let info = builtins().infos[i].format().info();
+                match (info.repairs, info.open_image) {
+                    // A format that can repair is opened by its image open,
+                    // which honours COW_OPEN_REPAIR and checks the format.
+                    (true, Some(open_image)) => {
+                        open_image(&path, &repairing_read_only(flags & COW_OPEN_REPAIR != 0))?
+                    }
+                    _ => {
                         let options = OpenOptions {
                             follow_parent_paths: flags & COW_OPEN_FOLLOW_PARENTS != 0,
                         };
-                        if !info.probe(&path) {
+                        if !info.probe_path(&path) {
                             return Err(Error::Unsupported(format!(
-                                "{}: not a {name} image",
-                                path.display()
+                                "{}: not a {} image",
+                                path.display(),
+                                info.name
                             )));
                         }
-                        (format.open_at_depth)(&path, &options, 0)?
+                        (info.open_at_depth)(&path, &options, 0)?
                     }
                 }
             }

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod builtin;
 mod clone;
 mod handle;
 mod legacy;

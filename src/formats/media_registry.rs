@@ -63,7 +63,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{LazyLock, Mutex, MutexGuard, PoisonError};
 
 use super::{
-    builtin_formats, open_path_at_depth, open_read_only, vci, vdi, vhd, vhdx, vmdk, OpenOptions,
+    open_path_at_depth, open_read_only, registry, vci, vdi, vhd, vhdx, vmdk, FormatId, OpenOptions,
     MAX_CHAIN_DEPTH,
 };
 use crate::disk::{Disk, DriveType};
@@ -681,16 +681,10 @@ pub fn quick_registry_uuid(path: &Path) -> Result<[u8; 16]> {
 }
 
 fn quick_uuid_and_type(path: &Path) -> Result<([u8; 16], DriveType)> {
-    let file = open_read_only(path)?;
-    let format = builtin_formats()
-        .iter()
-        .find(|f| (f.probe)(&file))
-        .map_or("raw", |f| f.name);
-    drop(file);
-    match format {
-        "vdi" => Ok((vdi::read_header_at(path)?.image_uuid, DriveType::Vdi)),
-        "vhd" => Ok((vhd::footer_unique_id(path)?, DriveType::Vhd)),
-        "vmdk" => {
+    match registry::detect(path)? {
+        FormatId::Vdi => Ok((vdi::read_header_at(path)?.image_uuid, DriveType::Vdi)),
+        FormatId::Vhd => Ok((vhd::footer_unique_id(path)?, DriveType::Vhd)),
+        FormatId::Vmdk => {
             let image = vmdk::descriptor_uuids(path)?.image.ok_or_else(|| {
                 Error::Unsupported(format!(
                     "{}: VMDK descriptor records no ddb.uuid.image",
@@ -699,14 +693,15 @@ fn quick_uuid_and_type(path: &Path) -> Result<([u8; 16], DriveType)> {
             })?;
             Ok((image, DriveType::Vmdk))
         }
-        "vhdx" => Ok((vhdx::page83_uuid(path)?, DriveType::Vhdx)),
-        "vci" => {
+        FormatId::Vhdx => Ok((vhdx::page83_uuid(path)?, DriveType::Vhdx)),
+        FormatId::Vci => {
             let image = vci::Vci::open(path, &vci::VciOptions::default())?;
             Ok((image.header().uuid, DriveType::Vci))
         }
         other => Err(Error::Unsupported(format!(
-            "{}: {other} images carry no UUID",
-            path.display()
+            "{}: {} images carry no UUID",
+            path.display(),
+            other.name()
         ))),
     }
 }

@@ -1,5 +1,7 @@
-//! Source-disk readers, one module per format, and the probe that picks one
-//! by content. Every reader opens its files read-only.
+//! Source-disk readers, one module per format, the table of them
+//! ([`registry`]) and the probe that picks one by content. Every reader
+//! opens its files read-only; UML COW and VCI images can also be opened
+//! for writing (through the backend table of the C ABI).
 
 use std::fs::File;
 use std::path::Path;
@@ -14,6 +16,7 @@ pub mod media_registry;
 pub mod parallels;
 pub mod qcow2;
 pub mod raw;
+pub mod registry;
 mod table_cache;
 pub mod umlcow;
 pub mod vci;
@@ -21,6 +24,8 @@ pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
+
+pub use registry::{builtin_formats, CreateParams, FormatId, FormatInfo, ImageOpenOptions, Opened};
 
 /// How a source image may be opened.
 #[derive(Debug, Clone, Default)]
@@ -30,71 +35,8 @@ pub struct OpenOptions {
     pub follow_parent_paths: bool,
 }
 
-/// A format reader: how to recognise an image and open it.
-pub struct FormatProbe {
-    /// Short lowercase name ("raw", "vdi", ...).
-    pub name: &'static str,
-    /// True when the file's content looks like this format. Must not fail
-    /// loudly: a probe that cannot read the header says "no".
-    pub probe: fn(&File) -> bool,
-    /// Opens the image read-only; the `usize` is its depth in a parent
-    /// chain (0 for the image the caller named), passed on to `open_parent`.
-    pub open_at_depth: fn(&Path, &OpenOptions, usize) -> Result<Box<dyn Disk>>,
-}
-
-/// The built-in formats in probe order. `raw` comes last: it accepts any
-/// file.
-pub fn builtin_formats() -> &'static [FormatProbe] {
-    &[
-        FormatProbe {
-            name: "qcow2",
-            probe: qcow2::probe,
-            open_at_depth: qcow2::open_boxed,
-        },
-        FormatProbe {
-            name: "vmdk",
-            probe: vmdk::probe,
-            open_at_depth: vmdk::open_boxed,
-        },
-        FormatProbe {
-            name: "vdi",
-            probe: vdi::probe,
-            open_at_depth: vdi::open_boxed,
-        },
-        FormatProbe {
-            name: "parallels",
-            probe: parallels::probe,
-            open_at_depth: parallels::open_boxed,
-        },
-        FormatProbe {
-            name: "vhdx",
-            probe: vhdx::probe,
-            open_at_depth: vhdx::open_boxed,
-        },
-        FormatProbe {
-            name: "vhd",
-            probe: vhd::probe,
-            open_at_depth: vhd::open_boxed,
-        },
-        FormatProbe {
-            name: "cow",
-            probe: umlcow::probe,
-            open_at_depth: umlcow::open_boxed,
-        },
-        FormatProbe {
-            name: "vci",
-            probe: vci::probe,
-            open_at_depth: vci::open_boxed,
-        },
-        FormatProbe {
-            name: "raw",
-            probe: raw::probe,
-            open_at_depth: raw::open_boxed,
-        },
-    ]
-}
-
-/// Opens an image read-only, choosing the format by its content.
+/// Opens an image read-only, choosing the format by its content
+/// ([`registry::open`] also says which format it chose).
 pub fn open_path(path: &Path, options: &OpenOptions) -> Result<Box<dyn Disk>> {
     open_path_at_depth(path, options, 0)
 }
@@ -202,18 +144,14 @@ fn open_resolved_parent(
     match format {
         None => open_path_at_depth(path, options, depth + 1),
         Some(hint) => {
-            let wanted = if hint == "vpc" { "vhd" } else { hint };
-            let format = builtin_formats()
-                .iter()
-                .find(|f| f.name == wanted)
-                .ok_or_else(|| {
-                    Error::Unsupported(format!(
-                        "{}: parent image '{named}' has format '{hint}', which this \
-                         library does not read",
-                        child.display()
-                    ))
-                })?;
-            (format.open_at_depth)(path, options, depth + 1)
+            let format = FormatId::from_qemu_name(hint).ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{}: parent image '{named}' has format '{hint}', which this \
+                     library does not read",
+                    child.display()
+                ))
+            })?;
+            (format.info().open_at_depth)(path, options, depth + 1)
         }
     }
 }
@@ -224,14 +162,5 @@ pub fn open_path_at_depth(
     options: &OpenOptions,
     depth: usize,
 ) -> Result<Box<dyn Disk>> {
-    let file = open_read_only(path)?;
-    for format in builtin_formats() {
-        if (format.probe)(&file) {
-            return (format.open_at_depth)(path, options, depth);
-        }
-    }
-    Err(Error::Unsupported(format!(
-        "{}: not an image format this library reads",
-        path.display()
-    )))
+    registry::open_at_depth(path, options, depth).map(|opened| opened.disk)
 }

@@ -60,9 +60,10 @@ use std::path::{Path, PathBuf};
 
 use super::open_read_only;
 use super::raw::RawDisk;
-use crate::backend::{image_flags, open_flags, Image};
+use super::registry::ImageOpenOptions;
 use crate::disk::{
-    check_range, sectors_in, Disk, DriveType, SectorStatus, SECTOR_BYTES, SECTOR_SIZE,
+    check_range, sectors_in, Disk, DriveType, ImageFile, ImageMetadata, SectorStatus, WritableDisk,
+    SECTOR_BYTES, SECTOR_SIZE,
 };
 use crate::error::{Error, Result};
 
@@ -496,6 +497,22 @@ pub fn open_boxed(
     )?))
 }
 
+/// The format table's image open: writable or read-only, the backing file
+/// the header names opened only when asked.
+pub fn open_image(path: &Path, options: &ImageOpenOptions) -> Result<Box<dyn ImageFile>> {
+    Ok(Box::new(UmlCow::open(
+        path,
+        &UmlCowOptions {
+            writable: options.writable,
+            backing: if options.follow_backing {
+                Backing::FollowHeader
+            } else {
+                Backing::None
+            },
+        },
+    )?))
+}
+
 fn mtime_secs(meta: &std::fs::Metadata) -> i64 {
     meta.mtime()
 }
@@ -879,7 +896,7 @@ impl Disk for UmlCow {
     }
 }
 
-impl Image for UmlCow {
+impl WritableDisk for UmlCow {
     fn write_sectors(&mut self, lba: u64, data: &[u8]) -> Result<()> {
         self.check_writable()?;
         let count = sectors_in(data.len())?;
@@ -925,11 +942,18 @@ impl Image for UmlCow {
         }
         Ok(())
     }
-
     fn flush(&mut self) -> Result<()> {
         self.sync()
     }
+}
 
+impl ImageMetadata for UmlCow {
+    fn format_version(&self) -> u32 {
+        self.header.version()
+    }
+}
+
+impl ImageFile for UmlCow {
     fn held_run(&mut self, lba: u64, count: u64) -> Result<(bool, u64)> {
         check_range(lba, count, self.sector_count())?;
         if count == 0 {
@@ -937,28 +961,18 @@ impl Image for UmlCow {
         }
         Ok(self.bit_run(lba, count))
     }
-
-    fn format_version(&self) -> u32 {
-        self.header.version()
-    }
     fn file_size(&self) -> u64 {
         self.file.metadata().map(|m| m.len()).unwrap_or(0)
     }
-    fn image_flags(&self) -> u32 {
-        image_flags::DIFF
+    fn is_writable(&self) -> bool {
+        self.writable
     }
-    fn open_flags(&self) -> u32 {
-        let mut f = 0;
-        if self.writable {
-            f |= open_flags::READ_WRITE;
-        }
-        if self.backing.is_some() {
-            f |= open_flags::FOLLOW_PARENTS;
-        }
-        f
+
+    fn has_backing(&self) -> bool {
+        self.backing.is_some()
     }
-    fn path(&self) -> Option<&Path> {
-        Some(&self.path)
+    fn path(&self) -> &Path {
+        &self.path
     }
     fn dump(&self) -> String {
         let set = self

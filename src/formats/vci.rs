@@ -72,8 +72,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::open_read_only;
-use crate::backend::{image_flags, open_flags, CreateParams, Image};
-use crate::disk::{check_range, sectors_in, Disk, DriveType, SectorStatus, SECTOR_SIZE};
+use super::registry::{CreateParams, ImageOpenOptions};
+use crate::disk::{
+    check_range, sectors_in, DiscardDisk, Disk, DriveType, ImageFile, ImageMetadata, SectorStatus,
+    WritableDisk, SECTOR_SIZE,
+};
 use crate::error::{Error, Result};
 
 const BLOCK: u64 = 512;
@@ -173,6 +176,23 @@ pub fn open_boxed(
     _depth: usize,
 ) -> Result<Box<dyn Disk>> {
     Ok(Box::new(Vci::open(path, &VciOptions::default())?))
+}
+
+/// The format table's image open: writable or read-only, repairing when
+/// asked (a VCI image has no backing file).
+pub fn open_image(path: &Path, options: &ImageOpenOptions) -> Result<Box<dyn ImageFile>> {
+    Ok(Box::new(Vci::open(
+        path,
+        &VciOptions {
+            writable: options.writable,
+            repair: options.repair,
+        },
+    )?))
+}
+
+/// The format table's create.
+pub fn create_image(path: &Path, params: &CreateParams) -> Result<Box<dyn ImageFile>> {
+    Ok(Box::new(Vci::create(path, params)?))
 }
 
 /// How to open a VCI image.
@@ -308,13 +328,13 @@ pub struct Vci {
 
 impl Vci {
     /// Creates an image for a disk of `params.size` bytes (rounded up to
-    /// 512), fixed when `params.image_flags` has FIXED, and opens it for
+    /// 512), fixed when `params.fixed`, and opens it for
     /// writing. Fails if `path` exists.
     pub fn create(path: &Path, params: &CreateParams) -> Result<Vci> {
         if params.size == 0 {
             return Err(Error::InvalidArgument("VCI: disk size 0".into()));
         }
-        if params.image_flags & image_flags::DIFF != 0 {
+        if params.differencing {
             return Err(Error::Unsupported(
                 "VCI: a cache image cannot be a differencing image".into(),
             ));
@@ -327,7 +347,7 @@ impl Vci {
             )));
         }
         let blocks = capacity_for(disk_blocks);
-        let fixed = params.image_flags & image_flags::FIXED != 0;
+        let fixed = params.fixed;
         let cblkmap = blkmap_blocks(blocks);
         let blkmap = HEADER_BLOCKS;
         let root = blkmap + cblkmap;
@@ -1113,7 +1133,7 @@ impl Disk for Vci {
     }
 }
 
-impl Image for Vci {
+impl WritableDisk for Vci {
     fn write_sectors(&mut self, lba: u64, data: &[u8]) -> Result<()> {
         self.check_writable()?;
         let count = sectors_in(data.len())?;
@@ -1150,14 +1170,15 @@ impl Image for Vci {
         }
         Ok(())
     }
-
     fn flush(&mut self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
         self.commit()
     }
+}
 
+impl DiscardDisk for Vci {
     fn discard_sectors(&mut self, lba: u64, count: u64) -> Result<()> {
         self.check_writable()?;
         check_range(lba, count, self.sector_count())?;
@@ -1166,7 +1187,33 @@ impl Image for Vci {
         }
         Ok(())
     }
+}
 
+impl ImageMetadata for Vci {
+    fn format_version(&self) -> u32 {
+        VERSION
+    }
+    fn is_fixed(&self) -> bool {
+        self.header.fixed
+    }
+    fn set_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
+        self.check_writable()?;
+        self.header.uuid = uuid;
+        self.header_dirty = true;
+        Ok(())
+    }
+    fn modification_uuid(&self) -> Option<[u8; 16]> {
+        Some(self.header.modification_uuid)
+    }
+    fn set_modification_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
+        self.check_writable()?;
+        self.header.modification_uuid = uuid;
+        self.header_dirty = true;
+        Ok(())
+    }
+}
+
+impl ImageFile for Vci {
     fn held_run(&mut self, lba: u64, count: u64) -> Result<(bool, u64)> {
         check_range(lba, count, self.sector_count())?;
         if count == 0 {
@@ -1187,44 +1234,17 @@ impl Image for Vci {
             (None, next) => (false, next.unwrap_or(u64::MAX).min(lba + count) - lba),
         })
     }
-
-    fn format_version(&self) -> u32 {
-        VERSION
+    fn path(&self) -> &Path {
+        &self.path
     }
     fn file_size(&self) -> u64 {
         self.file.metadata().map(|m| m.len()).unwrap_or(0)
     }
-    fn image_flags(&self) -> u32 {
-        if self.header.fixed {
-            image_flags::FIXED
-        } else {
-            0
-        }
+    fn is_writable(&self) -> bool {
+        self.writable
     }
-    fn open_flags(&self) -> u32 {
-        if self.writable {
-            open_flags::READ_WRITE
-        } else {
-            0
-        }
-    }
-    fn path(&self) -> Option<&Path> {
-        Some(&self.path)
-    }
-    fn set_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
-        self.check_writable()?;
-        self.header.uuid = uuid;
-        self.header_dirty = true;
-        Ok(())
-    }
-    fn modification_uuid(&self) -> Option<[u8; 16]> {
-        Some(self.header.modification_uuid)
-    }
-    fn set_modification_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
-        self.check_writable()?;
-        self.header.modification_uuid = uuid;
-        self.header_dirty = true;
-        Ok(())
+    fn as_discard(&mut self) -> Option<&mut dyn DiscardDisk> {
+        Some(self)
     }
     fn dump(&self) -> String {
         let (meta, data) = self.counts();

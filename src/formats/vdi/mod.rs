@@ -38,7 +38,9 @@ use std::path::{Path, PathBuf};
 
 use super::guid::{swap_guid_fields, uuid_text};
 use super::mapped::{self, MappedImage, Mapping};
-use super::{media_registry, open_parent, open_parent_at_path, open_read_only, OpenOptions};
+use super::{
+    media_registry, open_parent, open_parent_at_path, open_read_only, FormatId, OpenOptions,
+};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
 
@@ -519,9 +521,13 @@ fn find_image_with_uuid(child: &Path, wanted: &[u8; 16]) -> Option<String> {
         .filter_map(|entry| entry.ok())
         .filter_map(|entry| {
             let name = entry.file_name().into_string().ok()?;
-            let is_vdi = Path::new(&name)
-                .extension()
-                .is_some_and(|ext| ext.eq_ignore_ascii_case("vdi"));
+            let is_vdi = Path::new(&name).extension().is_some_and(|ext| {
+                FormatId::Vdi
+                    .info()
+                    .extensions
+                    .iter()
+                    .any(|known| ext.eq_ignore_ascii_case(known))
+            });
             if !is_vdi {
                 return None;
             }
@@ -615,6 +621,9 @@ impl Disk for VdiDisk {
     }
     fn is_snapshot(&self) -> bool {
         self.header.is_differencing()
+    }
+    fn parent_uuid(&self) -> Option<[u8; 16]> {
+        VdiDisk::parent_uuid(self)
     }
     fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         mapped::read_sectors(self, lba, buf)

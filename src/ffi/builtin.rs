@@ -1,20 +1,23 @@
-//! Format backends: the safe Rust side of the `COW_BACKEND` table.
+//! The built-in formats in the shape of the `COW_BACKEND` table: the safe
+//! Rust side of the table, and the only place its u32 bits are made.
 //!
-//! Every built-in format is a [`BackendInfo`]: a name, capabilities, file
-//! extensions, and how to probe, open and (for the formats that can) create
-//! an image. An open image is an [`Image`]: a [`Disk`] that may also write,
-//! flush and discard, and that can say which of its sectors it holds
-//! itself (the "block free" answer of the C table).
+//! Every format of the format registry ([`crate::formats::registry`]) is a
+//! [`BackendInfo`]: its name, extensions and probe, capability bits derived
+//! from what the registry says the format can do, and open and create with
+//! the table's flags. An open image is an [`Image`]: the table's view of a
+//! [`Disk`], adapted from the capability traits of [`crate::disk`]
+//! ([`ImageFile`] and what it includes) or, for read-only formats, the
+//! generic answers.
 //!
-//! The C ABI (`src/ffi/backend.rs`) turns each [`BackendInfo`] into a
-//! `COW_BACKEND` table, keeps the registry of tables (built-in and
-//! caller-registered), and adapts a caller's C table into a [`Disk`].
+//! `src/ffi/backend.rs` turns each [`BackendInfo`] into a `COW_BACKEND`
+//! table, keeps the registry of tables (built-in and caller-registered),
+//! and adapts a caller's C table into a [`Disk`].
 
 use std::path::{Path, PathBuf};
 
-use crate::disk::{Disk, SectorStatus};
+use crate::disk::{Disk, DriveType, ImageFile, SectorStatus};
 use crate::error::{Error, Result};
-use crate::formats::{self, FormatProbe, OpenOptions};
+use crate::formats::{self, CreateParams, FormatId, ImageOpenOptions, OpenOptions};
 
 /// Backend capability bits (`COW_CAP_*`, defined in [`crate::numbers`]).
 pub mod caps {
@@ -47,20 +50,9 @@ pub mod image_flags {
     pub const DIFF: u32 = c::COW_IMAGE_DIFF;
 }
 
-/// Parameters of a create call.
-#[derive(Debug, Clone, Default)]
-pub struct CreateParams {
-    /// Virtual size in bytes.
-    pub size: u64,
-    /// `image_flags::*`.
-    pub image_flags: u32,
-    /// The image UUID to store, if the format has one (random if `None`).
-    pub uuid: Option<[u8; 16]>,
-    /// A comment, for formats that store one.
-    pub comment: Option<String>,
-}
-
-/// An open image: a disk that may also be written.
+/// An open image as the backend table sees it: a disk that may also be
+/// written, with the table's flags. The defaults are a read-only format's
+/// answers.
 pub trait Image: Disk {
     /// Writes whole sectors at `lba`.
     fn write_sectors(&mut self, lba: u64, data: &[u8]) -> Result<()> {
@@ -200,6 +192,9 @@ impl Disk for ReadOnlyImage {
     fn is_snapshot(&self) -> bool {
         self.disk.is_snapshot()
     }
+    fn parent_uuid(&self) -> Option<[u8; 16]> {
+        self.disk.parent_uuid()
+    }
     fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         self.disk.read_sectors(lba, buf)
     }
@@ -226,70 +221,154 @@ impl Image for ReadOnlyImage {
     }
 }
 
-/// Which code serves a backend.
-#[derive(Clone, Copy)]
-enum Kind {
-    /// A read-only reader of the format table.
-    Format(&'static FormatProbe),
-    UmlCow,
-    Vci,
+/// An image a format opened as an [`ImageFile`] (UML COW, VCI), seen as
+/// an [`Image`]: its capabilities turned into the table's calls and bits.
+struct FileImage(Box<dyn ImageFile>);
+
+impl Disk for FileImage {
+    fn drive_type(&self) -> DriveType {
+        self.0.drive_type()
+    }
+    fn sector_count(&self) -> u64 {
+        self.0.sector_count()
+    }
+    fn byte_size(&self) -> u64 {
+        self.0.byte_size()
+    }
+    fn uuid(&self) -> Option<[u8; 16]> {
+        self.0.uuid()
+    }
+    fn is_snapshot(&self) -> bool {
+        self.0.is_snapshot()
+    }
+    fn parent_uuid(&self) -> Option<[u8; 16]> {
+        self.0.parent_uuid()
+    }
+    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+        self.0.read_sectors(lba, buf)
+    }
+    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+        self.0.block_status(lba, count)
+    }
+    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+        self.0.status_run(lba, count)
+    }
 }
 
-/// A built-in backend.
+impl Image for FileImage {
+    fn write_sectors(&mut self, lba: u64, data: &[u8]) -> Result<()> {
+        self.0.write_sectors(lba, data)
+    }
+    fn flush(&mut self) -> Result<()> {
+        self.0.flush()
+    }
+    fn discard_sectors(&mut self, lba: u64, count: u64) -> Result<()> {
+        match self.0.as_discard() {
+            Some(disk) => disk.discard_sectors(lba, count),
+            None => Err(Error::Unsupported(
+                "this format cannot discard sectors".into(),
+            )),
+        }
+    }
+    fn held_run(&mut self, lba: u64, count: u64) -> Result<(bool, u64)> {
+        self.0.held_run(lba, count)
+    }
+    fn format_version(&self) -> u32 {
+        self.0.format_version()
+    }
+    fn file_size(&self) -> u64 {
+        self.0.file_size()
+    }
+    fn image_flags(&self) -> u32 {
+        let mut bits = 0;
+        if self.0.is_fixed() {
+            bits |= image_flags::FIXED;
+        }
+        if self.0.is_snapshot() {
+            bits |= image_flags::DIFF;
+        }
+        bits
+    }
+    fn open_flags(&self) -> u32 {
+        let mut bits = 0;
+        if self.0.is_writable() {
+            bits |= open_flags::READ_WRITE;
+        }
+        if self.0.has_backing() {
+            bits |= open_flags::FOLLOW_PARENTS;
+        }
+        bits
+    }
+    fn path(&self) -> Option<&Path> {
+        Some(self.0.path())
+    }
+    fn comment(&self) -> Result<String> {
+        self.0.comment()
+    }
+    fn set_comment(&mut self, comment: &str) -> Result<()> {
+        self.0.set_comment(comment)
+    }
+    fn set_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
+        self.0.set_uuid(uuid)
+    }
+    fn modification_uuid(&self) -> Option<[u8; 16]> {
+        self.0.modification_uuid()
+    }
+    fn set_modification_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
+        self.0.set_modification_uuid(uuid)
+    }
+    fn dump(&self) -> String {
+        self.0.dump()
+    }
+    fn close(self: Box<Self>) -> Result<()> {
+        self.0.close()
+    }
+}
+
+/// A built-in backend: a format of the format registry.
 #[derive(Clone, Copy)]
 pub struct BackendInfo {
-    kind: Kind,
+    format: FormatId,
 }
 
 impl BackendInfo {
-    /// Short lowercase name ("raw", "vdi", "cow", "vci", ...).
-    pub fn name(&self) -> &'static str {
-        match self.kind {
-            Kind::Format(f) => f.name,
-            Kind::UmlCow => "cow",
-            Kind::Vci => "vci",
-        }
+    /// The format this backend serves.
+    pub fn format(&self) -> FormatId {
+        self.format
     }
 
-    /// `caps::*` bits.
+    /// Short lowercase name ("raw", "vdi", "cow", "vci", ...).
+    pub fn name(&self) -> &'static str {
+        self.format.name()
+    }
+
+    /// `caps::*` bits, from what the registry says the format can do.
     pub fn caps(&self) -> u64 {
-        match self.kind {
-            Kind::Format(_) => caps::FILE,
-            Kind::UmlCow => caps::FILE | caps::DIFF | caps::WRITE,
-            Kind::Vci => {
-                caps::FILE | caps::CREATE_FIXED | caps::CREATE_DYNAMIC | caps::DISCARD | caps::WRITE
-            }
+        let info = self.format.info();
+        let mut bits = caps::FILE;
+        if info.open_image.is_some() {
+            bits |= caps::WRITE;
         }
+        if info.create.is_some() {
+            bits |= caps::CREATE_FIXED | caps::CREATE_DYNAMIC;
+        }
+        if info.discards {
+            bits |= caps::DISCARD;
+        }
+        if info.differencing {
+            bits |= caps::DIFF;
+        }
+        bits
     }
 
     /// File name extensions, without the dot.
     pub fn extensions(&self) -> &'static [&'static str] {
-        match self.kind {
-            Kind::Format(f) => match f.name {
-                "raw" => &["img", "raw", "bin"],
-                "vdi" => &["vdi"],
-                "parallels" => &["hdd"],
-                "vhd" => &["vhd"],
-                "vhdx" => &["vhdx"],
-                "vmdk" => &["vmdk"],
-                "qcow2" => &["qcow2"],
-                _ => &[],
-            },
-            Kind::UmlCow => &["cow"],
-            Kind::Vci => &["vci"],
-        }
+        self.format.info().extensions
     }
 
     /// True when the file looks like this format. Never fails loudly.
     pub fn probe(&self, path: &Path) -> bool {
-        match self.kind {
-            Kind::Format(f) => match formats::open_read_only(path) {
-                Ok(file) => (f.probe)(&file),
-                Err(_) => false,
-            },
-            Kind::UmlCow => formats::umlcow::probe_path(path),
-            Kind::Vci => formats::vci::probe_path(path),
-        }
+        self.format.info().probe_path(path)
     }
 
     /// Opens an image with `open_flags::*`.
@@ -302,75 +381,60 @@ impl BackendInfo {
         }
         let follow = flags & open_flags::FOLLOW_PARENTS != 0;
         let writable = flags & open_flags::READ_WRITE != 0;
-        match self.kind {
-            Kind::Format(f) => {
+        let info = self.format.info();
+        match info.open_image {
+            Some(open_image) => {
+                let options = ImageOpenOptions {
+                    writable,
+                    follow_backing: follow,
+                    repair: flags & open_flags::REPAIR != 0,
+                };
+                Ok(Box::new(FileImage(open_image(path, &options)?)))
+            }
+            None => {
                 if writable {
                     return Err(Error::ReadOnly(format!(
                         "the {} backend reads source images only",
-                        f.name
+                        info.name
                     )));
                 }
                 let options = OpenOptions {
                     follow_parent_paths: follow,
                 };
                 Ok(Box::new(ReadOnlyImage {
-                    disk: (f.open_at_depth)(path, &options, 0)?,
+                    disk: (info.open_at_depth)(path, &options, 0)?,
                     path: path.to_path_buf(),
                     flags,
                 }))
-            }
-            Kind::UmlCow => {
-                let options = formats::umlcow::UmlCowOptions {
-                    writable,
-                    backing: if follow {
-                        formats::umlcow::Backing::FollowHeader
-                    } else {
-                        formats::umlcow::Backing::None
-                    },
-                };
-                Ok(Box::new(formats::umlcow::UmlCow::open(path, &options)?))
-            }
-            Kind::Vci => {
-                let options = formats::vci::VciOptions {
-                    writable,
-                    repair: flags & open_flags::REPAIR != 0,
-                };
-                Ok(Box::new(formats::vci::Vci::open(path, &options)?))
             }
         }
     }
 
     /// Creates an image (opened for writing), for backends that can.
     pub fn create(&self, path: &Path, params: &CreateParams) -> Result<Box<dyn Image>> {
-        match self.kind {
-            Kind::Vci => Ok(Box::new(formats::vci::Vci::create(path, params)?)),
-            Kind::UmlCow => Err(Error::Unsupported(
+        match (self.format.info().create, self.format) {
+            (Some(create), _) => Ok(Box::new(FileImage(create(path, params)?))),
+            (None, FormatId::UmlCow) => Err(Error::Unsupported(
                 "a UML COW file is created over a backing file: use COW_UmlCowCreate".into(),
             )),
-            Kind::Format(f) => Err(Error::Unsupported(format!(
+            (None, other) => Err(Error::Unsupported(format!(
                 "the {} backend cannot create images",
-                f.name
+                other.name()
             ))),
         }
     }
 }
 
-/// The built-in backends in probe order (the format table's order; `raw`,
-/// which accepts anything, last).
+/// The built-in backends in probe order (the format registry's order;
+/// `raw`, which accepts anything, last).
 pub fn builtin_backends() -> Vec<BackendInfo> {
     formats::builtin_formats()
         .iter()
-        .map(|f| BackendInfo {
-            kind: match f.name {
-                "cow" => Kind::UmlCow,
-                "vci" => Kind::Vci,
-                _ => Kind::Format(f),
-            },
-        })
+        .map(|info| BackendInfo { format: info.id })
         .collect()
 }
 
 /// The built-in backend called `name`.
 pub fn find_builtin(name: &str) -> Option<BackendInfo> {
-    builtin_backends().into_iter().find(|b| b.name() == name)
+    FormatId::from_name(name).map(|format| BackendInfo { format })
 }
