@@ -127,13 +127,20 @@ fn create_one() {
         let s = setup();
         let path = s.folder.join(format!("made.{kind}"));
         create(kind, &path, &s.backing, false).unwrap();
-        assert!(opens(kind, &path), "{kind}: the created file does not open whole");
+        assert!(
+            opens(kind, &path),
+            "{kind}: the created file does not open whole"
+        );
         let mut names: Vec<String> = std::fs::read_dir(&s.folder)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names, ["backing.raw".to_string(), format!("made.{kind}")], "{kind}");
+        assert_eq!(
+            names,
+            ["backing.raw".to_string(), format!("made.{kind}")],
+            "{kind}"
+        );
     }
 }
 
@@ -163,12 +170,7 @@ fn run_child(kind: &str, path: &Path, backing: &Path, strace_args: &[String]) ->
         .args(strace_args)
         .arg("--")
         .arg(exe)
-        .args([
-            "--exact",
-            "create_one",
-            "--test-threads=1",
-            "-q",
-        ])
+        .args(["--exact", "create_one", "--test-threads=1", "-q"])
         .env("COWDISK_CREATE_KIND", kind)
         .env("COWDISK_CREATE_PATH", path)
         .env("COWDISK_CREATE_BACKING", backing)
