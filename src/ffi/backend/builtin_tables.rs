@@ -3,16 +3,16 @@
 //! (validate-then-pin: a live set of tokens, Arc + quarantine).
 #![allow(non_snake_case, non_camel_case_types)]
 
-use std::collections::{HashMap, VecDeque};
 use std::ffi::{CStr, CString};
 use std::os::raw::{c_char, c_int, c_uint, c_void};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::table::{c_path, COW_BACKEND};
 use crate::disk::{check_range, Disk, SECTOR_SIZE};
 use crate::error::{code, Error, Result};
 use crate::ffi::builtin::{self as core, BackendInfo, Image};
+use crate::ffi::registry::Registry;
 use crate::ffi::types::{COW_PROGRESS_FN, S_UUID};
 use crate::ffi::{guard, guard_or, non_null};
 use crate::formats::CreateParams;
@@ -176,62 +176,39 @@ struct BuiltinData {
 }
 
 /// The pBackendData of built-in tables: the address of a token the library
-/// allocates (and never dereferences), the key of the live table below.
-/// Validate-then-pin, as `handle.rs` does for handles: a call looks the key
-/// up and clones the `Arc` under the table's lock, so a close racing with
-/// it can retire the key but never free the data while the call uses it
-/// (the call then finds the image closed and fails cleanly). Retired tokens
-/// stay allocated in a quarantine for a while, so their address is not
-/// handed out again soon and a stale pointer is refused.
-type Live = HashMap<usize, Arc<Mutex<BuiltinData>>>;
-
-fn live() -> MutexGuard<'static, Live> {
-    static LIVE: OnceLock<Mutex<Live>> = OnceLock::new();
-    LIVE.get_or_init(|| Mutex::new(HashMap::new()))
-        .lock()
-        // Inserts and removes are single calls: never left half-done.
-        .unwrap_or_else(|p| p.into_inner())
-}
-
-/// Retired tokens kept allocated (see `Live`).
-const TOKEN_QUARANTINE: usize = 4096;
+/// allocates (and never dereferences), the key of this live set.
+/// Validate-then-pin, as for handles (`ffi/registry.rs`): a call looks the
+/// key up and clones the `Arc`, so a close racing with it can retire the
+/// key but never free the data while the call uses it (the call then finds
+/// the image closed and fails cleanly). Retired tokens stay allocated in a
+/// quarantine for a while, so their address is not handed out again soon
+/// and a stale pointer is refused.
+static LIVE: Registry<u64, Mutex<BuiltinData>> = Registry::new();
 
 fn new_data(backend: usize, path: PathBuf, image: Box<dyn Image>) -> *mut c_void {
-    let token = Box::into_raw(Box::new(0u64));
-    let data = Arc::new(Mutex::new(BuiltinData {
+    let data = Mutex::new(BuiltinData {
         backend,
         path,
         image: Some(image),
-    }));
-    live().insert(token as usize, data);
-    token.cast()
+    });
+    LIVE.insert(Box::new(0u64), data).cast()
 }
 
-/// Retires pBackendData `data`: removes it from the live table (once; a
+/// Retires pBackendData `data`: removes it from the live set (once; a
 /// second close, or one racing with it, gets an error) and returns its
 /// data, which calls in flight may still hold.
 fn retire_data(data: *mut c_void) -> Result<Arc<Mutex<BuiltinData>>> {
-    let cell = live().remove(&(data as usize)).ok_or_else(|| {
+    LIVE.retire(data as usize).ok_or_else(|| {
         Error::InvalidHandle(format!(
             "{data:p} is not an open image of a built-in backend"
         ))
-    })?;
-    // SAFETY: keys of the live table come from Box::into_raw in new_data,
-    // and a key is removed once.
-    let token = unsafe { Box::from_raw(data.cast::<u64>()) };
-    static RETIRED: Mutex<VecDeque<Box<u64>>> = Mutex::new(VecDeque::new());
-    let mut retired = RETIRED.lock().unwrap_or_else(|p| p.into_inner());
-    retired.push_back(token);
-    if retired.len() > TOKEN_QUARANTINE {
-        retired.pop_front();
-    }
-    Ok(cell)
+    })
 }
 
 /// Runs `f` on the image behind a built-in table's pBackendData, holding
 /// its data pinned (an `Arc`) and locked.
 fn with_data<T>(data: *mut c_void, f: impl FnOnce(&mut BuiltinData) -> Result<T>) -> Result<T> {
-    let cell = live().get(&(data as usize)).cloned().ok_or_else(|| {
+    let cell = LIVE.get(data as usize).ok_or_else(|| {
         Error::InvalidHandle(format!(
             "{data:p} is not an open image of a built-in backend"
         ))
