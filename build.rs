@@ -19,7 +19,8 @@ fn main() {
     for file in [
         "src/ffi/types.rs",
         "src/ffi/api.rs",
-        "src/ffi/backend.rs",
+        "src/ffi/backend/table.rs",
+        "src/ffi/backend/mod.rs",
         "src/ffi/clone.rs",
         "src/ffi/uuid.rs",
         "src/numbers.rs",
@@ -49,7 +50,8 @@ fn main() {
         .with_config(config)
         .with_src(dir.join("src/ffi/types.rs"))
         .with_src(dir.join("src/ffi/api.rs"))
-        .with_src(dir.join("src/ffi/backend.rs"))
+        .with_src(dir.join("src/ffi/backend/table.rs"))
+        .with_src(dir.join("src/ffi/backend/mod.rs"))
         .with_src(dir.join("src/ffi/clone.rs"))
         .generate()
         .expect("cbindgen could not generate the header");

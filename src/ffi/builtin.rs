@@ -9,7 +9,7 @@
 //! ([`ImageFile`] and what it includes) or, for read-only formats, the
 //! generic answers.
 //!
-//! `src/ffi/backend.rs` turns each [`BackendInfo`] into a `COW_BACKEND`
+//! `src/ffi/backend/` turns each [`BackendInfo`] into a `COW_BACKEND`
 //! table, keeps the registry of tables (built-in and caller-registered),
 //! and adapts a caller's C table into a [`Disk`].
 

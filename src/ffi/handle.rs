@@ -1,8 +1,8 @@
 //! Handles: the objects C holds, and the registry that validates them.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::registry::Registry;
 use super::types::{COWOVL, HVDDR, VDDR};
 use super::{api, legacy};
 use crate::disk::Disk;
@@ -77,40 +77,34 @@ pub(crate) struct Handle {
     object: Mutex<Option<Object>>,
 }
 
-type Registry = Mutex<HashMap<usize, Arc<Handle>>>;
-
-fn registry() -> MutexGuard<'static, HashMap<usize, Arc<Handle>>> {
-    static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY
-        .get_or_init(|| Mutex::new(HashMap::new()))
-        .lock()
-        // The map itself is never left half-updated by a panic (inserts and
-        // removes are single calls), so a poisoned lock is still usable.
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+/// The live handles, keyed by the address of their memory (validate-then-
+/// pin; retired handles keep their memory in a quarantine for a while, so
+/// no new handle gets the address of a stale one, which is reliably
+/// refused with COW_ERR_INVHANDLE, and calls through its method table
+/// still land in the library instead of freed memory).
+static HANDLES: Registry<HandleMemory, Handle> = Registry::new();
 
 /// Makes a handle for `object`.
 pub(crate) fn register(object: Object) -> HVDDR {
-    let memory = Box::into_raw(Box::new(HandleMemory {
+    let memory = Box::new(HandleMemory {
         table: method_table(),
-    }));
-    let handle = Arc::new(Handle {
-        object: Mutex::new(Some(object)),
     });
-    registry().insert(memory as usize, handle);
-    memory.cast::<VDDR>()
+    let handle = Handle {
+        object: Mutex::new(Some(object)),
+    };
+    HANDLES.insert(memory, handle).cast::<VDDR>()
 }
 
 /// True when `h` is a live handle of this library.
 pub(crate) fn is_ours(h: HVDDR) -> bool {
-    registry().contains_key(&(h as usize))
+    HANDLES.contains(h as usize)
 }
 
 fn lookup(h: HVDDR) -> Result<Arc<Handle>> {
     if h.is_null() {
         return Err(Error::InvalidHandle("the handle is NULL".into()));
     }
-    registry().get(&(h as usize)).cloned().ok_or_else(|| {
+    HANDLES.get(h as usize).ok_or_else(|| {
         Error::InvalidHandle(format!(
             "{h:p} is not an open handle of this library (closed, or never opened)"
         ))
@@ -168,25 +162,8 @@ pub(crate) fn take(h: HVDDR) -> Result<Object> {
     object
 }
 
-/// How many retired handles keep their memory before it is freed. While a
-/// retired handle's memory is held, no new handle can get its address, so a
-/// stale handle is reliably refused (COW_ERR_INVHANDLE), and calls through
-/// its method table still land in the library instead of freed memory.
-const QUARANTINE: usize = 4096;
-
 /// Removes `h` from the registry, once, and moves its memory to the
 /// quarantine of retired handles.
 fn retire(h: HVDDR) {
-    if registry().remove(&(h as usize)).is_none() {
-        return;
-    }
-    // SAFETY: registered addresses come from Box::into_raw in `register`,
-    // and removal from the registry happens once.
-    let memory = unsafe { Box::from_raw(h.cast::<HandleMemory>()) };
-    static RETIRED: Mutex<VecDeque<Box<HandleMemory>>> = Mutex::new(VecDeque::new());
-    let mut retired = RETIRED.lock().unwrap_or_else(|p| p.into_inner());
-    retired.push_back(memory);
-    if retired.len() > QUARANTINE {
-        retired.pop_front();
-    }
+    HANDLES.retire(h as usize);
 }

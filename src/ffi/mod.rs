@@ -16,6 +16,7 @@ pub mod builtin;
 mod clone;
 mod handle;
 mod legacy;
+mod registry;
 mod source;
 pub mod types;
 mod uuid;
