@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::disk::{Disk, DriveType, ImageFile, SectorStatus};
+use crate::disk::{Disk, DriveType, ImageFile, ImageMetadata, SectorStatus};
 use crate::error::{Error, Result};
 use crate::formats::{self, CreateParams, FormatId, ImageOpenOptions, OpenOptions};
 
@@ -51,9 +51,9 @@ pub mod image_flags {
 }
 
 /// An open image as the backend table sees it: a disk that may also be
-/// written, with the table's flags. The defaults are a read-only format's
-/// answers.
-pub trait Image: Disk {
+/// written, with its metadata ([`ImageMetadata`]: version, comment, UUIDs)
+/// and the table's flags. The defaults are a read-only format's answers.
+pub trait Image: Disk + ImageMetadata {
     /// Writes whole sectors at `lba`.
     fn write_sectors(&mut self, lba: u64, data: &[u8]) -> Result<()> {
         let _ = (lba, data);
@@ -81,11 +81,6 @@ pub trait Image: Disk {
         default_held_run(self, lba, count)
     }
 
-    /// The format's version number.
-    fn format_version(&self) -> u32 {
-        0
-    }
-
     /// The size of the image file in bytes.
     fn file_size(&self) -> u64 {
         0
@@ -104,36 +99,6 @@ pub trait Image: Disk {
     /// The image's file, for close-and-delete.
     fn path(&self) -> Option<&Path> {
         None
-    }
-
-    /// The image's comment.
-    fn comment(&self) -> Result<String> {
-        Err(Error::Unsupported("this format stores no comment".into()))
-    }
-
-    /// Changes the image's comment.
-    fn set_comment(&mut self, comment: &str) -> Result<()> {
-        let _ = comment;
-        Err(Error::Unsupported("this format stores no comment".into()))
-    }
-
-    /// Changes the image's UUID.
-    fn set_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
-        let _ = uuid;
-        Err(Error::Unsupported("this format stores no UUID".into()))
-    }
-
-    /// The image's modification UUID.
-    fn modification_uuid(&self) -> Option<[u8; 16]> {
-        None
-    }
-
-    /// Changes the image's modification UUID.
-    fn set_modification_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
-        let _ = uuid;
-        Err(Error::Unsupported(
-            "this format stores no modification UUID".into(),
-        ))
     }
 
     /// A human-readable description of the image's metadata.
@@ -206,6 +171,13 @@ impl Disk for ReadOnlyImage {
     }
 }
 
+impl ImageMetadata for ReadOnlyImage {
+    /// A read-only format's version is not reported through the table.
+    fn format_version(&self) -> u32 {
+        0
+    }
+}
+
 impl Image for ReadOnlyImage {
     fn file_size(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
@@ -255,6 +227,30 @@ impl Disk for FileImage {
     }
 }
 
+impl ImageMetadata for FileImage {
+    fn format_version(&self) -> u32 {
+        self.0.format_version()
+    }
+    fn is_fixed(&self) -> bool {
+        self.0.is_fixed()
+    }
+    fn comment(&self) -> Result<String> {
+        self.0.comment()
+    }
+    fn set_comment(&mut self, comment: &str) -> Result<()> {
+        self.0.set_comment(comment)
+    }
+    fn set_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
+        self.0.set_uuid(uuid)
+    }
+    fn modification_uuid(&self) -> Option<[u8; 16]> {
+        self.0.modification_uuid()
+    }
+    fn set_modification_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
+        self.0.set_modification_uuid(uuid)
+    }
+}
+
 impl Image for FileImage {
     fn write_sectors(&mut self, lba: u64, data: &[u8]) -> Result<()> {
         self.0.write_sectors(lba, data)
@@ -272,9 +268,6 @@ impl Image for FileImage {
     }
     fn held_run(&mut self, lba: u64, count: u64) -> Result<(bool, u64)> {
         self.0.held_run(lba, count)
-    }
-    fn format_version(&self) -> u32 {
-        self.0.format_version()
     }
     fn file_size(&self) -> u64 {
         self.0.file_size()
@@ -301,21 +294,6 @@ impl Image for FileImage {
     }
     fn path(&self) -> Option<&Path> {
         Some(self.0.path())
-    }
-    fn comment(&self) -> Result<String> {
-        self.0.comment()
-    }
-    fn set_comment(&mut self, comment: &str) -> Result<()> {
-        self.0.set_comment(comment)
-    }
-    fn set_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
-        self.0.set_uuid(uuid)
-    }
-    fn modification_uuid(&self) -> Option<[u8; 16]> {
-        self.0.modification_uuid()
-    }
-    fn set_modification_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
-        self.0.set_modification_uuid(uuid)
     }
     fn dump(&self) -> String {
         self.0.dump()
