@@ -68,6 +68,7 @@ use std::path::{Path, PathBuf};
 use byteorder::{BigEndian, ByteOrder, LittleEndian};
 
 use self::header::HEADER_READ;
+use super::mapped::{self, MappedImage, Mapping};
 use super::open_read_only;
 use super::raw::RawDisk;
 use super::registry::ImageOpenOptions;
@@ -355,74 +356,44 @@ impl Disk for UmlCow {
         true
     }
     fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
-        let count = sectors_in(buf.len())?;
-        check_range(lba, count, self.sector_count())?;
-        let mut status = SectorStatus::NotAlloc;
-        let mut done = 0;
-        while done < count {
-            let (set, run) = self.bit_run(lba + done, count - done);
-            let part = &mut buf[done as usize * SECTOR_SIZE..(done + run) as usize * SECTOR_SIZE];
-            let s = if set {
-                self.read_data((lba + done) * SECTOR_BYTES, part)?;
-                SectorStatus::Normal
-            } else {
-                self.backing_read(lba + done, part)?
-            };
-            status = status.combine(s);
-            done += run;
-        }
-        Ok(status)
+        mapped::read_sectors(self, lba, buf)
     }
     fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
-        check_range(lba, count, self.sector_count())?;
-        let mut status = SectorStatus::NotAlloc;
-        let mut done = 0;
-        while done < count && status != SectorStatus::Normal {
-            let (set, run) = self.bit_run(lba + done, count - done);
-            let s = if set {
-                SectorStatus::Normal
-            } else {
-                match &mut self.backing {
-                    Some(b) => {
-                        let inside = b.sector_count().saturating_sub(lba + done).min(run);
-                        if inside == 0 {
-                            SectorStatus::NotAlloc
-                        } else {
-                            b.block_status(lba + done, inside)?
-                        }
-                    }
-                    None => SectorStatus::NotAlloc,
-                }
-            };
-            status = status.combine(s);
-            done += run;
-        }
-        Ok(status)
+        mapped::block_status(self, lba, count)
     }
     /// From the COW bitmap: set bits are data; clear ones take the backing
     /// file's runs (unallocated past its end, or without one).
     fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
-        check_range(lba, count, self.sector_count())?;
-        if count == 0 {
-            return Err(Error::InvalidArgument(
-                "the status run of zero sectors was asked".into(),
-            ));
-        }
+        mapped::status_run(self, lba, count)
+    }
+}
+
+/// The COW bitmap as the shared read path's one question: a set bit's run
+/// is data in this file, a clear bit's run reads from the backing file.
+impl MappedImage for UmlCow {
+    fn sectors(&self) -> u64 {
+        self.sector_count()
+    }
+    fn map(&mut self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
         let (set, run) = self.bit_run(lba, count);
-        if set {
-            return Ok((SectorStatus::Normal, run));
-        }
-        match &mut self.backing {
-            Some(b) => {
-                let inside = b.sector_count().saturating_sub(lba).min(run);
-                if inside == 0 {
-                    Ok((SectorStatus::NotAlloc, run))
-                } else {
-                    b.status_run(lba, inside)
-                }
+        let mapping = if set {
+            Mapping::Data {
+                file: 0,
+                offset: self.header.data_offset + lba * SECTOR_BYTES,
             }
-            None => Ok((SectorStatus::NotAlloc, run)),
-        }
+        } else {
+            Mapping::Parent
+        };
+        Ok((mapping, run))
+    }
+    fn read_mapped(&mut self, _mapping: Mapping, lba: u64, buf: &mut [u8]) -> Result<()> {
+        // Past the disk's byte size (an odd-sized last sector) reads zeros.
+        self.read_data(lba * SECTOR_BYTES, buf)
+    }
+    fn parent(&mut self) -> Option<&mut (dyn Disk + 'static)> {
+        self.backing
+            .as_mut()
+            .map(|b| b as &mut (dyn Disk + 'static))
     }
 }
 
