@@ -18,7 +18,13 @@ fn main() {
     let dir = Path::new(&dir);
     for file in [
         "src/ffi/types.rs",
-        "src/ffi/api.rs",
+        "src/ffi/api/mod.rs",
+        "src/ffi/api/errors.rs",
+        "src/ffi/api/open.rs",
+        "src/ffi/api/disk.rs",
+        "src/ffi/api/edit.rs",
+        "src/ffi/api/extents.rs",
+        "src/ffi/api/store.rs",
         "src/ffi/backend/table.rs",
         "src/ffi/backend/mod.rs",
         "src/ffi/clone.rs",
@@ -49,7 +55,12 @@ fn main() {
     let bindings = cbindgen::Builder::new()
         .with_config(config)
         .with_src(dir.join("src/ffi/types.rs"))
-        .with_src(dir.join("src/ffi/api.rs"))
+        .with_src(dir.join("src/ffi/api/errors.rs"))
+        .with_src(dir.join("src/ffi/api/open.rs"))
+        .with_src(dir.join("src/ffi/api/disk.rs"))
+        .with_src(dir.join("src/ffi/api/edit.rs"))
+        .with_src(dir.join("src/ffi/api/extents.rs"))
+        .with_src(dir.join("src/ffi/api/store.rs"))
         .with_src(dir.join("src/ffi/backend/table.rs"))
         .with_src(dir.join("src/ffi/backend/mod.rs"))
         .with_src(dir.join("src/ffi/clone.rs"))

@@ -1,5 +1,5 @@
 //! C types and constants of the ABI. cbindgen reads this file (and
-//! `api.rs`) to generate `include/cowdisk.h`; nothing else is exported.
+//! `api/`) to generate `include/cowdisk.h`; nothing else is exported.
 #![allow(non_snake_case, non_camel_case_types)]
 
 use std::os::raw::{c_char, c_int, c_longlong, c_uint, c_void};
