@@ -562,6 +562,11 @@ pub fn clear() {
     *loaded() = MediaRegistry::new();
 }
 
+/// True when a registry has been loaded (without copying it).
+pub fn is_loaded() -> bool {
+    !loaded().is_empty()
+}
+
 /// A copy of the process-wide registry.
 pub fn snapshot() -> MediaRegistry {
     loaded().clone()

@@ -37,10 +37,10 @@ use crate::store::space::FileStorage;
 /// handle with COW_Close (or its Close method) unless an overlay adopts it.
 #[no_mangle]
 pub unsafe extern "C" fn VDDR_Open(path: COW_CPFN, iChain: u32) -> HVDDR {
-    let follow = if media_registry::snapshot().is_empty() {
-        0
-    } else {
+    let follow = if media_registry::is_loaded() {
         COW_OPEN_FOLLOW_PARENTS
+    } else {
+        0
     };
     if iChain == 0 {
         // SAFETY: forwarded contract.
