@@ -26,12 +26,14 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::disk::{Disk, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
-use crate::formats::vdi::writer::DynamicVdi;
+use crate::formats::raw::RawWriter;
+use crate::formats::vdi::writer::VdiWriter;
+use crate::formats::writer::ImageWriter;
 use crate::formats::FormatId;
 
 /// Sectors per page read and per VDI block (1 MiB).
@@ -220,10 +222,8 @@ pub fn clone_to_file(
     };
     tracker.report(0)?;
     let file = temp.as_file();
-    let stats = match options.format {
-        CloneFormat::Raw => write_raw(disk, file, &what, &mut tracker)?,
-        CloneFormat::Vdi => write_vdi(disk, file, &what, &mut tracker)?,
-    };
+    let mut writer = writer_for(options.format, disk.byte_size(), &what)?;
+    let stats = write_pages(disk, file, writer.as_mut(), &mut tracker)?;
     file.set_permissions(std::fs::Permissions::from_mode(0o644))
         .map_err(|e| Error::write(&what, 0, e))?;
     file.sync_all()
@@ -246,26 +246,26 @@ pub fn clone_to_file(
     Ok(stats)
 }
 
-/// Bytes per write call when storing a page.
-const WRITE_PIECE: usize = 256 * 1024;
-
-/// Writes a page in 256 KiB pieces. Measured on Linux 6.18/ext4: whole
-/// 1 MiB writes at 1 MiB-aligned offsets into a new file were erratically
-/// up to ten times slower (page-cache folio allocation), while 256 KiB
-/// pieces ran steadily at full speed.
-fn write_in_pieces(file: &File, buf: &[u8], offset: u64, what: &str) -> Result<()> {
-    for (i, piece) in buf.chunks(WRITE_PIECE).enumerate() {
-        let at = offset + (i * WRITE_PIECE) as u64;
-        file.write_all_at(piece, at)
-            .map_err(|e| Error::write(what, at, e))?;
-    }
-    Ok(())
+/// The writer for `format`, for a disk of `virtual_bytes`.
+fn writer_for(format: CloneFormat, virtual_bytes: u64, what: &str) -> Result<Box<dyn ImageWriter>> {
+    Ok(match format {
+        CloneFormat::Raw => Box::new(RawWriter::new(virtual_bytes, what)),
+        // VDI sizes are whole sectors: an odd-sized last sector reads as
+        // zero-padded.
+        CloneFormat::Vdi => Box::new(VdiWriter::new(
+            virtual_bytes.div_ceil(SECTOR_BYTES) * SECTOR_BYTES,
+            PAGE_BYTES,
+            what,
+        )?),
+    })
 }
 
-fn write_raw(
+/// Streams the pages of `disk` that hold data into `writer`, then lets it
+/// finish the image.
+fn write_pages(
     disk: &mut dyn Disk,
     file: &File,
-    what: &str,
+    writer: &mut dyn ImageWriter,
     tracker: &mut Tracker<'_>,
 ) -> Result<CloneStats> {
     let sectors = disk.sector_count();
@@ -276,59 +276,14 @@ fn write_raw(
     let mut buf = Vec::with_capacity(PAGE_BYTES as usize);
     for (start, len) in pages(sectors) {
         if read_page(disk, start, len, &mut buf)? {
-            let offset = start * SECTOR_BYTES;
-            write_in_pieces(file, &buf, offset, what)?;
+            writer.write_data(file, start * SECTOR_BYTES, &buf)?;
             stats.pages_written += 1;
         } else {
             stats.pages_skipped += 1;
         }
         tracker.report(start + len)?;
     }
-    // Sets the size (leaving holes) and cuts the zero padding of an odd-
-    // sized last sector.
-    file.set_len(stats.virtual_bytes)
-        .map_err(|e| Error::write(what, stats.virtual_bytes, e))?;
-    Ok(stats)
-}
-
-/// Writes a dynamic VDI with 1 MiB blocks (the pages); its layout is the
-/// VDI module's (`formats::vdi::writer`).
-fn write_vdi(
-    disk: &mut dyn Disk,
-    file: &File,
-    what: &str,
-    tracker: &mut Tracker<'_>,
-) -> Result<CloneStats> {
-    let sectors = disk.sector_count();
-    let mut stats = CloneStats {
-        virtual_bytes: sectors * SECTOR_BYTES,
-        ..CloneStats::default()
-    };
-    let mut vdi = DynamicVdi::new(stats.virtual_bytes, PAGE_BYTES, what)?;
-    let mut buf = Vec::with_capacity(PAGE_BYTES as usize);
-    for (index, (start, len)) in pages(sectors).enumerate() {
-        if read_page(disk, start, len, &mut buf)? {
-            // A short last block is stored whole, zero-padded.
-            buf.resize(PAGE_BYTES as usize, 0);
-            let offset = vdi.allocate(index);
-            write_in_pieces(file, &buf, offset, what)?;
-            stats.pages_written += 1;
-        } else {
-            stats.pages_skipped += 1;
-        }
-        tracker.report(start + len)?;
-    }
-    let (map_at, map) = vdi.block_map();
-    file.write_all_at(&map, map_at)
-        .map_err(|e| Error::write(what, map_at, e))?;
-    let header = vdi.header(
-        *uuid::Uuid::new_v4().as_bytes(),
-        *uuid::Uuid::new_v4().as_bytes(),
-    );
-    file.write_all_at(&header, 0)
-        .map_err(|e| Error::write(what, 0, e))?;
-    let end = vdi.file_len();
-    file.set_len(end).map_err(|e| Error::write(what, end, e))?;
+    writer.finish(file)?;
     Ok(stats)
 }
 

@@ -24,6 +24,7 @@ pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
+pub mod writer;
 
 pub use registry::{builtin_formats, CreateParams, FormatId, FormatInfo, ImageOpenOptions, Opened};
 

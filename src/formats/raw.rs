@@ -110,3 +110,32 @@ impl Disk for RawDisk {
         Ok((SectorStatus::Normal, count))
     }
 }
+
+/// Writes a flat image: data at its own offset, holes where no page came,
+/// and the file cut to the virtual size (which also drops the zero padding
+/// of an odd-sized last sector).
+pub struct RawWriter {
+    virtual_bytes: u64,
+    what: String,
+}
+
+impl RawWriter {
+    /// A writer for a disk of `virtual_bytes`; `what` names the file.
+    pub fn new(virtual_bytes: u64, what: &str) -> RawWriter {
+        RawWriter {
+            virtual_bytes,
+            what: what.to_string(),
+        }
+    }
+}
+
+impl super::writer::ImageWriter for RawWriter {
+    fn write_data(&mut self, file: &File, offset: u64, data: &[u8]) -> Result<()> {
+        super::writer::write_in_pieces(file, data, offset, &self.what)
+    }
+
+    fn finish(&mut self, file: &File) -> Result<()> {
+        file.set_len(self.virtual_bytes)
+            .map_err(|e| Error::write(&self.what, self.virtual_bytes, e))
+    }
+}

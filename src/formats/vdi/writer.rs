@@ -1,7 +1,7 @@
 //! The layout of a dynamic VDI image as the clone writer makes it: the
 //! header (with the reader's field offsets, so there is one description of
-//! the format), the block map and where data blocks go. The clone writer
-//! (src/clone.rs) decides which blocks hold data and writes them.
+//! the format), the block map and where data blocks go; and [`VdiWriter`],
+//! the [`ImageWriter`] the clone driver (src/clone.rs) feeds with pages.
 
 use super::{
     guid_to_rfc_bytes, BLOCKS_ALLOCATED_AT, BLOCK_COUNT_AT, BLOCK_FREE, BLOCK_MAP_OFFSET_AT,
@@ -9,8 +9,12 @@ use super::{
     MAX_BLOCK_MAP_ENTRIES, MODIFICATION_UUID_AT, SECTOR_SIZE_AT, SIGNATURE, SIGNATURE_AT,
     TYPE_DYNAMIC, VERSION_AT,
 };
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
 use crate::disk::SECTOR_BYTES;
 use crate::error::{Error, Result};
+use crate::formats::writer::{write_in_pieces, ImageWriter};
 
 /// The text at the start of the file (informational; readers ignore it).
 const TEXT: &[u8] = b"<<< cowdisk Virtual Disk Image >>>\n";
@@ -105,6 +109,71 @@ impl DynamicVdi {
     /// Data blocks allocated so far.
     pub fn allocated(&self) -> u32 {
         self.allocated
+    }
+}
+
+/// Writes a dynamic VDI whose blocks are `block_bytes` long: each data
+/// page fills (part of) one block, stored whole and zero-padded.
+pub struct VdiWriter {
+    layout: DynamicVdi,
+    block: Vec<u8>,
+    block_index: Option<u64>,
+    what: String,
+}
+
+impl VdiWriter {
+    /// A writer for a disk of `virtual_bytes` with blocks of `block_bytes`
+    /// (a multiple of the clone page); `what` names the file.
+    pub fn new(virtual_bytes: u64, block_bytes: u64, what: &str) -> Result<VdiWriter> {
+        Ok(VdiWriter {
+            layout: DynamicVdi::new(virtual_bytes, block_bytes, what)?,
+            block: Vec::new(),
+            block_index: None,
+            what: what.to_string(),
+        })
+    }
+
+    /// Stores the block collected so far, if any.
+    fn store_block(&mut self, file: &File) -> Result<()> {
+        if let Some(index) = self.block_index.take() {
+            let offset = self.layout.allocate(index as usize);
+            self.block.resize(self.layout.block_bytes as usize, 0);
+            write_in_pieces(file, &self.block, offset, &self.what)?;
+            self.block.clear();
+        }
+        Ok(())
+    }
+}
+
+impl ImageWriter for VdiWriter {
+    fn write_data(&mut self, file: &File, offset: u64, data: &[u8]) -> Result<()> {
+        let block_bytes = self.layout.block_bytes;
+        let index = offset / block_bytes;
+        if self.block_index != Some(index) {
+            self.store_block(file)?;
+            self.block_index = Some(index);
+            self.block.clear();
+            self.block.resize(block_bytes as usize, 0);
+        }
+        let within = (offset % block_bytes) as usize;
+        self.block[within..within + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn finish(&mut self, file: &File) -> Result<()> {
+        self.store_block(file)?;
+        let (map_at, map) = self.layout.block_map();
+        file.write_all_at(&map, map_at)
+            .map_err(|e| Error::write(&self.what, map_at, e))?;
+        let header = self.layout.header(
+            *uuid::Uuid::new_v4().as_bytes(),
+            *uuid::Uuid::new_v4().as_bytes(),
+        );
+        file.write_all_at(&header, 0)
+            .map_err(|e| Error::write(&self.what, 0, e))?;
+        let end = self.layout.file_len();
+        file.set_len(end)
+            .map_err(|e| Error::write(&self.what, end, e))
     }
 }
 
