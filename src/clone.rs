@@ -154,7 +154,7 @@ impl Tracker<'_> {
         if self.progress.update(percent) {
             Ok(())
         } else {
-            Err(Error::Cancelled(format!(
+            Err(Error::cancelled(format!(
                 "the progress callback stopped the operation at {percent}%"
             )))
         }
@@ -199,7 +199,7 @@ pub fn clone_to_file(
 ) -> Result<CloneStats> {
     let what = path.display().to_string();
     if !options.replace && path.symlink_metadata().is_ok() {
-        return Err(Error::Open(format!(
+        return Err(Error::open(format!(
             "{what}: already exists (not replacing it)"
         )));
     }
@@ -209,12 +209,12 @@ pub fn clone_to_file(
     };
     let name = path
         .file_name()
-        .ok_or_else(|| Error::InvalidArgument(format!("{what}: not a file name")))?;
+        .ok_or_else(|| Error::invalid_argument(format!("{what}: not a file name")))?;
     let temp = tempfile::Builder::new()
         .prefix(&format!(".{}.", name.to_string_lossy()))
         .suffix(".partial")
         .tempfile_in(&folder)
-        .map_err(|e| Error::Open(format!("{what}: cannot create a file in its folder: {e}")))?;
+        .map_err(|e| Error::open(format!("{what}: cannot create a file in its folder: {e}")))?;
     let mut tracker = Tracker {
         progress,
         total: disk.sector_count(),
@@ -236,7 +236,7 @@ pub fn clone_to_file(
     // On failure the PersistError still owns the temporary file and
     // removes it when dropped.
     persisted.map_err(|e| {
-        Error::Write(format!(
+        Error::write_failed(format!(
             "{what}: cannot rename the finished clone into place: {}",
             e.error
         ))
@@ -370,7 +370,7 @@ mod tests {
             p < 50
         })
         .unwrap_err();
-        assert!(matches!(err, Error::Cancelled(_)), "{err}");
+        assert!(err.kind() == crate::error::ErrorCode::Cancelled, "{err}");
         assert_eq!(seen, vec![0, 25, 50]);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

@@ -5,11 +5,11 @@ use std::path::Path;
 
 use super::space::{FileStorage, Storage};
 use super::{open_store, OpenedStore};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 
 /// Opens the store file at `path` and takes its advisory lock: shared for
 /// a reader (`read_only`), exclusive for a writer. A conflicting holder is
-/// `Error::Locked`.
+/// `Error::locked`.
 pub(crate) fn open_locked(path: &Path, read_only: bool) -> Result<FileStorage> {
     let shown = path.display();
     let file = if read_only {
@@ -20,14 +20,14 @@ pub(crate) fn open_locked(path: &Path, read_only: bool) -> Result<FileStorage> {
             .write(true)
             .open(path)
     }
-    .map_err(|e| Error::Open(format!("overlay store {shown}: {e}")))?;
+    .map_err(|e| Error::open(format!("overlay store {shown}: {e}")))?;
     let locked = if read_only {
         file.try_lock_shared()
     } else {
         file.try_lock()
     };
     locked.map_err(|_| {
-        Error::Locked(format!(
+        Error::locked(format!(
             "overlay store {shown} is open for writing elsewhere{}",
             if read_only { "" } else { " (or being read)" }
         ))
@@ -48,9 +48,8 @@ fn naming(error: Error, path: &Path) -> Error {
     if error.to_string().contains(&shown) {
         return error;
     }
-    match error {
-        Error::Corrupt(m) => Error::Corrupt(format!("overlay store {shown}: {m}")),
-        Error::Unsupported(m) => Error::Unsupported(format!("overlay store {shown}: {m}")),
-        other => other,
+    match error.kind() {
+        ErrorCode::Corrupt | ErrorCode::Unsupported => error.with_path(path),
+        _ => error,
     }
 }

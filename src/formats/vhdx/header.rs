@@ -9,7 +9,7 @@ use byteorder::{ByteOrder, LittleEndian};
 use super::log::FileView;
 use super::metadata::guid_text;
 use super::{KIB, MAX_TABLE_ENTRIES, MIB};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 
 pub(super) const FILE_SIGNATURE: &[u8; 8] = b"vhdxfile";
 const HEADER_OFFSETS: [u64; 2] = [64 * KIB, 128 * KIB];
@@ -97,7 +97,7 @@ pub(super) fn read_header(file: &File, name: &str) -> Result<Header> {
         }
     }
     best.ok_or_else(|| {
-        Error::Corrupt(format!(
+        Error::corrupt(format!(
             "{name}: neither VHDX header is valid ({})",
             problems.join("; ")
         ))
@@ -115,11 +115,11 @@ pub(super) fn read_region_table(view: &FileView) -> Result<Regions> {
     for at in REGION_TABLE_OFFSETS {
         match parse_region_table(view, at) {
             Ok(regions) => return Ok(regions),
-            Err(Error::Corrupt(why)) => problems.push(why),
+            Err(e) if e.kind() == ErrorCode::Corrupt => problems.push(e.message().to_string()),
             Err(other) => return Err(other),
         }
     }
-    Err(Error::Corrupt(format!(
+    Err(Error::corrupt(format!(
         "{}: no valid region table ({})",
         view.name(),
         problems.join("; ")
@@ -130,7 +130,7 @@ fn parse_region_table(view: &FileView, at: u64) -> Result<Regions> {
     let mut raw = vec![0u8; REGION_TABLE_BYTES];
     view.read_exact("region table", at, &mut raw)?;
     if &raw[0..4] != b"regi" {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "no 'regi' signature at byte offset {at}"
         )));
     }
@@ -138,14 +138,14 @@ fn parse_region_table(view: &FileView, at: u64) -> Result<Regions> {
     raw[4..8].fill(0);
     let computed = crc32c::crc32c(&raw);
     if stored != computed {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "region table CRC-32C at byte offset {} is {stored:#010x}, expected {computed:#010x}",
             at + 4
         )));
     }
     let count = LittleEndian::read_u32(&raw[8..]) as usize;
     if count > MAX_TABLE_ENTRIES {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "region table at byte offset {at} has {count} entries (at most {MAX_TABLE_ENTRIES})"
         )));
     }
@@ -160,7 +160,7 @@ fn parse_region_table(view: &FileView, at: u64) -> Result<Regions> {
         let known = entry[0..16] == REGION_BAT || entry[0..16] == REGION_METADATA;
         if !known {
             if required {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::unsupported(format!(
                     "{}: required region {} (region table entry at byte offset {entry_at})",
                     view.name(),
                     guid_text(&entry[0..16])
@@ -171,7 +171,7 @@ fn parse_region_table(view: &FileView, at: u64) -> Result<Regions> {
         // Regions must lie in the real file: their sizes drive allocations.
         let inside = matches!(offset.checked_add(length), Some(end) if end <= view.file_len());
         if offset < MIB || offset % MIB != 0 || length == 0 || !inside {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "region table entry at byte offset {entry_at}: {length} bytes at byte offset \
                  {offset} is not a MiB-aligned range inside the {}-byte file",
                 view.file_len()
@@ -185,7 +185,7 @@ fn parse_region_table(view: &FileView, at: u64) -> Result<Regions> {
     }
     match (bat, metadata) {
         (Some(bat), Some(metadata)) => Ok(Regions { bat, metadata }),
-        _ => Err(Error::Corrupt(format!(
+        _ => Err(Error::corrupt(format!(
             "region table at byte offset {at} lacks the BAT or metadata region"
         ))),
     }

@@ -78,20 +78,20 @@ pub(super) fn read_metadata(
 ) -> Result<Metadata> {
     let name = view.name().to_string();
     if region_len < METADATA_TABLE_BYTES as u64 {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: metadata region at byte offset {region_at} is only {region_len} bytes"
         )));
     }
     let mut table = vec![0u8; METADATA_TABLE_BYTES];
     view.read_exact("metadata table", region_at, &mut table)?;
     if &table[0..8] != b"metadata" {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: no 'metadata' signature at byte offset {region_at}"
         )));
     }
     let count = usize::from(LittleEndian::read_u16(&table[10..]));
     if count > MAX_TABLE_ENTRIES {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: metadata table at byte offset {region_at} has {count} entries"
         )));
     }
@@ -109,7 +109,7 @@ pub(super) fn read_metadata(
         if item_len > 0
             && (item_offset < METADATA_TABLE_BYTES as u64 || item_offset + item_len > region_len)
         {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: metadata entry at byte offset {entry_at}: {item_len} bytes at \
                  region offset {item_offset} are outside the {region_len}-byte region"
             )));
@@ -118,7 +118,7 @@ pub(super) fn read_metadata(
         let id = &entry[0..16];
         let fixed_item = |want: usize| -> Result<Vec<u8>> {
             if item_len < want as u64 {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{name}: metadata item {} at byte offset {item_at} is {item_len} bytes, \
                      needs {want}",
                     guid_text(id)
@@ -146,14 +146,14 @@ pub(super) fn read_metadata(
         } else if id == ITEM_PARENT_LOCATOR {
             locator_item = Some((item_at, item_len));
         } else if required && id != ms_guid_physical_sector_size() {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "{name}: required metadata item {} (entry at byte offset {entry_at})",
                 guid_text(id)
             )));
         }
     }
     let missing = |what: &str| {
-        Error::Corrupt(format!(
+        Error::corrupt(format!(
             "{name}: metadata region at byte offset {region_at} has no {what} item"
         ))
     };
@@ -164,19 +164,19 @@ pub(super) fn read_metadata(
         logical_sector_bytes.ok_or_else(|| missing("logical sector size"))?;
     let block_bytes = u64::from(block_bytes);
     if !block_bytes.is_power_of_two() || !(MIB..=256 * MIB).contains(&block_bytes) {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: block size {block_bytes} at byte offset {params_at} is not a power of two \
              from 1 MiB to 256 MiB"
         )));
     }
     let logical = u64::from(logical);
     if logical != 512 && logical != 4096 {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: logical sector size {logical} at byte offset {logical_at} is not 512 or 4096"
         )));
     }
     if virtual_bytes == 0 || virtual_bytes > MAX_VIRTUAL_BYTES || virtual_bytes % logical != 0 {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: virtual disk size {virtual_bytes} at byte offset {size_at} is not a \
              non-zero multiple of the {logical}-byte sector up to 64 TiB"
         )));
@@ -211,21 +211,21 @@ fn ms_guid_physical_sector_size() -> [u8; 16] {
 fn read_parent_locator(view: &FileView, at: u64, len: u64) -> Result<VhdxParentLocator> {
     let name = view.name().to_string();
     if !(20..=MAX_LOCATOR_BYTES).contains(&len) {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: parent locator at byte offset {at} is {len} bytes"
         )));
     }
     let mut item = vec![0u8; len as usize];
     view.read_exact("parent locator", at, &mut item)?;
     if item[0..16] != LOCATOR_TYPE_VHDX {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{name}: parent locator type {} at byte offset {at} (only VHDX parents are read)",
             guid_text(&item[0..16])
         )));
     }
     let count = usize::from(LittleEndian::read_u16(&item[18..]));
     if 20 + count * 12 > item.len() {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: parent locator at byte offset {at} declares {count} entries in {len} bytes"
         )));
     }
@@ -233,7 +233,7 @@ fn read_parent_locator(view: &FileView, at: u64, len: u64) -> Result<VhdxParentL
         let from = offset as usize;
         let to = from + usize::from(length);
         if to > item.len() || !length.is_multiple_of(2) {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: parent locator string of {length} bytes at item offset {offset} \
                  (locator at byte offset {at}) is outside the item"
             )));
@@ -267,7 +267,7 @@ fn read_parent_locator(view: &FileView, at: u64, len: u64) -> Result<VhdxParentL
     for key in ["parent_linkage", "parent_linkage2"] {
         if let Some(v) = value(key) {
             let guid = parse_guid_text(&v).ok_or_else(|| {
-                Error::Corrupt(format!(
+                Error::corrupt(format!(
                     "{name}: parent locator at byte offset {at}: {key} '{v}' is not a GUID"
                 ))
             })?;
@@ -275,7 +275,7 @@ fn read_parent_locator(view: &FileView, at: u64, len: u64) -> Result<VhdxParentL
         }
     }
     if locator.linkages.is_empty() {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: parent locator at byte offset {at} has no parent_linkage"
         )));
     }
@@ -302,7 +302,7 @@ fn read_parent_locator(view: &FileView, at: u64, len: u64) -> Result<VhdxParentL
         }
     }
     if locator.names.is_empty() {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: parent locator at byte offset {at} has no usable parent path"
         )));
     }

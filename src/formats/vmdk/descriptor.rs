@@ -69,7 +69,7 @@ pub(super) fn read_embedded_descriptor(
         let (bytes, start) = match (bytes, start) {
             (Some(b), Some(s)) if s.checked_add(b).is_some_and(|e| e <= file_len) => (b, s),
             _ => {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{}: embedded descriptor at sector {} ({} sectors) is too large or past the end of the file",
                     path.display(),
                     header.descriptor_sector,
@@ -92,7 +92,7 @@ pub(super) fn read_embedded_descriptor(
 /// A descriptor that is its own small text file.
 pub(super) fn read_text_descriptor(file: &File, path: &Path, file_len: u64) -> Result<Descriptor> {
     if file_len > MAX_DESCRIPTOR_BYTES {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{}: not a sparse extent, and at {file_len} bytes too large for a VMDK descriptor",
             path.display()
         )));
@@ -123,7 +123,7 @@ pub fn descriptor_uuids(path: &Path) -> Result<VmdkUuids> {
     let mut magic = [0u8; 4];
     let have = read_prefix(&file, &mut magic).map_err(|e| Error::read(&name(path), 0, e))?;
     if have == 4 && magic == COWD_MAGIC {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{}: COWD (ESX/legacy) sparse VMDK extents are not supported",
             path.display()
         )));
@@ -156,14 +156,14 @@ pub(super) fn parse_descriptor(text: &[u8], path: &Path) -> Result<Descriptor> {
             .any(|a| first.eq_ignore_ascii_case(a))
         {
             let extent = parse_extent_line(line).ok_or_else(|| {
-                Error::Corrupt(format!(
+                Error::corrupt(format!(
                     "{}: descriptor line {}: malformed extent line '{line}'",
                     path.display(),
                     number + 1
                 ))
             })?;
             if descriptor.extents.len() >= MAX_EXTENTS {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::unsupported(format!(
                     "{}: VMDK descriptor lists more than {MAX_EXTENTS} extents",
                     path.display()
                 )));

@@ -85,7 +85,7 @@ pub(super) fn parse_sparse_header(raw: &[u8; SECTOR_SIZE]) -> SparseHeader {
 /// defers the grain directory to the end of a stream-optimized file.
 pub(super) fn read_sparse_header(file: &File, path: &Path, file_len: u64) -> Result<SparseHeader> {
     let corrupt = |what: String| {
-        Error::Corrupt(format!(
+        Error::corrupt(format!(
             "{}: VMDK sparse extent header: {what}",
             path.display()
         ))
@@ -101,7 +101,7 @@ pub(super) fn read_sparse_header(file: &File, path: &Path, file_len: u64) -> Res
     }
     let version = LittleEndian::read_u32(&raw[4..]);
     if !(1..=3).contains(&version) {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{}: VMDK sparse extent version {version} (only 1 to 3 are read)",
             path.display()
         )));
@@ -133,7 +133,7 @@ pub(super) fn read_sparse_header(file: &File, path: &Path, file_len: u64) -> Res
     }
     validate_sparse_header(&header, file_len).map_err(corrupt)?;
     if header.flags & FLAG_COMPRESSED != 0 && header.compression != COMPRESSION_DEFLATE {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{}: VMDK grain compression algorithm {} (only deflate, 1)",
             path.display(),
             header.compression
@@ -201,7 +201,7 @@ impl SparseExtent {
         for (index, table) in directory.iter().enumerate() {
             let table_at = u64::from(*table) * SECTOR_BYTES;
             if *table != 0 && table_at + table_bytes > file_len {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{}: grain directory entry {index} (directory at byte offset {at}) points at a \
                      grain table at byte offset {table_at}, past the end of the {file_len}-byte file",
                     path.display()
@@ -235,7 +235,7 @@ impl SparseExtent {
         let table_index = grain / self.gtes_per_gt;
         let table_span = self.grain_sectors * self.gtes_per_gt;
         let table_sector = *self.directory.get(table_index as usize).ok_or_else(|| {
-            Error::Internal(format!(
+            Error::internal(format!(
                 "{}: sector {sector} past the grain directory",
                 self.describe()
             ))
@@ -284,7 +284,7 @@ impl SparseExtent {
             let at = u64::from(table_sector) * SECTOR_BYTES;
             let bytes = self.gtes_per_gt * 4;
             if at + bytes > self.file_len {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{}: grain directory entry {table_index} points at a grain table at byte offset {at}, \
                      past the end of the {}-byte file",
                     self.describe(),
@@ -302,7 +302,7 @@ impl SparseExtent {
         }
         self.tables
             .get(table_index)
-            .ok_or_else(|| Error::Internal("grain table cache lost a table it just stored".into()))
+            .ok_or_else(|| Error::internal("grain table cache lost a table it just stored".into()))
     }
 
     /// Inflates the compressed grain that starts at local sector
@@ -311,7 +311,7 @@ impl SparseExtent {
         let grain_bytes = self.grain_sectors * SECTOR_BYTES;
         let offset = at * SECTOR_BYTES;
         let bad = |what: String| {
-            Error::Corrupt(format!(
+            Error::corrupt(format!(
                 "{}: compressed grain at byte offset {offset}: {what}",
                 self.describe()
             ))
