@@ -305,16 +305,28 @@ impl StoreParts {
                 let identity = store::identify(source)?;
                 StoreParts::create(storage, source.sector_count(), identity, options, log_size)
             }
+            // The source is compared with the identity the store recorded
+            // before anything is written to the store (opening for writing
+            // checkpoints it): a store refused for its source is left
+            // unchanged.
             StoreChoice::Open { path, read_only } => {
-                let (storage, opened) = store::load_store_file(path, read_only)?;
-                StoreParts::reopen(source, storage, opened, options, read_only)
+                let found = store::identify(source)?;
+                let (storage, opened) =
+                    store::load_store_file_checked(path, read_only, &mut |recorded| {
+                        store::compare_identity(recorded, &found)
+                    })?;
+                Ok(StoreParts::reopened(storage, opened, options, read_only))
             }
             StoreChoice::OpenOn {
                 mut storage,
                 read_only,
             } => {
-                let opened = store::open_store(storage.as_mut(), read_only)?;
-                StoreParts::reopen(source, storage, opened, options, read_only)
+                let found = store::identify(source)?;
+                let opened =
+                    store::open_store_checked(storage.as_mut(), read_only, &mut |recorded| {
+                        store::compare_identity(recorded, &found)
+                    })?;
+                Ok(StoreParts::reopened(storage, opened, options, read_only))
             }
         }
     }
@@ -397,18 +409,14 @@ impl StoreParts {
         })
     }
 
-    /// A loaded store joined to `source` once it is the disk the store was
-    /// made on.
-    fn reopen(
-        source: &mut dyn Disk,
+    /// A loaded store whose source was checked.
+    fn reopened(
         store: Box<dyn Storage>,
         opened: OpenedStore,
         options: OverlayOptions,
         read_only: bool,
-    ) -> Result<StoreParts> {
-        let found = store::identify(source)?;
-        store::compare_identity(&opened.source, &found)?;
-        Ok(StoreParts {
+    ) -> StoreParts {
+        StoreParts {
             map: opened.map,
             store,
             units: opened.units,
@@ -419,7 +427,7 @@ impl StoreParts {
             },
             journal: opened.journal,
             read_only,
-        })
+        }
     }
 }
 
