@@ -242,10 +242,24 @@ impl Overlay {
     /// the disk the store was made on (`SourceMismatch`). A writer holds an
     /// exclusive lock; a reader a shared one (`Locked` when taken).
     pub fn open_persistent(path: &Path, source: Box<dyn Disk>, read_only: bool) -> Result<Overlay> {
-        let (storage, opened) = Overlay::load_persistent(path, read_only)?;
         let mut source = source;
-        Overlay::check_store_source(&opened, source.as_mut())?;
+        let (storage, opened) = Overlay::load_persistent_over(path, source.as_mut(), read_only)?;
         Ok(Overlay::from_opened(storage, opened, source, read_only))
+    }
+
+    /// Opens, locks and loads the store, checking that `source` is the disk
+    /// it was made on before anything is written to it (opening for
+    /// writing checkpoints the store): a store refused for its source is
+    /// left unchanged.
+    pub fn load_persistent_over(
+        path: &Path,
+        source: &mut dyn Disk,
+        read_only: bool,
+    ) -> Result<(Box<dyn Storage>, OpenedStore)> {
+        let found = store::identify(source)?;
+        store::load_store_file_checked(path, read_only, &mut |recorded| {
+            store::compare_identity(recorded, &found)
+        })
     }
 
     /// First half of `open_persistent`: opens, locks and loads the store.

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::space::{FileStorage, Storage};
-use super::{open_store, OpenedStore};
+use super::{open_store_checked, OpenedStore, SourceIdentity};
 use crate::error::{Error, Result};
 
 /// Opens the store file at `path` and takes its advisory lock: shared for
@@ -37,8 +37,19 @@ pub(crate) fn open_locked(path: &Path, read_only: bool) -> Result<FileStorage> {
 
 /// Opens, locks and loads (replaying its log) the store file at `path`.
 pub fn load_store_file(path: &Path, read_only: bool) -> Result<(Box<dyn Storage>, OpenedStore)> {
+    load_store_file_checked(path, read_only, &mut |_| Ok(()))
+}
+
+/// `load_store_file`, asking `check` about the recorded source identity
+/// before anything is written (see `open_store_checked`).
+pub fn load_store_file_checked(
+    path: &Path,
+    read_only: bool,
+    check: &mut dyn FnMut(&SourceIdentity) -> Result<()>,
+) -> Result<(Box<dyn Storage>, OpenedStore)> {
     let mut storage: Box<dyn Storage> = Box::new(open_locked(path, read_only)?);
-    let opened = open_store(storage.as_mut(), read_only).map_err(|e| naming(e, path))?;
+    let opened =
+        open_store_checked(storage.as_mut(), read_only, check).map_err(|e| naming(e, path))?;
     Ok((storage, opened))
 }
 

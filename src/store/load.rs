@@ -333,7 +333,19 @@ pub(super) fn load(storage: &dyn Storage) -> Result<Loaded> {
 /// checkpointed otherwise), loads and validates the extent map, and
 /// rebuilds the allocation state from it.
 pub fn open_store(storage: &mut dyn Storage, read_only: bool) -> Result<OpenedStore> {
+    open_store_checked(storage, read_only, &mut |_| Ok(()))
+}
+
+/// `open_store`, asking `check` about the source identity the store
+/// recorded before anything is written to the store: a store refused by
+/// `check` (over the wrong source) is left exactly as it was.
+pub fn open_store_checked(
+    storage: &mut dyn Storage,
+    read_only: bool,
+    check: &mut dyn FnMut(&SourceIdentity) -> Result<()>,
+) -> Result<OpenedStore> {
     let loaded = load(storage)?;
+    check(&loaded.state.source)?;
     let map = loaded.load_map(storage)?;
     let g = loaded.state.granularity;
     let units = UnitMap::rebuild(

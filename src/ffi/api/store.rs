@@ -35,11 +35,7 @@ pub unsafe extern "C" fn COW_OpenCowOverlay(
         let path = unsafe { c_path(store_path) }.unwrap_or_default();
         let overlay = adopt_source(
             src,
-            |disk| {
-                let (storage, opened) = Overlay::load_persistent(&path, read_only)?;
-                Overlay::check_store_source(&opened, disk)?;
-                Ok((storage, opened))
-            },
+            |disk| Overlay::load_persistent_over(&path, disk, read_only),
             |(storage, opened), disk| Overlay::from_opened(storage, opened, disk, read_only),
         )?;
         Ok(handle::register(Object::Overlay(Box::new(overlay))))
