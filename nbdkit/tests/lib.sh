@@ -7,6 +7,7 @@ set -euo pipefail
 : "${PLUGIN:?the plugin file}" "${NBD_CLIENT:?the nbd_client test program}"
 : "${COWDISK:?the cowdisk CLI}"
 
+tests_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/cowdisk-nbd-XXXXXX")
 server_pidfiles=()
 server_waiters=()

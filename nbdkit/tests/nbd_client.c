@@ -9,10 +9,16 @@
  *       each read back against the model; MODEL (a raw file holding what the
  *       export showed before) is rewritten with the final model; the whole
  *       export is compared at the end; then a flush unless --no-flush.
+ *   nbd_client scatter URI MODEL SEED COUNT
+ *       COUNT sector-aligned writes, each to sectors no other one touches,
+ *       and no flush (for a crash test: every sector then holds the state
+ *       before, or its one write); MODEL is rewritten with the writes.
  *   nbd_client concurrent URI MODEL SEED THREADS OPS
  *       THREADS connections at once, each writing, zeroing and reading its
- *       own byte range (the ranges meet inside sectors, so the plugin's
- *       read-modify-write is raced); then the whole export against MODEL.
+ *       own byte range (the ranges meet inside sectors, and each also
+ *       writes its part of those shared sectors over and over, so the
+ *       plugin's read-modify-write is raced); then the whole export
+ *       against MODEL.
  *   nbd_client check-store SOURCE STORE MODEL [MODEL_AFTER] [--follow-parents]
  *       opens STORE over SOURCE with COW_OpenCowOverlay (read-only) and
  *       checks every sector equals MODEL's, or MODEL_AFTER's (writes that
@@ -269,12 +275,72 @@ static int run_write(int argc, char **argv)
     return failures ? 1 : 0;
 }
 
+static int run_scatter(int argc, char **argv)
+{
+    /* Each write lands in its own cell of 128 sectors. */
+    enum { CELL = 128 };
+    const char *uri, *model_path;
+    uint64_t size, rng, count, cells, i, j;
+    unsigned char *model, buf[64 * SECTOR];
+    struct nbd_handle *nbd;
+    if (argc < 6) return 2;
+    uri = argv[2];
+    model_path = argv[3];
+    rng = strtoull(argv[4], NULL, 10) * 0x9E3779B97F4A7C15ULL + 1;
+    count = strtoull(argv[5], NULL, 10);
+    if (!(model = load_file(model_path, &size))) return 1;
+    cells = size / SECTOR / CELL;
+    if (count > cells) count = cells;
+    if (!(nbd = connect_to(uri))) return 1;
+    for (i = 0; i < count; i++) {
+        /* cells i*stride apart, so the writes are spread over the disk */
+        uint64_t cell = i * (cells / count);
+        uint64_t sectors = below(&rng, 64) + 1;
+        uint64_t lba = cell * CELL + below(&rng, CELL - sectors + 1);
+        for (j = 0; j < sectors * SECTOR; j++) buf[j] = (unsigned char)(i * 3 + j / SECTOR + 1);
+        if (nbd_pwrite(nbd, buf, sectors * SECTOR, lba * SECTOR, 0) == -1)
+            FAIL("write: %s", nbd_get_error());
+        else
+            memcpy(model + lba * SECTOR, buf, sectors * SECTOR);
+    }
+    /* No flush; shut the connection down without one either. */
+    if (save_file(model_path, model, size) != 0) failures++;
+    nbd_close(nbd);
+    free(model);
+    printf("nbd_client scatter: %" PRIu64 " writes, %d failure(s)\n", count, failures);
+    return failures ? 1 : 0;
+}
+
 struct worker {
     const char *uri;
     unsigned char *model;
     uint64_t lo, hi, seed, ops;
     int failed;
 };
+
+/* Writes a few bytes into the sector this worker shares with its left
+ * (edge 0) or right (edge 1) neighbour, which writes the other bytes of the
+ * same sector at the same time. */
+static void edge_write(struct nbd_handle *nbd, struct worker *w, uint64_t *rng)
+{
+    unsigned char buf[SECTOR];
+    uint64_t from, to, i;
+    if (below(rng, 2) == 0) {
+        from = w->lo;
+        to = (w->lo / SECTOR + 1) * SECTOR;
+    } else {
+        from = w->hi / SECTOR * SECTOR;
+        to = w->hi;
+    }
+    if (from < w->lo) from = w->lo;
+    if (to > w->hi) to = w->hi;
+    if (from >= to || (from % SECTOR == 0 && to % SECTOR == 0)) return;
+    for (i = 0; i < to - from; i++) buf[i] = (unsigned char)next_random(rng);
+    if (nbd_pwrite(nbd, buf, to - from, from, 0) == -1)
+        FAIL("edge write %" PRIu64 "+%" PRIu64 ": %s", from, to - from, nbd_get_error());
+    else
+        memcpy(w->model + from, buf, to - from);
+}
 
 static void *work(void *arg)
 {
@@ -288,7 +354,27 @@ static void *work(void *arg)
         free(buf);
         return NULL;
     }
-    for (i = 0; i < w->ops; i++) random_op(nbd, w->model, w->lo, w->hi, &rng, buf, 256 * SECTOR);
+    for (i = 0; i < w->ops; i++) {
+        random_op(nbd, w->model, w->lo, w->hi, &rng, buf, 256 * SECTOR);
+        edge_write(nbd, w, &rng);
+    }
+    /* Then only the shared sectors, each write checked by a read. */
+    for (i = 0; i < 10 * w->ops; i++) {
+        edge_write(nbd, w, &rng);
+        if (i % 4 == 3) {
+            uint64_t edges[2] = {w->lo / SECTOR * SECTOR, w->hi / SECTOR * SECTOR};
+            int e;
+            for (e = 0; e < 2; e++) {
+                uint64_t from = edges[e] < w->lo ? w->lo : edges[e];
+                uint64_t to = edges[e] + SECTOR < w->hi ? edges[e] + SECTOR : w->hi;
+                if (from >= to) continue;
+                if (nbd_pread(nbd, buf, to - from, from, 0) == -1)
+                    FAIL("edge read: %s", nbd_get_error());
+                else if (memcmp(buf, w->model + from, to - from) != 0)
+                    FAIL("edge %" PRIu64 "+%" PRIu64 " lost a write", from, to - from);
+            }
+        }
+    }
     if (nbd_flush(nbd, 0) == -1) w->failed = 1;
     nbd_close(nbd);
     free(buf);
@@ -408,9 +494,10 @@ int main(int argc, char **argv)
 {
     int r = 2;
     if (argc >= 2 && strcmp(argv[1], "write") == 0) r = run_write(argc, argv);
+    else if (argc >= 2 && strcmp(argv[1], "scatter") == 0) r = run_scatter(argc, argv);
     else if (argc >= 2 && strcmp(argv[1], "concurrent") == 0) r = run_concurrent(argc, argv);
     else if (argc >= 2 && strcmp(argv[1], "check-store") == 0) r = run_check_store(argc, argv);
     if (r == 2)
-        fprintf(stderr, "usage: nbd_client write|concurrent|check-store ... (see the source)\n");
+        fprintf(stderr, "usage: nbd_client write|scatter|concurrent|check-store ... (see the source)\n");
     return r;
 }
