@@ -2,8 +2,9 @@
 # `cowdisk serve`: prints a URI that qemu-img and qemu-io use; writes land in
 # the store; SIGTERM to cowdisk stops nbdkit cleanly (the store is closed
 # and reopens with the writes); --readonly refuses writes; --port serves on
-# 127.0.0.1; a missing nbdkit, a missing plugin and a bad source are clear
-# errors.
+# 127.0.0.1; installed (cmake --install), cowdisk finds the plugin beside
+# it and the plugin finds libcowdisk.so; a missing nbdkit, a missing plugin
+# and a bad source are clear errors.
 . "$(dirname "$0")/lib.sh"
 cd "$work"
 export COWDISK_NBDKIT_PLUGIN="$PLUGIN"
@@ -76,6 +77,24 @@ for port in $((20000 + $$ % 20000)) $((20001 + $$ % 20000)) $((20002 + $$ % 2000
   wait "$SERVE" || true
 done
 [ "$served" = yes ] || { cat port.out.err >&2; fail "--port never served"; }
+
+# The install layout: PREFIX/bin/cowdisk finds PREFIX/lib*/nbdkit/plugins/,
+# whose plugin loads PREFIX/lib*/libcowdisk.so through its RPATH.
+: "${BUILD_DIR:?the CMake build folder}"
+cmake --install "$BUILD_DIR" --prefix "$work/prefix" >/dev/null
+mkdir -p "$work/prefix/bin"
+cp "$COWDISK" "$work/prefix/bin/cowdisk"
+installed=$(find "$work/prefix" -name nbdkit-cowdisk-plugin.so)
+[ -n "$installed" ] || fail "cmake --install did not install the plugin"
+ldd "$installed" | grep -q "libcowdisk.so.1 => $work/prefix" ||
+  fail "the installed plugin does not load the installed library: $(ldd "$installed")"
+(
+  unset COWDISK_NBDKIT_PLUGIN
+  COWDISK="$work/prefix/bin/cowdisk"
+  serve_in_background installed.out src.raw --store s.cow --readonly
+  qemu-img compare -q -f raw -F raw "$URI" model.raw || fail "installed: differs from the model"
+  stop_serve
+)
 
 # Clear errors.
 rc=0
