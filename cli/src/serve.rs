@@ -185,8 +185,9 @@ fn absolute(path: &Path) -> Fallible<PathBuf> {
 
 /// The plugin: --plugin, $COWDISK_NBDKIT_PLUGIN, the install layout beside
 /// this program (PREFIX/bin/cowdisk -> PREFIX/lib*/nbdkit/plugins), the
-/// CMake harness's build folder beside cargo's (target/release/cowdisk ->
-/// target/ctest), then nbdkit's own plugin folder.
+/// CMake harness's build folders in this repository (target/release/cowdisk
+/// -> target/ctest, or build/ as the README builds it), then nbdkit's own
+/// plugin folder.
 fn find_plugin(given: Option<&Path>, nbdkit_config: &str) -> Fallible<PathBuf> {
     if let Some(path) = given {
         return existing(path, "--plugin");
@@ -210,6 +211,8 @@ fn find_plugin(given: Option<&Path>, nbdkit_config: &str) -> Fallible<PathBuf> {
             tried.push(prefix.join(lib).join("nbdkit/plugins").join(PLUGIN_FILE));
         }
         tried.push(prefix.join("ctest").join(PLUGIN_FILE));
+        // The README's build folder: REPO/build beside REPO/target/release.
+        tried.push(prefix.join("../build").join(PLUGIN_FILE));
     }
     if let Some(dir) = nbdkit_config
         .lines()
