@@ -6,7 +6,8 @@
 #    applied by hand, and
 #  - `cowdisk map --store` of the same store.
 # Then the same over a store whose edits (an insert) came from the CLI:
-# the model is the source map shifted by hand.
+# the model is the source map shifted by hand; and over an anonymous
+# overlay with a data run longer than one extents call covers.
 . "$(dirname "$0")/lib.sh"
 cd "$work"
 
@@ -76,5 +77,18 @@ same_blocks "nbdinfo --map of an overlay with an insert differs from the model" 
   inserted-model.blocks inserted-nbdinfo.blocks
 same_blocks "qemu-img map of an overlay with an insert differs from the model" \
   inserted-model.blocks inserted-qemu.blocks
+stop_server
+# A data run longer than one extents call describes (65,536 status queries
+# of 4 KiB: 256 MiB): clients ask again from where it stopped.
+qemu-img create -q -f qcow2 big.qcow2 320M
+qemu-io -f qcow2 -c 'write -P 0x1 0 300M' -c 'write -P 0x2 310M 64k' big.qcow2 >/dev/null
+qemu_map_runs big.qcow2 | blocks_of_runs > big-model.blocks
+start_server big -- file="$work/big.qcow2" readonly=false
+nbdinfo_runs "$URI" | blocks_of_runs > big-nbdinfo.blocks
+qemu_map_runs -f raw "$URI" | blocks_of_runs > big-qemu.blocks
+same_blocks "nbdinfo --map of a 300 MiB data run differs from qemu-img's map" \
+  big-model.blocks big-nbdinfo.blocks
+same_blocks "qemu-img map of a 300 MiB data run differs from qemu-img's map of the image" \
+  big-model.blocks big-qemu.blocks
 stop_server
 echo "nbd_map_matches_model_and_cowdisk_map: ok"
