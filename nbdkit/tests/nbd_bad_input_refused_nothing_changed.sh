@@ -23,7 +23,7 @@ qemu-img create -q -f qcow2 good.qcow2 16M
 qemu-io -f qcow2 -c 'write -P 0x17 0 1M' good.qcow2 >/dev/null
 
 # A missing source: the library's "cannot open", no store created.
-refused missing "No such file or directory" file="$work/nope.vdi" store="$work/new.cow"
+refused missing "$work/nope.vdi: No such file or directory" file="$work/nope.vdi" store="$work/new.cow"
 [ ! -e new.cow ] || fail "missing: a store was created"
 
 # Corrupt images: a qcow2 whose cluster_bits (byte 20) is 64, a VDI whose
@@ -46,12 +46,12 @@ qemu-io -f raw -c 'write -P 0x99 0 64k' "$URI" >/dev/null
 stop_server
 store_sum=$(sha256sum < s.cow)
 qemu-img create -q -f raw other.raw 16M
-refused mismatch "source mismatch" file="$work/other.raw" store="$work/s.cow"
+refused mismatch "source mismatch: fingerprint" file="$work/other.raw" store="$work/s.cow"
 [ "$(sha256sum < s.cow)" = "$store_sum" ] || fail "mismatch: the store changed"
 
 # A store open read-only by another server cannot be opened for writing.
 start_server reader -- file="$work/good.qcow2" store="$work/s.cow" readonly=true
-refused locked "locked" file="$work/good.qcow2" store="$work/s.cow"
+refused locked "overlay store $work/s.cow is open for writing elsewhere" file="$work/good.qcow2" store="$work/s.cow"
 qemu-img compare -q -f raw "$URI" good.qcow2 >/dev/null 2>&1 &&
   fail "locked: the reader should see the write made through the store"
 stop_server
@@ -68,7 +68,8 @@ rc=0
 timeout 60 "${as_user[@]}" nbdkit -f -U "$work/sockets/perm.sock" "$PLUGIN" \
   file="$work/good.qcow2" store="$work/s.cow" >perm.out 2>&1 || rc=$?
 [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "read-only store file: nbdkit did not refuse"
-grep -qF "Permission denied" perm.out || { cat perm.out >&2; fail "read-only store file: no message"; }
+grep -qF "overlay store $work/s.cow: Permission denied" perm.out ||
+  { cat perm.out >&2; fail "read-only store file: not the library's message"; }
 [ ! -e "$work/sockets/perm.sock" ] || fail "read-only store file: nbdkit listened"
 chmod 0644 s.cow
 [ "$(sha256sum < s.cow)" = "$store_sum" ] || fail "read-only store file: the store changed"
