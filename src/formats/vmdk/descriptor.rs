@@ -274,7 +274,10 @@ pub(super) fn build_descriptor(new: &NewDescriptor) -> String {
     const HEADS: u64 = 16;
     const SECTORS_PER_TRACK: u64 = 63;
     let cylinders = (new.sectors / (HEADS * SECTORS_PER_TRACK)).clamp(1, 16383);
-    let name = new.file_name.replace('"', "_");
+    // A quote or line break would end the extent line early.
+    let name = new
+        .file_name
+        .replace(|c: char| c == '"' || c.is_control(), "_");
     let uuid = uuid::Uuid::from_bytes(new.uuid).hyphenated().to_string();
     format!(
         "# Disk DescriptorFile\n\
