@@ -242,3 +242,8 @@ fn disks_over_2_tib_store_only_their_few_blocks() {
         assert_reads_back(&image, &mut disk);
     }
 }
+
+#[test]
+fn cancelled_and_refused_clones_leave_nothing() {
+    assert_failed_clones_leave_nothing(CloneFormat::Vhdx, "vhdx");
+}

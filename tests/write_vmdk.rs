@@ -253,3 +253,10 @@ fn disk_over_2_tib_stores_only_its_few_grains() {
         );
     }
 }
+
+#[test]
+fn cancelled_and_refused_clones_leave_nothing() {
+    for (format, _) in VARIANTS {
+        assert_failed_clones_leave_nothing(format, "vmdk");
+    }
+}

@@ -200,3 +200,22 @@ pub fn unit_ranges(units: &BTreeSet<u64>, unit: u64, limit: u64) -> Vec<(u64, u6
     }
     out
 }
+
+/// A clone cancelled at 50% and a clone of a 0-byte disk (which `format`
+/// refuses with a clear error) leave nothing in the destination's folder.
+pub fn assert_failed_clones_leave_nothing(format: CloneFormat, extension: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join(format!("out.{extension}"));
+    let options = CloneOptions {
+        format,
+        replace: false,
+    };
+    let pages: Vec<(u64, Vec<u8>)> = (0..8).map(|i| (i * 2 * MIB, vec![0x5A; 4096])).collect();
+    let mut disk = PieceDisk::new(16 * MIB, pages);
+    let err = clone_to_file(&mut disk, &image, &options, &mut |p: u32| p < 50).unwrap_err();
+    assert_eq!(err.kind(), cowdisk::numbers::ErrorCode::Cancelled, "{err}");
+    let mut empty = PieceDisk::new(0, vec![]);
+    let err = clone_to_file(&mut empty, &image, &options, &mut no_progress()).unwrap_err();
+    assert!(err.to_string().contains("0 bytes"), "{err}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
