@@ -9,7 +9,8 @@
 //! PAYLOAD_BLOCK_ZERO, every sector bitmap entry is not present, and the
 //! file holds nothing past the stored blocks. Disks over 2 TiB are checked
 //! by qemu-io pattern reads in windows (a whole `qemu-img compare` of a
-//! VHDX reads every byte: minutes per terabyte).
+//! VHDX reads every byte: minutes per terabyte). A clone stays a working
+//! disk: qemu-io writes into a block in the zero state.
 
 #[path = "support/clone_out.rs"]
 mod clone_out;
@@ -174,6 +175,15 @@ fn empty_disk_stores_no_block() {
         dir.path(),
         "empty",
         &mut PieceDisk::new(100 * MIB + 1536, vec![]),
+    );
+    // The clone stays a working disk: QEMU writes into a zero-state block.
+    let image = dir.path().join("empty.vhdx");
+    support::qemu_io(&image, "vhdx", &["write -P 119 70M 64k".to_string()]);
+    assert_qemu_check(&image, "vhdx");
+    assert_qemu_reads(
+        &image,
+        "vhdx",
+        &[(119, 70 * MIB, 64 * KIB), (0, 0, 70 * MIB)],
     );
 }
 

@@ -7,7 +7,8 @@
 //! its header, footer and end-of-stream marker are where the Virtual Disk
 //! Format puts them (checked here byte by byte). The disk over 2 TiB is
 //! checked in windows (qemu-io pattern reads, `qemu-img map` ranges): whole
-//! passes of qemu over it take minutes.
+//! passes of qemu over it take minutes. A monolithicSparse clone stays a
+//! working disk: qemu-io writes into a span whose grain table held nothing.
 
 #[path = "support/clone_out.rs"]
 mod clone_out;
@@ -167,6 +168,16 @@ fn empty_disk_stores_no_grain() {
         let mut disk = PieceDisk::new(100 * MIB + 3 * 512, vec![]);
         check_clone(dir.path(), name, &mut disk, format);
     }
+    // The monolithicSparse clone stays a working disk: QEMU writes into a
+    // span whose grain table held nothing (every table is allocated).
+    let image = dir.path().join("sparse.vmdk");
+    support::qemu_io(&image, "vmdk", &["write -P 119 70M 64k".to_string()]);
+    assert_qemu_check(&image, "vmdk");
+    assert_qemu_reads(
+        &image,
+        "vmdk",
+        &[(119, 70 * MIB, 64 * KIB), (0, 0, 70 * MIB)],
+    );
 }
 
 #[test]
