@@ -33,6 +33,8 @@ use crate::disk::{Disk, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
 use crate::formats::raw::RawWriter;
 use crate::formats::vdi::writer::VdiWriter;
+use crate::formats::vhdx::writer::VhdxWriter;
+use crate::formats::vmdk::writer::{VmdkVariant, VmdkWriter};
 use crate::formats::writer::ImageWriter;
 use crate::formats::FormatId;
 
@@ -48,17 +50,34 @@ pub enum CloneFormat {
     /// A dynamic VirtualBox VDI image with 1 MiB blocks; unallocated and
     /// zero blocks are not stored.
     Vdi,
+    /// A dynamic Hyper-V VHDX image (1 MiB blocks up to 4 TiB); blocks no
+    /// data reached are in the zero state.
+    Vhdx,
+    /// A VMware monolithicSparse VMDK (one file, 64 KiB grains); only
+    /// grains with data are stored.
+    VmdkSparse,
+    /// A VMware streamOptimized VMDK, as OVA packages hold: deflated grains
+    /// with markers, the grain directory in the footer.
+    VmdkStream,
 }
 
 impl CloneFormat {
     /// Every writable format.
-    pub const ALL: [CloneFormat; 2] = [CloneFormat::Raw, CloneFormat::Vdi];
+    pub const ALL: [CloneFormat; 5] = [
+        CloneFormat::Raw,
+        CloneFormat::Vdi,
+        CloneFormat::Vhdx,
+        CloneFormat::VmdkSparse,
+        CloneFormat::VmdkStream,
+    ];
 
     /// The format in the format registry.
     pub fn format(self) -> FormatId {
         match self {
             CloneFormat::Raw => FormatId::Raw,
             CloneFormat::Vdi => FormatId::Vdi,
+            CloneFormat::Vhdx => FormatId::Vhdx,
+            CloneFormat::VmdkSparse | CloneFormat::VmdkStream => FormatId::Vmdk,
         }
     }
 
@@ -255,6 +274,17 @@ fn writer_for(format: CloneFormat, virtual_bytes: u64, what: &str) -> Result<Box
         CloneFormat::Vdi => Box::new(VdiWriter::new(
             virtual_bytes.div_ceil(SECTOR_BYTES) * SECTOR_BYTES,
             PAGE_BYTES,
+            what,
+        )?),
+        CloneFormat::Vhdx => Box::new(VhdxWriter::new(virtual_bytes, what)?),
+        CloneFormat::VmdkSparse => Box::new(VmdkWriter::new(
+            virtual_bytes,
+            VmdkVariant::MonolithicSparse,
+            what,
+        )?),
+        CloneFormat::VmdkStream => Box::new(VmdkWriter::new(
+            virtual_bytes,
+            VmdkVariant::StreamOptimized,
             what,
         )?),
     })

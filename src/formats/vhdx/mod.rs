@@ -48,6 +48,7 @@ mod bat;
 mod header;
 mod log;
 mod metadata;
+pub mod writer;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -251,6 +251,59 @@ pub(super) fn parse_uuid(text: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
+/// What the writer puts in the descriptor of a one-extent sparse image.
+pub(super) struct NewDescriptor<'a> {
+    /// `monolithicSparse` or `streamOptimized`.
+    pub(super) create_type: &'a str,
+    /// Capacity in sectors.
+    pub(super) sectors: u64,
+    /// The extent file's name (the image itself).
+    pub(super) file_name: &'a str,
+    /// The content ID: a random 32-bit value that changes with the data.
+    pub(super) cid: u32,
+    /// `ddb.uuid.image`, in text byte order.
+    pub(super) uuid: [u8; 16],
+}
+
+/// Descriptor text for a base image of one sparse extent: the `version=1`
+/// line readers recognise, content IDs (`parentCID=ffffffff`: no parent),
+/// the extent line `RW SECTORS SPARSE "FILE"`, and the disk database with
+/// the hardware version, a legacy IDE geometry (16 heads, 63 sectors,
+/// cylinders capped at 16383) and the image UUID.
+pub(super) fn build_descriptor(new: &NewDescriptor) -> String {
+    const HEADS: u64 = 16;
+    const SECTORS_PER_TRACK: u64 = 63;
+    let cylinders = (new.sectors / (HEADS * SECTORS_PER_TRACK)).clamp(1, 16383);
+    // A quote or line break would end the extent line early.
+    let name = new
+        .file_name
+        .replace(|c: char| c == '"' || c.is_control(), "_");
+    let uuid = uuid::Uuid::from_bytes(new.uuid).hyphenated().to_string();
+    format!(
+        "# Disk DescriptorFile\n\
+         version=1\n\
+         CID={cid:08x}\n\
+         parentCID=ffffffff\n\
+         createType=\"{create_type}\"\n\
+         \n\
+         # Extent description\n\
+         RW {sectors} SPARSE \"{name}\"\n\
+         \n\
+         # The Disk Data Base\n\
+         #DDB\n\
+         \n\
+         ddb.virtualHWVersion = \"4\"\n\
+         ddb.adapterType = \"ide\"\n\
+         ddb.geometry.cylinders = \"{cylinders}\"\n\
+         ddb.geometry.heads = \"{HEADS}\"\n\
+         ddb.geometry.sectors = \"{SECTORS_PER_TRACK}\"\n\
+         ddb.uuid.image = \"{uuid}\"\n",
+        cid = new.cid,
+        create_type = new.create_type,
+        sectors = new.sectors,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

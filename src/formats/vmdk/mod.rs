@@ -46,6 +46,7 @@
 mod descriptor;
 mod extent;
 mod sparse;
+pub mod writer;
 
 pub use descriptor::{descriptor_uuids, VmdkUuids};
 
