@@ -48,27 +48,67 @@ pub enum CloneFormat {
     /// A dynamic VirtualBox VDI image with 1 MiB blocks; unallocated and
     /// zero blocks are not stored.
     Vdi,
+    /// A QEMU qcow2 (version 3) image; unallocated and zero clusters are
+    /// not stored.
+    Qcow2,
+    /// A dynamic VHD (2 MiB blocks); unallocated and zero blocks are not
+    /// stored. The default for `.vhd`.
+    VhdDynamic,
+    /// A fixed VHD: the whole disk followed by a footer (what Azure wants).
+    VhdFixed,
+    /// A dynamic VHDX image.
+    Vhdx,
+    /// A monolithicSparse VMDK. The default for `.vmdk`.
+    VmdkSparse,
+    /// A streamOptimized VMDK (compressed grains; what OVA packages use).
+    VmdkStream,
 }
 
 impl CloneFormat {
-    /// Every writable format.
-    pub const ALL: [CloneFormat; 2] = [CloneFormat::Raw, CloneFormat::Vdi];
+    /// Every writable format. Where several write one registry format, the
+    /// first is the default for its extension.
+    pub const ALL: [CloneFormat; 8] = [
+        CloneFormat::Raw,
+        CloneFormat::Vdi,
+        CloneFormat::Qcow2,
+        CloneFormat::VhdDynamic,
+        CloneFormat::VhdFixed,
+        CloneFormat::Vhdx,
+        CloneFormat::VmdkSparse,
+        CloneFormat::VmdkStream,
+    ];
 
     /// The format in the format registry.
     pub fn format(self) -> FormatId {
         match self {
             CloneFormat::Raw => FormatId::Raw,
             CloneFormat::Vdi => FormatId::Vdi,
+            CloneFormat::Qcow2 => FormatId::Qcow2,
+            CloneFormat::VhdDynamic | CloneFormat::VhdFixed => FormatId::Vhd,
+            CloneFormat::Vhdx => FormatId::Vhdx,
+            CloneFormat::VmdkSparse | CloneFormat::VmdkStream => FormatId::Vmdk,
         }
     }
 
-    /// The format's short name ("raw", "vdi").
+    /// The short name ("raw", "vdi", "qcow2", "vhd", "vhd-fixed", "vhdx",
+    /// "vmdk", "vmdk-stream"): the registry's name for a format's default
+    /// variant, with a suffix for the others.
     pub fn name(self) -> &'static str {
-        self.format().name()
+        match self {
+            CloneFormat::VhdFixed => "vhd-fixed",
+            CloneFormat::VmdkStream => "vmdk-stream",
+            other => other.format().name(),
+        }
     }
 
-    /// The format a destination file name suggests (`.vdi` → VDI, anything
-    /// else raw), by the extensions of the format registry.
+    /// The format called `name` (exactly its [`CloneFormat::name`]).
+    pub fn from_name(name: &str) -> Option<CloneFormat> {
+        CloneFormat::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// The format a destination file name suggests (`.vdi` → VDI, `.vhd` →
+    /// dynamic VHD, `.vmdk` → monolithicSparse VMDK, ...; anything else
+    /// raw), by the extensions of the format registry.
     pub fn from_path(path: &Path) -> CloneFormat {
         let Some(extension) = path.extension() else {
             return CloneFormat::Raw;
@@ -257,6 +297,18 @@ fn writer_for(format: CloneFormat, virtual_bytes: u64, what: &str) -> Result<Box
             PAGE_BYTES,
             what,
         )?),
+        CloneFormat::Qcow2 | CloneFormat::VhdDynamic | CloneFormat::VhdFixed => {
+            return Err(Error::Unsupported(format!(
+                "{what}: writing {} images is not implemented yet",
+                format.name()
+            )))
+        }
+        CloneFormat::Vhdx | CloneFormat::VmdkSparse | CloneFormat::VmdkStream => {
+            return Err(Error::Unsupported(format!(
+                "{what}: writing {} images is not implemented yet",
+                format.name()
+            )))
+        }
     })
 }
 
@@ -357,6 +409,25 @@ mod tests {
             status[s as usize] = SectorStatus::Normal;
         }
         MemDisk::new(data, status).unwrap()
+    }
+
+    #[test]
+    fn each_extension_picks_its_default_variant() {
+        for (name, format) in [
+            ("a.img", CloneFormat::Raw),
+            ("a.VDI", CloneFormat::Vdi),
+            ("a.qcow2", CloneFormat::Qcow2),
+            ("a.vhd", CloneFormat::VhdDynamic),
+            ("a.vhdx", CloneFormat::Vhdx),
+            ("a.vmdk", CloneFormat::VmdkSparse),
+            ("a.unknown", CloneFormat::Raw),
+            ("noextension", CloneFormat::Raw),
+        ] {
+            assert_eq!(CloneFormat::from_path(Path::new(name)), format, "{name}");
+        }
+        for format in CloneFormat::ALL {
+            assert_eq!(CloneFormat::from_name(format.name()), Some(format));
+        }
     }
 
     #[test]
