@@ -31,10 +31,13 @@ use std::path::{Path, PathBuf};
 
 use crate::disk::{Disk, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
+use crate::formats::qcow2::writer::{Qcow2Options, Qcow2Writer};
 use crate::formats::raw::RawWriter;
 use crate::formats::vdi::writer::VdiWriter;
-use crate::formats::writer::ImageWriter;
+use crate::formats::writer::{BackingFile, ImageWriter};
 use crate::formats::FormatId;
+use crate::overlay::Overlay;
+use crate::store::extents::ExtentKind;
 
 /// Sectors per page read and per VDI block (1 MiB).
 pub const PAGE_SECTORS: u64 = 2048;
@@ -127,13 +130,24 @@ impl CloneFormat {
 }
 
 /// How to clone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloneOptions {
     /// The destination's format.
     pub format: CloneFormat,
     /// Replace an existing destination file (otherwise its existence is an
     /// error and it is left alone).
     pub replace: bool,
+    /// The cluster size for qcow2 (default 64 KiB); other formats refuse
+    /// it.
+    pub cluster_bytes: Option<u64>,
+    /// Store clusters deflate-compressed (qcow2, as `qemu-img convert -c`
+    /// does); other formats refuse it (streamOptimized VMDK always
+    /// compresses).
+    pub compress: bool,
+    /// Write a differencing qcow2 image over this backing file, holding
+    /// only what an overlay changed ([`clone_overlay_to_file`]); the
+    /// backing file must be the overlay's source.
+    pub backing: Option<BackingFile>,
 }
 
 impl Default for CloneOptions {
@@ -141,6 +155,9 @@ impl Default for CloneOptions {
         CloneOptions {
             format: CloneFormat::Raw,
             replace: false,
+            cluster_bytes: None,
+            compress: false,
+            backing: None,
         }
     }
 }
@@ -230,7 +247,8 @@ fn read_page(disk: &mut dyn Disk, start: u64, len: u64, buf: &mut Vec<u8>) -> Re
 /// Writes `disk` to a new image at `path`. The result is complete and
 /// durable when this returns `Ok`; on any error (including cancellation by
 /// `progress`) nothing is left at `path` (an existing file there is kept
-/// unless the clone succeeded with `options.replace`).
+/// unless the clone succeeded with `options.replace`). A differencing
+/// clone (`options.backing`) needs an overlay: [`clone_overlay_to_file`].
 pub fn clone_to_file(
     disk: &mut dyn Disk,
     path: &Path,
@@ -238,7 +256,72 @@ pub fn clone_to_file(
     progress: &mut dyn Progress,
 ) -> Result<CloneStats> {
     let what = path.display().to_string();
-    if !options.replace && path.symlink_metadata().is_ok() {
+    if options.backing.is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: an image over a backing file holds what an overlay changed; clone the \
+             overlay (clone_overlay_to_file)"
+        )));
+    }
+    write_atomically(
+        path,
+        options.replace,
+        disk.sector_count(),
+        progress,
+        |file, tracker| {
+            let mut writer = writer_with_options(options, disk.byte_size(), &what)?;
+            write_pages(disk, file, writer.as_mut(), tracker)
+        },
+    )
+}
+
+/// [`clone_to_file`] for an overlay, which can also be written as a
+/// differencing qcow2 image over its source (`options.backing`, naming the
+/// source's file): then only the clusters holding sectors the overlay does
+/// not take unchanged from the same place of its source are stored (its
+/// writes, moved and inserted ranges; zeros as zero clusters), and
+/// everything else reads through to the backing file.
+pub fn clone_overlay_to_file(
+    overlay: &mut Overlay,
+    path: &Path,
+    options: &CloneOptions,
+    progress: &mut dyn Progress,
+) -> Result<CloneStats> {
+    let Some(backing) = &options.backing else {
+        return clone_to_file(overlay, path, options, progress);
+    };
+    let what = path.display().to_string();
+    if options.format != CloneFormat::Qcow2 {
+        return Err(Error::Unsupported(format!(
+            "{what}: an image over a backing file can be written as qcow2, not {}",
+            options.format.name()
+        )));
+    }
+    let qcow2 = Qcow2Options {
+        cluster_bytes: options
+            .cluster_bytes
+            .unwrap_or(crate::formats::qcow2::writer::DEFAULT_CLUSTER_BYTES),
+        compress: options.compress,
+        backing: Some(backing.clone()),
+    };
+    let sectors = overlay.sector_count();
+    write_atomically(path, options.replace, sectors, progress, |file, tracker| {
+        let mut writer = Qcow2Writer::new(sectors * SECTOR_BYTES, &qcow2, &what)?;
+        write_delta(overlay, file, &mut writer, qcow2.cluster_bytes, tracker)
+    })
+}
+
+/// Writes an image to a temporary file next to `path` with `body`, syncs
+/// it and renames it into place (see [`clone_to_file`]). `sectors` is the
+/// total the progress is measured against.
+fn write_atomically(
+    path: &Path,
+    replace: bool,
+    sectors: u64,
+    progress: &mut dyn Progress,
+    body: impl FnOnce(&File, &mut Tracker<'_>) -> Result<CloneStats>,
+) -> Result<CloneStats> {
+    let what = path.display().to_string();
+    if !replace && path.symlink_metadata().is_ok() {
         return Err(Error::Open(format!(
             "{what}: already exists (not replacing it)"
         )));
@@ -257,18 +340,17 @@ pub fn clone_to_file(
         .map_err(|e| Error::Open(format!("{what}: cannot create a file in its folder: {e}")))?;
     let mut tracker = Tracker {
         progress,
-        total: disk.sector_count(),
+        total: sectors,
         last: None,
     };
     tracker.report(0)?;
     let file = temp.as_file();
-    let mut writer = writer_for(options.format, disk.byte_size(), &what)?;
-    let stats = write_pages(disk, file, writer.as_mut(), &mut tracker)?;
+    let stats = body(file, &mut tracker)?;
     file.set_permissions(std::fs::Permissions::from_mode(0o644))
         .map_err(|e| Error::write(&what, 0, e))?;
     file.sync_all()
         .map_err(|e| Error::write(&format!("{what} (sync)"), 0, e))?;
-    let persisted = if options.replace {
+    let persisted = if replace {
         temp.persist(path).map(|_| ())
     } else {
         temp.persist_noclobber(path).map(|_| ())
@@ -286,6 +368,44 @@ pub fn clone_to_file(
     Ok(stats)
 }
 
+/// The writer `options` ask for, for a disk of `virtual_bytes`: the
+/// format's [`writer_for`] after checking the options that apply to some
+/// formats only.
+fn writer_with_options(
+    options: &CloneOptions,
+    virtual_bytes: u64,
+    what: &str,
+) -> Result<Box<dyn ImageWriter>> {
+    if options.format == CloneFormat::Qcow2 {
+        let qcow2 = Qcow2Options {
+            cluster_bytes: options
+                .cluster_bytes
+                .unwrap_or(crate::formats::qcow2::writer::DEFAULT_CLUSTER_BYTES),
+            compress: options.compress,
+            backing: None,
+        };
+        return Ok(Box::new(Qcow2Writer::new(
+            whole_sectors(virtual_bytes),
+            &qcow2,
+            what,
+        )?));
+    }
+    if let Some(size) = options.cluster_bytes {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: a cluster size ({size}) applies to qcow2 images, not {}",
+            options.format.name()
+        )));
+    }
+    if options.compress && options.format != CloneFormat::VmdkStream {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: compression applies to qcow2 images (streamOptimized VMDK always \
+             compresses), not {}",
+            options.format.name()
+        )));
+    }
+    writer_for(options.format, virtual_bytes, what)
+}
+
 /// The writer for `format`, for a disk of `virtual_bytes`.
 fn writer_for(format: CloneFormat, virtual_bytes: u64, what: &str) -> Result<Box<dyn ImageWriter>> {
     Ok(match format {
@@ -297,7 +417,12 @@ fn writer_for(format: CloneFormat, virtual_bytes: u64, what: &str) -> Result<Box
             PAGE_BYTES,
             what,
         )?),
-        CloneFormat::Qcow2 | CloneFormat::VhdDynamic | CloneFormat::VhdFixed => {
+        CloneFormat::Qcow2 => Box::new(Qcow2Writer::new(
+            whole_sectors(virtual_bytes),
+            &Qcow2Options::default(),
+            what,
+        )?),
+        CloneFormat::VhdDynamic | CloneFormat::VhdFixed => {
             return Err(Error::Unsupported(format!(
                 "{what}: writing {} images is not implemented yet",
                 format.name()
@@ -310,6 +435,12 @@ fn writer_for(format: CloneFormat, virtual_bytes: u64, what: &str) -> Result<Box
             )))
         }
     })
+}
+
+/// `bytes` rounded up to whole sectors: formats whose size is counted in
+/// sectors read an odd-sized disk's last sector zero-padded.
+fn whole_sectors(bytes: u64) -> u64 {
+    bytes.div_ceil(SECTOR_BYTES) * SECTOR_BYTES
 }
 
 /// Streams the pages of `disk` that hold data into `writer`, then lets it
@@ -334,6 +465,72 @@ fn write_pages(
             stats.pages_skipped += 1;
         }
         tracker.report(start + len)?;
+    }
+    writer.finish(file)?;
+    Ok(stats)
+}
+
+/// Streams the clusters of `overlay` that differ from its source at the
+/// same place into `writer` (see [`clone_overlay_to_file`]), then lets it
+/// finish the image. Pages are at least one cluster long so every cluster
+/// is passed whole.
+fn write_delta(
+    overlay: &mut Overlay,
+    file: &File,
+    writer: &mut dyn ImageWriter,
+    cluster_bytes: u64,
+    tracker: &mut Tracker<'_>,
+) -> Result<CloneStats> {
+    let sectors = overlay.sector_count();
+    let cluster_sectors = cluster_bytes / SECTOR_BYTES;
+    let page_sectors = PAGE_SECTORS.max(cluster_sectors);
+    let mut stats = CloneStats {
+        virtual_bytes: overlay.byte_size(),
+        ..CloneStats::default()
+    };
+    let mut buf = Vec::new();
+    let mut start = 0;
+    while start < sectors {
+        let len = page_sectors.min(sectors - start);
+        let end = start + len;
+        // Which clusters of the page hold a sector that is not the
+        // source's own sector at the same place.
+        let mut changed = vec![false; len.div_ceil(cluster_sectors) as usize];
+        for (at, extent) in overlay.extents().range(start, end) {
+            if extent.kind == ExtentKind::Source && extent.base == at {
+                continue;
+            }
+            let first = (at - start) / cluster_sectors;
+            let last = (at + extent.len - 1 - start) / cluster_sectors;
+            changed[first as usize..=last as usize].fill(true);
+        }
+        if changed.iter().any(|&c| c) {
+            buf.resize((len * SECTOR_BYTES) as usize, 0);
+            overlay.read_sectors(start, &mut buf)?;
+            let mut i = 0;
+            while i < changed.len() {
+                if !changed[i] {
+                    i += 1;
+                    continue;
+                }
+                let run_start = i;
+                while i < changed.len() && changed[i] {
+                    i += 1;
+                }
+                let from = run_start as u64 * cluster_sectors;
+                let to = (i as u64 * cluster_sectors).min(len);
+                writer.write_data(
+                    file,
+                    (start + from) * SECTOR_BYTES,
+                    &buf[(from * SECTOR_BYTES) as usize..(to * SECTOR_BYTES) as usize],
+                )?;
+            }
+            stats.pages_written += 1;
+        } else {
+            stats.pages_skipped += 1;
+        }
+        tracker.report(end)?;
+        start = end;
     }
     writer.finish(file)?;
     Ok(stats)

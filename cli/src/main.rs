@@ -488,6 +488,7 @@ pub(crate) fn write_and_verify(
     let options = CloneOptions {
         format,
         replace: write.force,
+        ..CloneOptions::default()
     };
     let bar = progress_bar("clone");
     let stats = clone::clone_to_file(disk, dest, &options, &mut |p: u32| {

@@ -69,6 +69,7 @@ pub unsafe extern "C" fn COW_CloneToFile(
         let options = CloneOptions {
             format,
             replace: flags & COW_CLONE_REPLACE != 0,
+            ..CloneOptions::default()
         };
         let mut report = |percent: u32| call_progress(progress, user, percent);
         let cloned: Result<()> = if handle::is_ours(disk) {
