@@ -34,6 +34,7 @@ use crate::error::{Error, Result};
 use crate::formats::qcow2::writer::{Qcow2Options, Qcow2Writer};
 use crate::formats::raw::RawWriter;
 use crate::formats::vdi::writer::VdiWriter;
+use crate::formats::vhd::writer::{VhdKind, VhdWriter};
 use crate::formats::writer::{BackingFile, ImageWriter};
 use crate::formats::FormatId;
 use crate::overlay::Overlay;
@@ -422,12 +423,16 @@ fn writer_for(format: CloneFormat, virtual_bytes: u64, what: &str) -> Result<Box
             &Qcow2Options::default(),
             what,
         )?),
-        CloneFormat::VhdDynamic | CloneFormat::VhdFixed => {
-            return Err(Error::Unsupported(format!(
-                "{what}: writing {} images is not implemented yet",
-                format.name()
-            )))
-        }
+        CloneFormat::VhdDynamic => Box::new(VhdWriter::new(
+            whole_sectors(virtual_bytes),
+            VhdKind::Dynamic,
+            what,
+        )?),
+        CloneFormat::VhdFixed => Box::new(VhdWriter::new(
+            whole_sectors(virtual_bytes),
+            VhdKind::Fixed,
+            what,
+        )?),
         CloneFormat::Vhdx | CloneFormat::VmdkSparse | CloneFormat::VmdkStream => {
             return Err(Error::Unsupported(format!(
                 "{what}: writing {} images is not implemented yet",
@@ -488,7 +493,7 @@ fn write_delta(
         virtual_bytes: overlay.byte_size(),
         ..CloneStats::default()
     };
-    let mut buf = Vec::new();
+    let (mut buf, mut source_buf) = (Vec::new(), Vec::new());
     let mut start = 0;
     while start < sectors {
         let len = page_sectors.min(sectors - start);
@@ -507,6 +512,24 @@ fn write_delta(
         if changed.iter().any(|&c| c) {
             buf.resize((len * SECTOR_BYTES) as usize, 0);
             overlay.read_sectors(start, &mut buf)?;
+            // The overlay copies whole units on a write: a cluster whose
+            // bytes still equal the source's at the same place is left to
+            // the backing file.
+            let source_sectors = overlay.source().sector_count();
+            let cluster_len = (cluster_sectors * SECTOR_BYTES) as usize;
+            for (i, flag) in changed.iter_mut().enumerate() {
+                let lba = start + i as u64 * cluster_sectors;
+                let n = cluster_sectors.min(end - lba);
+                if !*flag || lba + n > source_sectors {
+                    continue;
+                }
+                source_buf.resize((n * SECTOR_BYTES) as usize, 0);
+                overlay.source_mut().read_sectors(lba, &mut source_buf)?;
+                let ours = &buf[i * cluster_len..i * cluster_len + source_buf.len()];
+                if ours == &source_buf[..] {
+                    *flag = false;
+                }
+            }
             let mut i = 0;
             while i < changed.len() {
                 if !changed[i] {

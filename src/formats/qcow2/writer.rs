@@ -419,8 +419,14 @@ impl Qcow2Writer {
     fn write_tables(&mut self, file: &File) -> Result<u64> {
         let cluster_bytes = self.cluster_bytes();
         let l1_bytes: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-        let l1_clusters = (l1_bytes.len() as u64).div_ceil(cluster_bytes).max(1);
-        let l1_at = self.allocate_clusters(l1_clusters)?;
+        // An empty disk has an empty L1 table at offset 0 (any cluster
+        // given to it would leak).
+        let l1_clusters = (l1_bytes.len() as u64).div_ceil(cluster_bytes);
+        let l1_at = if l1_clusters == 0 {
+            0
+        } else {
+            self.allocate_clusters(l1_clusters)?
+        };
         if !l1_bytes.is_empty() {
             file.write_all_at(&l1_bytes, l1_at)
                 .map_err(|e| Error::write(&self.what, l1_at, e))?;
