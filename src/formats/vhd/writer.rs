@@ -58,6 +58,8 @@ const CREATOR_VERSION_AT: usize = 32;
 const CREATOR_HOST_AT: usize = 36;
 const ORIGINAL_SIZE_AT: usize = 40;
 const GEOMETRY_AT: usize = 56;
+/// Dynamic header fields: its own (unused) data offset, header version.
+const DYNAMIC_DATA_OFFSET_AT: usize = 8;
 const HEADER_VERSION_AT: usize = 24;
 /// The features field's always-set "reserved" bit.
 const FEATURES_RESERVED: u32 = 2;
@@ -193,7 +195,7 @@ impl VhdWriter {
     fn dynamic_header(&self) -> [u8; DYNAMIC_HEADER_BYTES] {
         let mut h = [0u8; DYNAMIC_HEADER_BYTES];
         h[..8].copy_from_slice(DYNAMIC_COOKIE);
-        put64(&mut h, DATA_OFFSET_AT, u64::MAX);
+        put64(&mut h, DYNAMIC_DATA_OFFSET_AT, u64::MAX);
         put64(&mut h, BAT_OFFSET_AT, BAT_AT);
         put32(&mut h, HEADER_VERSION_AT, VERSION_1_0);
         put32(&mut h, BAT_ENTRIES_AT, self.bat.len() as u32);
