@@ -306,3 +306,37 @@ fn a_delta_needs_an_overlay_and_qcow2() {
     assert!(err.to_string().contains("qcow2"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn a_cancelled_clone_leaves_nothing() {
+    let dir = support::temp_dir();
+    let raw = dir.path().join("src.raw");
+    sparse_raw(&raw, 8 * MIB, &[(0, pattern(8 * MIB as usize, 5))]);
+    let out = dir.path().join("out.qcow2");
+    for compress in [false, true] {
+        let mut disk = open_path(&raw, &OpenOptions::default()).unwrap();
+        let err = clone_to_file(
+            disk.as_mut(),
+            &out,
+            &qcow2_options(None, compress),
+            &mut |p: u32| p < 50,
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), cowdisk::error::ErrorCode::Cancelled, "{err}");
+        let source = open_path(&raw, &OpenOptions::default()).unwrap();
+        let mut overlay = Overlay::new(source, OverlayOptions::default()).unwrap();
+        let options = CloneOptions {
+            backing: Some(BackingFile {
+                name: "src.raw".into(),
+                format: None,
+            }),
+            ..qcow2_options(None, compress)
+        };
+        overlay.write(0, &[1u8; 512]).unwrap();
+        overlay.write(8 * MIB / 512 - 1, &[1u8; 512]).unwrap();
+        let err =
+            clone_overlay_to_file(&mut overlay, &out, &options, &mut |p: u32| p < 50).unwrap_err();
+        assert_eq!(err.kind(), cowdisk::error::ErrorCode::Cancelled, "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -209,3 +209,21 @@ fn more_than_2040_gib_is_refused_and_nothing_is_left() {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
+
+#[test]
+fn a_cancelled_clone_leaves_nothing() {
+    let dir = support::temp_dir();
+    let raw = dir.path().join("src.raw");
+    sparse_raw(&raw, 8 * MIB, &[(0, pattern(8 * MIB as usize, 5))]);
+    for format in [CloneFormat::VhdDynamic, CloneFormat::VhdFixed] {
+        let out = dir.path().join("out.vhd");
+        let mut disk = open_path(&raw, &OpenOptions::default()).unwrap();
+        let options = CloneOptions {
+            format,
+            ..CloneOptions::default()
+        };
+        let err = clone_to_file(disk.as_mut(), &out, &options, &mut |p: u32| p < 50).unwrap_err();
+        assert_eq!(err.kind(), cowdisk::error::ErrorCode::Cancelled, "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}
