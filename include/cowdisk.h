@@ -323,6 +323,25 @@
 #define COW_CLONE_REPLACE 0x1
 
 /**
+ * COW_CloneToFile flags, with VDD_TYPE_VHD: a fixed VHD (the disk's
+ * bytes and a footer; what Azure takes) instead of a dynamic one.
+ */
+#define COW_CLONE_VHD_FIXED 0x2
+
+/**
+ * COW_CloneToFile flags, with VDD_TYPE_VMDK: a streamOptimized VMDK
+ * (compressed grains, as OVA packages use) instead of
+ * monolithicSparse.
+ */
+#define COW_CLONE_VMDK_STREAM 0x4
+
+/**
+ * COW_CloneToFile flags, with VDD_TYPE_QCOW2: deflate-compress the
+ * clusters (as `qemu-img convert -c`).
+ */
+#define COW_CLONE_COMPRESS 0x8
+
+/**
  * COW_EXTENT.kind: inserted or discarded space (reads zero, NOTALLOC).
  */
 #define COW_EXTENT_NONE 0
@@ -558,6 +577,43 @@ typedef struct COW_BACKEND {
   void (*pfnDump)(void *pBackendData);
   uint32_t u32VersionEnd;
 } COW_BACKEND;
+
+/**
+ * Options of COW_CloneToFileEx. Fill with COW_InitCloneOptions first,
+ * then change what you need; `struct_size` lets later versions grow it.
+ */
+typedef struct COW_CLONE_OPTIONS {
+  /**
+   * sizeof(COW_CLONE_OPTIONS) as the caller compiled it.
+   */
+  uint32_t struct_size;
+  /**
+   * The image format, a drive-type constant: VDD_TYPE_RAW (the default),
+   * VDD_TYPE_VDI, VDD_TYPE_QCOW2, VDD_TYPE_VHD, VDD_TYPE_VHDX,
+   * VDD_TYPE_VMDK.
+   */
+  uint32_t format;
+  /**
+   * COW_CLONE_* flags.
+   */
+  uint32_t flags;
+  /**
+   * qcow2 cluster size in bytes: a power of two from 512 to 2097152;
+   * 0 = 65536. Other formats take 0 only.
+   */
+  uint32_t cluster_size;
+  /**
+   * qcow2 only: NULL for a complete image; else the backing file name to
+   * store, and `disk` must be an overlay whose source is that file: only
+   * what the overlay changed is written (a delta).
+   */
+  const char *backing_file;
+  /**
+   * The backing file's format in QEMU's names ("raw", "qcow2", "vpc",
+   * ...) to store with it; NULL stores none (readers probe it).
+   */
+  const char *backing_format;
+} COW_CLONE_OPTIONS;
 
 /**
  * The disk method table, in the legacy layout and with the legacy member
@@ -1064,14 +1120,21 @@ int COW_UmlCowCreate(const char *path, const char *backing, uint32_t version);
 /**
  * Writes the whole of `disk` (any HVDDR: an opened image, an overlay, or
  * the caller's own object starting with a VDDR table) to a new image file
- * at `path`, in `format`:
- * - VDD_TYPE_RAW: a flat image, sparse (holes where pages are NOTALLOC,
- *   BLANKPAGE or all zeros);
- * - VDD_TYPE_VDI: a dynamic VDI image with 1 MiB blocks; such pages are
- *   left unallocated.
+ * at `path`, in `format` (a drive-type constant); pages that are
+ * NOTALLOC, BLANKPAGE or all zeros are not stored:
+ * - VDD_TYPE_RAW: a flat image, sparse (holes there);
+ * - VDD_TYPE_VDI: a dynamic VDI image with 1 MiB blocks;
+ * - VDD_TYPE_QCOW2: a qcow2 (version 3) image, 64 KiB clusters
+ *   (COW_CLONE_COMPRESS: clusters deflate-compressed);
+ * - VDD_TYPE_VHD: a dynamic VHD, 2 MiB blocks (COW_CLONE_VHD_FIXED: a
+ *   fixed VHD); at most 2040 GiB;
+ * - VDD_TYPE_VHDX: a dynamic VHDX;
+ * - VDD_TYPE_VMDK: a monolithicSparse VMDK (COW_CLONE_VMDK_STREAM:
+ *   streamOptimized).
  *
- * `flags` is 0 or COW_CLONE_REPLACE. `progress` may be NULL; otherwise it
- * is called with `user` as COW_PROGRESS_FN says, and may cancel.
+ * `flags` is 0 or COW_CLONE_REPLACE, plus the format's own flag above.
+ * `progress` may be NULL; otherwise it is called with `user` as
+ * COW_PROGRESS_FN says, and may cancel.
  *
  * The finish is atomic: the image is written to a temporary file in the
  * same folder, synced, and renamed to `path` only when complete. On any
@@ -1079,9 +1142,10 @@ int COW_UmlCowCreate(const char *path, const char *backing, uint32_t version);
  * (COW_ERR_NO_SPACE) - the temporary file is removed and nothing is left
  * at `path`. Returns a COW_ERR_* code, 0 on success (also the thread's
  * last error: COW_ERR_INVHANDLE, COW_ERR_INVALID_ARG for NULL `path`
- * or unknown flags, COW_ERR_UNSUPPORTED for another format, COW_ERR_OPEN
- * when `path` exists or its folder is not writable). `disk` stays open
- * and owned by the caller; its lock is held for the whole clone.
+ * or unknown flags or a flag of another format, COW_ERR_UNSUPPORTED for
+ * another format or a disk the format cannot hold, COW_ERR_OPEN when
+ * `path` exists or its folder is not writable). `disk` stays open and
+ * owned by the caller; its lock is held for the whole clone.
  */
 int COW_CloneToFile(HVDDR disk,
                     const char *path,
@@ -1089,6 +1153,31 @@ int COW_CloneToFile(HVDDR disk,
                     uint32_t flags,
                     COW_PROGRESS_FN progress,
                     void *user);
+
+/**
+ * Fills `options` with the defaults (struct_size set, VDD_TYPE_RAW, no
+ * flags, default cluster size, no backing file). Returns COW_ERR_NONE (0),
+ * or COW_ERR_INVALID_ARG if `options` is NULL.
+ */
+int COW_InitCloneOptions(struct COW_CLONE_OPTIONS *options);
+
+/**
+ * COW_CloneToFile with options (see COW_CLONE_OPTIONS; NULL = a raw
+ * clone): the format and flags as COW_CloneToFile takes them, the qcow2
+ * cluster size, and for qcow2 a backing file: then `disk` must be an
+ * overlay (COW_ERR_NOT_OVERLAY otherwise) whose source is the backing
+ * file, and only the clusters holding what the overlay changed are
+ * written (zeros over source data as zero clusters); the rest reads
+ * through to the backing file. Fails with COW_ERR_INVALID_ARG for a
+ * struct_size smaller than the first version of COW_CLONE_OPTIONS, a bad
+ * cluster size, or options the format does not take. Progress, cancel,
+ * atomic finish and return codes as COW_CloneToFile.
+ */
+int COW_CloneToFileEx(HVDDR disk,
+                      const char *path,
+                      const struct COW_CLONE_OPTIONS *options,
+                      COW_PROGRESS_FN progress,
+                      void *user);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -2,27 +2,18 @@
 //!
 //! The disk is read in pages of [`PAGE_SECTORS`] sectors (1 MiB). A page
 //! whose status is `NotAlloc` or `Blank`, or whose bytes are all zeros, is
-//! not stored: in a raw clone it stays a hole (the file is sparse), in a VDI
-//! clone its block is left unallocated. Everything else is copied.
+//! not stored; the others go, in increasing order, to the destination
+//! format's [`ImageWriter`] (`formats/<format>/writer.rs`, next to each
+//! reader and sharing its layout), which decides how a page not stored
+//! reads back (a hole in a raw clone, an unallocated block or cluster, a
+//! zero block in VHDX). [`clone_overlay_to_file`] can also write a qcow2
+//! delta over the overlay's source.
 //!
 //! The finish is atomic: the image is written to a temporary file in the
 //! destination's folder and renamed to the destination only once it is
 //! complete and synced. A clone that fails or is cancelled removes its
-//! temporary file and leaves nothing at the destination.
-//!
-//! # VDI facts relied on (for the writer)
-//!
-//! The layout read by [`crate::formats::vdi`] (see its module doc): a
-//! 64-byte text, the signature `0xBEDA107F` at 0x40, version 1.1 at 0x44, a
-//! header of 0x190 bytes from 0x48 (type at 0x4C: 1 = dynamic), the block
-//! map and data offsets at 0x154/0x158, the legacy geometry's sector size
-//! at 0x168 (512), the disk size at 0x170, the block size at 0x178, extra
-//! bytes per block at 0x17C (0), the block count at 0x180, the allocated
-//! block count at 0x184, then the image, modification, link and parent
-//! UUIDs (0x188, 0x198, 0x1A8, 0x1B8; the last two zero for an image without
-//! a parent), and the LCHS geometry at 0x1C8 (zero: let the reader choose).
-//! The block map holds one u32 per block: its index in the data area, or
-//! `0xFFFFFFFF` for a block that was never written (reads as zeros).
+//! temporary file and leaves nothing at the destination. The format facts
+//! each writer relies on are in its module's documentation.
 
 use std::fs::File;
 use std::io;
@@ -31,12 +22,16 @@ use std::path::{Path, PathBuf};
 
 use crate::disk::{Disk, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
+use crate::formats::qcow2::writer::{Qcow2Options, Qcow2Writer};
 use crate::formats::raw::RawWriter;
 use crate::formats::vdi::writer::VdiWriter;
+use crate::formats::vhd::writer::{VhdKind, VhdWriter};
 use crate::formats::vhdx::writer::VhdxWriter;
 use crate::formats::vmdk::writer::{VmdkVariant, VmdkWriter};
-use crate::formats::writer::ImageWriter;
+use crate::formats::writer::{BackingFile, ImageWriter};
 use crate::formats::FormatId;
+use crate::overlay::Overlay;
+use crate::store::extents::ExtentKind;
 
 /// Sectors per page read and per VDI block (1 MiB).
 pub const PAGE_SECTORS: u64 = 2048;
@@ -50,22 +45,31 @@ pub enum CloneFormat {
     /// A dynamic VirtualBox VDI image with 1 MiB blocks; unallocated and
     /// zero blocks are not stored.
     Vdi,
-    /// A dynamic Hyper-V VHDX image (1 MiB blocks up to 4 TiB); blocks no
-    /// data reached are in the zero state.
+    /// A QEMU qcow2 (version 3) image; unallocated and zero clusters are
+    /// not stored.
+    Qcow2,
+    /// A dynamic VHD (2 MiB blocks); unallocated and zero blocks are not
+    /// stored. The default for `.vhd`.
+    VhdDynamic,
+    /// A fixed VHD: the whole disk followed by a footer (what Azure wants).
+    VhdFixed,
+    /// A dynamic VHDX image.
     Vhdx,
-    /// A VMware monolithicSparse VMDK (one file, 64 KiB grains); only
-    /// grains with data are stored.
+    /// A monolithicSparse VMDK. The default for `.vmdk`.
     VmdkSparse,
-    /// A VMware streamOptimized VMDK, as OVA packages hold: deflated grains
-    /// with markers, the grain directory in the footer.
+    /// A streamOptimized VMDK (compressed grains; what OVA packages use).
     VmdkStream,
 }
 
 impl CloneFormat {
-    /// Every writable format.
-    pub const ALL: [CloneFormat; 5] = [
+    /// Every writable format. Where several write one registry format, the
+    /// first is the default for its extension.
+    pub const ALL: [CloneFormat; 8] = [
         CloneFormat::Raw,
         CloneFormat::Vdi,
+        CloneFormat::Qcow2,
+        CloneFormat::VhdDynamic,
+        CloneFormat::VhdFixed,
         CloneFormat::Vhdx,
         CloneFormat::VmdkSparse,
         CloneFormat::VmdkStream,
@@ -76,18 +80,32 @@ impl CloneFormat {
         match self {
             CloneFormat::Raw => FormatId::Raw,
             CloneFormat::Vdi => FormatId::Vdi,
+            CloneFormat::Qcow2 => FormatId::Qcow2,
+            CloneFormat::VhdDynamic | CloneFormat::VhdFixed => FormatId::Vhd,
             CloneFormat::Vhdx => FormatId::Vhdx,
             CloneFormat::VmdkSparse | CloneFormat::VmdkStream => FormatId::Vmdk,
         }
     }
 
-    /// The format's short name ("raw", "vdi").
+    /// The short name ("raw", "vdi", "qcow2", "vhd", "vhd-fixed", "vhdx",
+    /// "vmdk", "vmdk-stream"): the registry's name for a format's default
+    /// variant, with a suffix for the others.
     pub fn name(self) -> &'static str {
-        self.format().name()
+        match self {
+            CloneFormat::VhdFixed => "vhd-fixed",
+            CloneFormat::VmdkStream => "vmdk-stream",
+            other => other.format().name(),
+        }
     }
 
-    /// The format a destination file name suggests (`.vdi` → VDI, anything
-    /// else raw), by the extensions of the format registry.
+    /// The format called `name` (exactly its [`CloneFormat::name`]).
+    pub fn from_name(name: &str) -> Option<CloneFormat> {
+        CloneFormat::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// The format a destination file name suggests (`.vdi` → VDI, `.vhd` →
+    /// dynamic VHD, `.vmdk` → monolithicSparse VMDK, ...; anything else
+    /// raw), by the extensions of the format registry.
     pub fn from_path(path: &Path) -> CloneFormat {
         let Some(extension) = path.extension() else {
             return CloneFormat::Raw;
@@ -106,13 +124,24 @@ impl CloneFormat {
 }
 
 /// How to clone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloneOptions {
     /// The destination's format.
     pub format: CloneFormat,
     /// Replace an existing destination file (otherwise its existence is an
     /// error and it is left alone).
     pub replace: bool,
+    /// The cluster size for qcow2 (default 64 KiB); other formats refuse
+    /// it.
+    pub cluster_bytes: Option<u64>,
+    /// Store clusters deflate-compressed (qcow2, as `qemu-img convert -c`
+    /// does); other formats refuse it (streamOptimized VMDK always
+    /// compresses).
+    pub compress: bool,
+    /// Write a differencing qcow2 image over this backing file, holding
+    /// only what an overlay changed ([`clone_overlay_to_file`]); the
+    /// backing file must be the overlay's source.
+    pub backing: Option<BackingFile>,
 }
 
 impl Default for CloneOptions {
@@ -120,6 +149,9 @@ impl Default for CloneOptions {
         CloneOptions {
             format: CloneFormat::Raw,
             replace: false,
+            cluster_bytes: None,
+            compress: false,
+            backing: None,
         }
     }
 }
@@ -209,7 +241,8 @@ fn read_page(disk: &mut dyn Disk, start: u64, len: u64, buf: &mut Vec<u8>) -> Re
 /// Writes `disk` to a new image at `path`. The result is complete and
 /// durable when this returns `Ok`; on any error (including cancellation by
 /// `progress`) nothing is left at `path` (an existing file there is kept
-/// unless the clone succeeded with `options.replace`).
+/// unless the clone succeeded with `options.replace`). A differencing
+/// clone (`options.backing`) needs an overlay: [`clone_overlay_to_file`].
 pub fn clone_to_file(
     disk: &mut dyn Disk,
     path: &Path,
@@ -217,7 +250,72 @@ pub fn clone_to_file(
     progress: &mut dyn Progress,
 ) -> Result<CloneStats> {
     let what = path.display().to_string();
-    if !options.replace && path.symlink_metadata().is_ok() {
+    if options.backing.is_some() {
+        return Err(Error::invalid_argument(format!(
+            "{what}: an image over a backing file holds what an overlay changed; clone the \
+             overlay (clone_overlay_to_file)"
+        )));
+    }
+    write_atomically(
+        path,
+        options.replace,
+        disk.sector_count(),
+        progress,
+        |file, tracker| {
+            let mut writer = writer_with_options(options, disk.byte_size(), &what)?;
+            write_pages(disk, file, writer.as_mut(), tracker)
+        },
+    )
+}
+
+/// [`clone_to_file`] for an overlay, which can also be written as a
+/// differencing qcow2 image over its source (`options.backing`, naming the
+/// source's file): then only the clusters holding sectors the overlay does
+/// not take unchanged from the same place of its source are stored (its
+/// writes, moved and inserted ranges; zeros as zero clusters), and
+/// everything else reads through to the backing file.
+pub fn clone_overlay_to_file(
+    overlay: &mut Overlay,
+    path: &Path,
+    options: &CloneOptions,
+    progress: &mut dyn Progress,
+) -> Result<CloneStats> {
+    let Some(backing) = &options.backing else {
+        return clone_to_file(overlay, path, options, progress);
+    };
+    let what = path.display().to_string();
+    if options.format != CloneFormat::Qcow2 {
+        return Err(Error::unsupported(format!(
+            "{what}: an image over a backing file can be written as qcow2, not {}",
+            options.format.name()
+        )));
+    }
+    let qcow2 = Qcow2Options {
+        cluster_bytes: options
+            .cluster_bytes
+            .unwrap_or(crate::formats::qcow2::writer::DEFAULT_CLUSTER_BYTES),
+        compress: options.compress,
+        backing: Some(backing.clone()),
+    };
+    let sectors = overlay.sector_count();
+    write_atomically(path, options.replace, sectors, progress, |file, tracker| {
+        let mut writer = Qcow2Writer::new(sectors * SECTOR_BYTES, &qcow2, &what)?;
+        write_delta(overlay, file, &mut writer, qcow2.cluster_bytes, tracker)
+    })
+}
+
+/// Writes an image to a temporary file next to `path` with `body`, syncs
+/// it and renames it into place (see [`clone_to_file`]). `sectors` is the
+/// total the progress is measured against.
+fn write_atomically(
+    path: &Path,
+    replace: bool,
+    sectors: u64,
+    progress: &mut dyn Progress,
+    body: impl FnOnce(&File, &mut Tracker<'_>) -> Result<CloneStats>,
+) -> Result<CloneStats> {
+    let what = path.display().to_string();
+    if !replace && path.symlink_metadata().is_ok() {
         return Err(Error::open(format!(
             "{what}: already exists (not replacing it)"
         )));
@@ -236,18 +334,17 @@ pub fn clone_to_file(
         .map_err(|e| Error::open(format!("{what}: cannot create a file in its folder: {e}")))?;
     let mut tracker = Tracker {
         progress,
-        total: disk.sector_count(),
+        total: sectors,
         last: None,
     };
     tracker.report(0)?;
     let file = temp.as_file();
-    let mut writer = writer_for(options.format, disk.byte_size(), &what)?;
-    let stats = write_pages(disk, file, writer.as_mut(), &mut tracker)?;
+    let stats = body(file, &mut tracker)?;
     file.set_permissions(std::fs::Permissions::from_mode(0o644))
         .map_err(|e| Error::write(&what, 0, e))?;
     file.sync_all()
         .map_err(|e| Error::write(&format!("{what} (sync)"), 0, e))?;
-    let persisted = if options.replace {
+    let persisted = if replace {
         temp.persist(path).map(|_| ())
     } else {
         temp.persist_noclobber(path).map(|_| ())
@@ -265,6 +362,44 @@ pub fn clone_to_file(
     Ok(stats)
 }
 
+/// The writer `options` ask for, for a disk of `virtual_bytes`: the
+/// format's [`writer_for`] after checking the options that apply to some
+/// formats only.
+fn writer_with_options(
+    options: &CloneOptions,
+    virtual_bytes: u64,
+    what: &str,
+) -> Result<Box<dyn ImageWriter>> {
+    if options.format == CloneFormat::Qcow2 {
+        let qcow2 = Qcow2Options {
+            cluster_bytes: options
+                .cluster_bytes
+                .unwrap_or(crate::formats::qcow2::writer::DEFAULT_CLUSTER_BYTES),
+            compress: options.compress,
+            backing: None,
+        };
+        return Ok(Box::new(Qcow2Writer::new(
+            whole_sectors(virtual_bytes),
+            &qcow2,
+            what,
+        )?));
+    }
+    if let Some(size) = options.cluster_bytes {
+        return Err(Error::invalid_argument(format!(
+            "{what}: a cluster size ({size}) applies to qcow2 images, not {}",
+            options.format.name()
+        )));
+    }
+    if options.compress && options.format != CloneFormat::VmdkStream {
+        return Err(Error::invalid_argument(format!(
+            "{what}: compression applies to qcow2 images (streamOptimized VMDK always \
+             compresses), not {}",
+            options.format.name()
+        )));
+    }
+    writer_for(options.format, virtual_bytes, what)
+}
+
 /// The writer for `format`, for a disk of `virtual_bytes`.
 fn writer_for(format: CloneFormat, virtual_bytes: u64, what: &str) -> Result<Box<dyn ImageWriter>> {
     Ok(match format {
@@ -274,6 +409,21 @@ fn writer_for(format: CloneFormat, virtual_bytes: u64, what: &str) -> Result<Box
         CloneFormat::Vdi => Box::new(VdiWriter::new(
             virtual_bytes.div_ceil(SECTOR_BYTES) * SECTOR_BYTES,
             PAGE_BYTES,
+            what,
+        )?),
+        CloneFormat::Qcow2 => Box::new(Qcow2Writer::new(
+            whole_sectors(virtual_bytes),
+            &Qcow2Options::default(),
+            what,
+        )?),
+        CloneFormat::VhdDynamic => Box::new(VhdWriter::new(
+            whole_sectors(virtual_bytes),
+            VhdKind::Dynamic,
+            what,
+        )?),
+        CloneFormat::VhdFixed => Box::new(VhdWriter::new(
+            whole_sectors(virtual_bytes),
+            VhdKind::Fixed,
             what,
         )?),
         CloneFormat::Vhdx => Box::new(VhdxWriter::new(virtual_bytes, what)?),
@@ -288,6 +438,12 @@ fn writer_for(format: CloneFormat, virtual_bytes: u64, what: &str) -> Result<Box
             what,
         )?),
     })
+}
+
+/// `bytes` rounded up to whole sectors: formats whose size is counted in
+/// sectors read an odd-sized disk's last sector zero-padded.
+fn whole_sectors(bytes: u64) -> u64 {
+    bytes.div_ceil(SECTOR_BYTES) * SECTOR_BYTES
 }
 
 /// Streams the pages of `disk` that hold data into `writer`, then lets it
@@ -312,6 +468,90 @@ fn write_pages(
             stats.pages_skipped += 1;
         }
         tracker.report(start + len)?;
+    }
+    writer.finish(file)?;
+    Ok(stats)
+}
+
+/// Streams the clusters of `overlay` that differ from its source at the
+/// same place into `writer` (see [`clone_overlay_to_file`]), then lets it
+/// finish the image. Pages are at least one cluster long so every cluster
+/// is passed whole.
+fn write_delta(
+    overlay: &mut Overlay,
+    file: &File,
+    writer: &mut dyn ImageWriter,
+    cluster_bytes: u64,
+    tracker: &mut Tracker<'_>,
+) -> Result<CloneStats> {
+    let sectors = overlay.sector_count();
+    let cluster_sectors = cluster_bytes / SECTOR_BYTES;
+    let page_sectors = PAGE_SECTORS.max(cluster_sectors);
+    let mut stats = CloneStats {
+        virtual_bytes: overlay.byte_size(),
+        ..CloneStats::default()
+    };
+    let (mut buf, mut source_buf) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    while start < sectors {
+        let len = page_sectors.min(sectors - start);
+        let end = start + len;
+        // Which clusters of the page hold a sector that is not the
+        // source's own sector at the same place.
+        let mut changed = vec![false; len.div_ceil(cluster_sectors) as usize];
+        for (at, extent) in overlay.extents().range(start, end) {
+            if extent.kind == ExtentKind::Source && extent.base == at {
+                continue;
+            }
+            let first = (at - start) / cluster_sectors;
+            let last = (at + extent.len - 1 - start) / cluster_sectors;
+            changed[first as usize..=last as usize].fill(true);
+        }
+        if changed.iter().any(|&c| c) {
+            buf.resize((len * SECTOR_BYTES) as usize, 0);
+            overlay.read_sectors(start, &mut buf)?;
+            // The overlay copies whole units on a write: a cluster whose
+            // bytes still equal the source's at the same place is left to
+            // the backing file.
+            let source_sectors = overlay.source().sector_count();
+            let cluster_len = (cluster_sectors * SECTOR_BYTES) as usize;
+            for (i, flag) in changed.iter_mut().enumerate() {
+                let lba = start + i as u64 * cluster_sectors;
+                let n = cluster_sectors.min(end - lba);
+                if !*flag || lba + n > source_sectors {
+                    continue;
+                }
+                source_buf.resize((n * SECTOR_BYTES) as usize, 0);
+                overlay.source_mut().read_sectors(lba, &mut source_buf)?;
+                let ours = &buf[i * cluster_len..i * cluster_len + source_buf.len()];
+                if ours == &source_buf[..] {
+                    *flag = false;
+                }
+            }
+            let mut i = 0;
+            while i < changed.len() {
+                if !changed[i] {
+                    i += 1;
+                    continue;
+                }
+                let run_start = i;
+                while i < changed.len() && changed[i] {
+                    i += 1;
+                }
+                let from = run_start as u64 * cluster_sectors;
+                let to = (i as u64 * cluster_sectors).min(len);
+                writer.write_data(
+                    file,
+                    (start + from) * SECTOR_BYTES,
+                    &buf[(from * SECTOR_BYTES) as usize..(to * SECTOR_BYTES) as usize],
+                )?;
+            }
+            stats.pages_written += 1;
+        } else {
+            stats.pages_skipped += 1;
+        }
+        tracker.report(end)?;
+        start = end;
     }
     writer.finish(file)?;
     Ok(stats)
@@ -387,6 +627,25 @@ mod tests {
             status[s as usize] = SectorStatus::Normal;
         }
         MemDisk::new(data, status).unwrap()
+    }
+
+    #[test]
+    fn each_extension_picks_its_default_variant() {
+        for (name, format) in [
+            ("a.img", CloneFormat::Raw),
+            ("a.VDI", CloneFormat::Vdi),
+            ("a.qcow2", CloneFormat::Qcow2),
+            ("a.vhd", CloneFormat::VhdDynamic),
+            ("a.vhdx", CloneFormat::Vhdx),
+            ("a.vmdk", CloneFormat::VmdkSparse),
+            ("a.unknown", CloneFormat::Raw),
+            ("noextension", CloneFormat::Raw),
+        ] {
+            assert_eq!(CloneFormat::from_path(Path::new(name)), format, "{name}");
+        }
+        for format in CloneFormat::ALL {
+            assert_eq!(CloneFormat::from_name(format.name()), Some(format));
+        }
     }
 
     #[test]

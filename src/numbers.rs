@@ -326,6 +326,16 @@ c_consts! {
         /// COW_CloneToFile flags: replace an existing file at `path` (by
         /// default an existing file is an error and is left alone).
         COW_CLONE_REPLACE = 0x1,
+        /// COW_CloneToFile flags, with VDD_TYPE_VHD: a fixed VHD (the disk's
+        /// bytes and a footer; what Azure takes) instead of a dynamic one.
+        COW_CLONE_VHD_FIXED = 0x2,
+        /// COW_CloneToFile flags, with VDD_TYPE_VMDK: a streamOptimized VMDK
+        /// (compressed grains, as OVA packages use) instead of
+        /// monolithicSparse.
+        COW_CLONE_VMDK_STREAM = 0x4,
+        /// COW_CloneToFile flags, with VDD_TYPE_QCOW2: deflate-compress the
+        /// clusters (as `qemu-img convert -c`).
+        COW_CLONE_COMPRESS = 0x8,
     }
 }
 

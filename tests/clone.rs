@@ -62,6 +62,7 @@ fn clone(disk: &mut dyn Disk, path: &Path, format: CloneFormat) {
     let options = CloneOptions {
         format,
         replace: false,
+        ..CloneOptions::default()
     };
     clone_to_file(disk, path, &options, &mut no_progress()).unwrap();
 }
@@ -192,6 +193,7 @@ fn a_failed_clone_leaves_nothing() {
     let options = CloneOptions {
         format: CloneFormat::Vdi,
         replace: false,
+        ..CloneOptions::default()
     };
     let err = clone_to_file(disk.as_mut(), &out, &options, &mut |p: u32| p < 60).unwrap_err();
     assert_eq!(err.code(), cowdisk::error::code::CANCELLED);

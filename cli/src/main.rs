@@ -95,6 +95,29 @@ enum Command {
         #[command(flatten)]
         open: OpenArgs,
     },
+    /// Convert an image to another format, as `qemu-img convert` does (no
+    /// edits): the format from -O or DEST's extension; then verify it.
+    Convert {
+        source: PathBuf,
+        dest: PathBuf,
+        /// Output format (default: from DEST's extension, else raw).
+        #[arg(short = 'O', long = "output-format", value_enum)]
+        output_format: Option<FormatArg>,
+        /// Compress qcow2 clusters (as `qemu-img convert -c`).
+        #[arg(short = 'c', long)]
+        compress: bool,
+        /// qcow2 cluster size (512 to 2M, a power of two; default 64K).
+        #[arg(long)]
+        cluster_size: Option<String>,
+        /// Replace DEST if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Skip the verification pass.
+        #[arg(long)]
+        no_verify: bool,
+        #[command(flatten)]
+        open: OpenArgs,
+    },
     /// Work with a persistent overlay store step by step: create, edit,
     /// info, commit (clone it out).
     #[command(subcommand)]
@@ -134,10 +157,16 @@ pub(crate) struct OpenArgs {
 
 #[derive(clap::Args)]
 pub(crate) struct WriteArgs {
-    /// Format of the new image (default: from DEST's extension, .vdi for
-    /// VDI, else raw).
+    /// Format of the new image (default: from DEST's extension: .vdi,
+    /// .qcow2, .vhd (dynamic), .vhdx, .vmdk (monolithicSparse), else raw).
     #[arg(long, value_enum)]
     format: Option<FormatArg>,
+    /// Compress qcow2 clusters (as `qemu-img convert -c`).
+    #[arg(long)]
+    compress: bool,
+    /// qcow2 cluster size (512 to 2M, a power of two; default 64K).
+    #[arg(long)]
+    cluster_size: Option<String>,
     /// Replace DEST if it exists.
     #[arg(long)]
     force: bool,
@@ -150,6 +179,31 @@ pub(crate) struct WriteArgs {
 enum FormatArg {
     Raw,
     Vdi,
+    Qcow2,
+    /// Dynamic VHD.
+    Vhd,
+    /// Fixed VHD (what Azure takes).
+    VhdFixed,
+    Vhdx,
+    /// monolithicSparse VMDK.
+    Vmdk,
+    /// streamOptimized VMDK (OVA packages).
+    VmdkStream,
+}
+
+impl FormatArg {
+    fn clone_format(self) -> CloneFormat {
+        match self {
+            FormatArg::Raw => CloneFormat::Raw,
+            FormatArg::Vdi => CloneFormat::Vdi,
+            FormatArg::Qcow2 => CloneFormat::Qcow2,
+            FormatArg::Vhd => CloneFormat::VhdDynamic,
+            FormatArg::VhdFixed => CloneFormat::VhdFixed,
+            FormatArg::Vhdx => CloneFormat::Vhdx,
+            FormatArg::Vmdk => CloneFormat::VmdkSparse,
+            FormatArg::VmdkStream => CloneFormat::VmdkStream,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -189,6 +243,25 @@ fn main() -> ExitCode {
             write,
             open,
         } => clone_command(&source, &dest, &write, &open),
+        Command::Convert {
+            source,
+            dest,
+            output_format,
+            compress,
+            cluster_size,
+            force,
+            no_verify,
+            open,
+        } => {
+            let write = WriteArgs {
+                format: output_format,
+                compress,
+                cluster_size,
+                force,
+                no_verify,
+            };
+            clone_command(&source, &dest, &write, &open)
+        }
         Command::Enlarge {
             source,
             dest,
@@ -476,8 +549,7 @@ fn progress_bar(message: &str) -> ProgressBar {
 
 fn destination_format(dest: &Path, write: &WriteArgs) -> CloneFormat {
     match write.format {
-        Some(FormatArg::Raw) => CloneFormat::Raw,
-        Some(FormatArg::Vdi) => CloneFormat::Vdi,
+        Some(format) => format.clone_format(),
         None => CloneFormat::from_path(dest),
     }
 }
@@ -505,9 +577,16 @@ pub(crate) fn write_and_verify(
     write: &WriteArgs,
 ) -> Fallible<()> {
     let format = destination_format(dest, write);
+    let cluster_bytes = match &write.cluster_size {
+        Some(text) => Some(parse_size(text).map_err(|e| format!("--cluster-size: {e}"))?),
+        None => None,
+    };
     let options = CloneOptions {
         format,
         replace: write.force,
+        cluster_bytes,
+        compress: write.compress,
+        ..CloneOptions::default()
     };
     let bar = progress_bar("clone");
     let stats = clone::clone_to_file(disk, dest, &options, &mut |p: u32| {

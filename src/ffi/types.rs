@@ -99,6 +99,31 @@ pub struct COW_OPTIONS {
     pub store_path: *const c_char,
 }
 
+/// Options of COW_CloneToFileEx. Fill with COW_InitCloneOptions first,
+/// then change what you need; `struct_size` lets later versions grow it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct COW_CLONE_OPTIONS {
+    /// sizeof(COW_CLONE_OPTIONS) as the caller compiled it.
+    pub struct_size: u32,
+    /// The image format, a drive-type constant: VDD_TYPE_RAW (the default),
+    /// VDD_TYPE_VDI, VDD_TYPE_QCOW2, VDD_TYPE_VHD, VDD_TYPE_VHDX,
+    /// VDD_TYPE_VMDK.
+    pub format: u32,
+    /// COW_CLONE_* flags.
+    pub flags: u32,
+    /// qcow2 cluster size in bytes: a power of two from 512 to 2097152;
+    /// 0 = 65536. Other formats take 0 only.
+    pub cluster_size: u32,
+    /// qcow2 only: NULL for a complete image; else the backing file name to
+    /// store, and `disk` must be an overlay whose source is that file: only
+    /// what the overlay changed is written (a delta).
+    pub backing_file: *const c_char,
+    /// The backing file's format in QEMU's names ("raw", "qcow2", "vpc",
+    /// ...) to store with it; NULL stores none (readers probe it).
+    pub backing_format: *const c_char,
+}
+
 /// What COW_CheckOverlayStore found. Set struct_size before the call.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]

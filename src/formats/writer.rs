@@ -39,3 +39,16 @@ pub fn write_in_pieces(file: &File, buf: &[u8], offset: u64, what: &str) -> Resu
     }
     Ok(())
 }
+
+/// The backing file a differencing image names: only what differs from it
+/// is stored, the rest reads through to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingFile {
+    /// The name stored in the image (a path, relative to the image's
+    /// folder or absolute), as given.
+    pub name: String,
+    /// The backing file's format in QEMU's names (`raw`, `qcow2`, `vpc`,
+    /// `vmdk`, `vdi`, `vhdx`), stored so readers open it as that format
+    /// instead of probing it; `None` stores none.
+    pub format: Option<String>,
+}

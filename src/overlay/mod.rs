@@ -281,6 +281,12 @@ impl Overlay {
         self.source.as_ref()
     }
 
+    /// The source disk, for reading it directly (a delta clone compares the
+    /// ranges the overlay copied with it). Never written through.
+    pub fn source_mut(&mut self) -> &mut dyn Disk {
+        self.source.as_mut()
+    }
+
     /// Store units in use (data and, for a persistent store, metadata).
     pub fn store_units_used(&self) -> u64 {
         self.units.units_in_use()

@@ -109,7 +109,7 @@ impl Disk for PieceDisk {
 pub fn clone(disk: &mut dyn Disk, path: &Path, format: CloneFormat) {
     let options = CloneOptions {
         format,
-        replace: false,
+        ..CloneOptions::default()
     };
     clone_to_file(disk, path, &options, &mut no_progress()).unwrap();
 }
@@ -208,7 +208,7 @@ pub fn assert_failed_clones_leave_nothing(format: CloneFormat, extension: &str) 
     let image = dir.path().join(format!("out.{extension}"));
     let options = CloneOptions {
         format,
-        replace: false,
+        ..CloneOptions::default()
     };
     let pages: Vec<(u64, Vec<u8>)> = (0..8).map(|i| (i * 2 * MIB, vec![0x5A; 4096])).collect();
     let mut disk = PieceDisk::new(16 * MIB, pages);

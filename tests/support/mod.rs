@@ -6,6 +6,7 @@
 pub mod model;
 pub mod vdi;
 pub mod vhd;
+pub mod written;
 
 /// The fuzz harness's driver (`fuzz/src/lib.rs`): the shared way to open and
 /// read a possibly damaged image with a cap on work.

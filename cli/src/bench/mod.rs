@@ -531,6 +531,7 @@ fn time_clone(base: &Path, writes: &[u64], out: &Path, format: CloneFormat) -> B
     let options = CloneOptions {
         format,
         replace: true,
+        ..CloneOptions::default()
     };
     let start = Instant::now();
     clone_to_file(&mut overlay, out, &options, &mut no_progress()).map_err(err)?;

@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::FileExt;
 
-use super::table::L2_COMPRESSED;
+use super::layout::{compressed_offset_bits, COPIED, L2_COMPRESSED};
 use super::Qcow2Disk;
 use crate::disk::SECTOR_BYTES;
 use crate::error::{Error, Result};
@@ -15,9 +15,9 @@ impl Qcow2Disk {
         let cached = matches!(&self.last_inflated, Some((d, _)) if *d == descriptor);
         if !cached {
             let cluster_size = self.cluster_size();
-            let offset_bits = 62 - (self.cluster_bits - 8);
+            let offset_bits = compressed_offset_bits(self.cluster_bits);
             let host = descriptor & ((1u64 << offset_bits) - 1);
-            let extra_sectors = (descriptor & !L2_COMPRESSED & !(1 << 63)) >> offset_bits;
+            let extra_sectors = (descriptor & !L2_COMPRESSED & !COPIED) >> offset_bits;
             // The stored length runs from `host` to the end of the last
             // sector it names; it is at most two clusters, so bounded.
             let stored = (extra_sectors + 1) * SECTOR_BYTES - (host % SECTOR_BYTES);

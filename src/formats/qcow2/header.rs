@@ -10,31 +10,22 @@ use byteorder::{BigEndian, ByteOrder};
 use crate::disk::SECTOR_BYTES;
 use crate::error::{Error, Result};
 
-pub(super) const MAGIC: [u8; 4] = *b"QFI\xfb";
-const V2_HEADER_LEN: u64 = 72;
-const V3_MIN_HEADER_LEN: u64 = 104;
-/// Header extension types: end of the list, backing file format.
-const EXT_END: u32 = 0;
-const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
+use super::layout::{
+    BACKING_LEN_AT, BACKING_OFFSET_AT, CLUSTER_BITS_AT, COMPRESSION_TYPE_AT, CRYPT_METHOD_AT,
+    EXT_BACKING_FORMAT, EXT_END, HEADER_LEN_AT, INCOMPATIBLE_AT, INCOMPAT_COMPRESSION,
+    INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, L1_OFFSET_AT,
+    L1_SIZE_AT, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, SIZE_AT,
+    V2_HEADER_LEN, V3_MIN_HEADER_LEN, VERSION_AT,
+};
+
 /// The longest backing format name we accept (names are short words).
 const MAX_FORMAT_NAME: u32 = 64;
-/// Smallest and largest cluster sizes we accept (the specification's floor
-/// and QEMU's own ceiling of 2 MiB).
-const MIN_CLUSTER_BITS: u32 = 9;
-const MAX_CLUSTER_BITS: u32 = 21;
 /// Extended L2 entries need clusters of at least 16 KiB (32 subclusters of
 /// at least one sector each).
 const MIN_EXTENDED_CLUSTER_BITS: u32 = 14;
 /// QEMU's cap on the L1 table (32 MiB); a bigger one is not a real image.
 const MAX_L1_BYTES: u64 = 32 << 20;
-/// The specification's cap on the backing file name.
-const MAX_BACKING_NAME: u32 = 1023;
 
-const INCOMPAT_DIRTY: u64 = 1 << 0;
-const INCOMPAT_CORRUPT: u64 = 1 << 1;
-const INCOMPAT_DATA_FILE: u64 = 1 << 2;
-const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 const INCOMPAT_KNOWN: u64 = INCOMPAT_DIRTY
     | INCOMPAT_CORRUPT
     | INCOMPAT_DATA_FILE
@@ -68,19 +59,19 @@ pub(super) fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Hea
     if raw[..4] != MAGIC {
         return Err(corrupt("bad magic at byte offset 0".into()));
     }
-    let version = BigEndian::read_u32(&raw[4..]);
+    let version = BigEndian::read_u32(&raw[VERSION_AT..]);
     if version != 2 && version != 3 {
         return Err(Error::unsupported(format!(
             "{name}: qcow2 version {version} (only 2 and 3 are read)"
         )));
     }
-    let backing_offset = BigEndian::read_u64(&raw[8..]);
-    let backing_len = BigEndian::read_u32(&raw[16..]);
-    let cluster_bits = BigEndian::read_u32(&raw[20..]);
-    let virtual_size = BigEndian::read_u64(&raw[24..]);
-    let crypt_method = BigEndian::read_u32(&raw[32..]);
-    let l1_size = BigEndian::read_u32(&raw[36..]);
-    let l1_offset = BigEndian::read_u64(&raw[40..]);
+    let backing_offset = BigEndian::read_u64(&raw[BACKING_OFFSET_AT..]);
+    let backing_len = BigEndian::read_u32(&raw[BACKING_LEN_AT..]);
+    let cluster_bits = BigEndian::read_u32(&raw[CLUSTER_BITS_AT..]);
+    let virtual_size = BigEndian::read_u64(&raw[SIZE_AT..]);
+    let crypt_method = BigEndian::read_u32(&raw[CRYPT_METHOD_AT..]);
+    let l1_size = BigEndian::read_u32(&raw[L1_SIZE_AT..]);
+    let l1_offset = BigEndian::read_u64(&raw[L1_OFFSET_AT..]);
 
     if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
         return Err(corrupt(format!(
@@ -107,8 +98,8 @@ pub(super) fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Hea
                 "version 3 header needs {V3_MIN_HEADER_LEN} bytes, file has {file_len}"
             )));
         }
-        let incompatible = BigEndian::read_u64(&raw[72..]);
-        header_len = u64::from(BigEndian::read_u32(&raw[100..]));
+        let incompatible = BigEndian::read_u64(&raw[INCOMPATIBLE_AT..]);
+        header_len = u64::from(BigEndian::read_u32(&raw[HEADER_LEN_AT..]));
         if header_len < V3_MIN_HEADER_LEN || header_len > cluster_size.min(file_len) {
             return Err(corrupt(format!(
                 "header length {header_len} at byte offset 100 is invalid"
@@ -127,7 +118,7 @@ pub(super) fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Hea
         }
         if incompatible & INCOMPAT_COMPRESSION != 0 {
             let kind = if header_len > V3_MIN_HEADER_LEN {
-                raw[104]
+                raw[COMPRESSION_TYPE_AT]
             } else {
                 u8::MAX
             };

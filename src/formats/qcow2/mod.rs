@@ -50,7 +50,9 @@
 
 mod compressed;
 mod header;
+mod layout;
 mod table;
+pub mod writer;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -64,7 +66,8 @@ use super::{open_parent_as, open_read_only, OpenOptions};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
 
-use header::{read_header, MAGIC};
+use header::read_header;
+use layout::MAGIC;
 use table::{read_l1, Unit};
 
 /// Memory budget for cached L2 tables.

@@ -10,10 +10,7 @@ use byteorder::{BigEndian, ByteOrder};
 use super::Qcow2Disk;
 use crate::error::{Error, Result};
 
-/// Bits 9..=55: a cluster-aligned host offset in L1 and L2 entries.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-pub(super) const L2_COMPRESSED: u64 = 1 << 62;
-const L2_ZERO: u64 = 1;
+use super::layout::{L2_COMPRESSED, L2_ZERO, OFFSET_MASK};
 const SUBCLUSTERS: u64 = 32;
 
 /// What one allocation unit (cluster, or subcluster with extended L2

@@ -2,6 +2,19 @@
 //! header (with the reader's field offsets, so there is one description of
 //! the format), the block map and where data blocks go; and [`VdiWriter`],
 //! the [`ImageWriter`] the clone driver (src/clone.rs) feeds with pages.
+//!
+//! Facts relied on (the reader's layout, see the module doc of
+//! [`crate::formats::vdi`]): a 64-byte text, the signature `0xBEDA107F` at
+//! 0x40, version 1.1 at 0x44, a header of 0x190 bytes from 0x48 (type at
+//! 0x4C: 1 = dynamic), the block map and data offsets at 0x154/0x158, the
+//! legacy geometry's sector size at 0x168 (512), the disk size at 0x170,
+//! the block size at 0x178, extra bytes per block at 0x17C (0), the block
+//! count at 0x180, the allocated block count at 0x184, then the image,
+//! modification, link and parent UUIDs (0x188, 0x198, 0x1A8, 0x1B8; the
+//! last two zero for an image without a parent), and the LCHS geometry at
+//! 0x1C8 (zero: let the reader choose). The block map holds one u32 per
+//! block: its index in the data area, or `0xFFFFFFFF` for a block never
+//! written (reads as zeros).
 
 use super::{
     guid_to_rfc_bytes, BLOCKS_ALLOCATED_AT, BLOCK_COUNT_AT, BLOCK_FREE, BLOCK_MAP_OFFSET_AT,

@@ -12,11 +12,24 @@ use crate::disk::SECTOR_BYTES;
 use crate::error::{Error, Result};
 
 pub(super) const FOOTER_BYTES: u64 = 512;
-const DYNAMIC_HEADER_BYTES: usize = 1024;
+pub(super) const DYNAMIC_HEADER_BYTES: usize = 1024;
 pub(super) const FOOTER_COOKIE: &[u8; 8] = b"conectix";
 pub(super) const DYNAMIC_COOKIE: &[u8; 8] = b"cxsparse";
-const FOOTER_CHECKSUM_AT: usize = 64;
-const DYNAMIC_CHECKSUM_AT: usize = 36;
+pub(super) const FOOTER_CHECKSUM_AT: usize = 64;
+pub(super) const DYNAMIC_CHECKSUM_AT: usize = 36;
+
+/// Footer fields (big-endian): data offset (also the dynamic header's
+/// field at the same place), current size, disk type, unique id.
+pub(super) const DATA_OFFSET_AT: usize = 16;
+pub(super) const CURRENT_SIZE_AT: usize = 48;
+pub(super) const DISK_TYPE_AT: usize = 60;
+pub(super) const UNIQUE_ID_AT: usize = 68;
+/// Dynamic header fields: BAT offset, BAT entries, block size, parent
+/// unique id.
+pub(super) const BAT_OFFSET_AT: usize = 16;
+pub(super) const BAT_ENTRIES_AT: usize = 28;
+pub(super) const BLOCK_SIZE_AT: usize = 32;
+const PARENT_ID_AT: usize = 40;
 
 pub(super) const DISK_TYPE_FIXED: u32 = 2;
 pub(super) const DISK_TYPE_DYNAMIC: u32 = 3;
@@ -68,9 +81,9 @@ impl VhdDisk {
                 header_at + DYNAMIC_CHECKSUM_AT as u64
             )));
         }
-        let bat_at = BigEndian::read_u64(&header[16..]);
-        let max_entries = u64::from(BigEndian::read_u32(&header[28..]));
-        let block_bytes = u64::from(BigEndian::read_u32(&header[32..]));
+        let bat_at = BigEndian::read_u64(&header[BAT_OFFSET_AT..]);
+        let max_entries = u64::from(BigEndian::read_u32(&header[BAT_ENTRIES_AT..]));
+        let block_bytes = u64::from(BigEndian::read_u32(&header[BLOCK_SIZE_AT..]));
         if !block_bytes.is_power_of_two()
             || !(SECTOR_BYTES..=MAX_BLOCK_BYTES).contains(&block_bytes)
         {
@@ -111,7 +124,7 @@ impl VhdDisk {
         };
 
         let mut unique_id = [0u8; 16];
-        unique_id.copy_from_slice(&header[40..56]);
+        unique_id.copy_from_slice(&header[PARENT_ID_AT..PARENT_ID_AT + 16]);
         let names = if footer.disk_type == DISK_TYPE_DIFFERENCING {
             self.parent_names(&header, header_at)?
         } else {
@@ -154,18 +167,18 @@ fn read_footer_at(file: &File, name: &str, at: u64) -> Result<Footer> {
         )));
     }
     let mut unique_id = [0u8; 16];
-    unique_id.copy_from_slice(&raw[68..84]);
+    unique_id.copy_from_slice(&raw[UNIQUE_ID_AT..UNIQUE_ID_AT + 16]);
     Ok(Footer {
-        data_offset: BigEndian::read_u64(&raw[16..]),
-        current_size: BigEndian::read_u64(&raw[48..]),
-        disk_type: BigEndian::read_u32(&raw[60..]),
+        data_offset: BigEndian::read_u64(&raw[DATA_OFFSET_AT..]),
+        current_size: BigEndian::read_u64(&raw[CURRENT_SIZE_AT..]),
+        disk_type: BigEndian::read_u32(&raw[DISK_TYPE_AT..]),
         unique_id,
     })
 }
 
 /// The VHD checksum: ones' complement of the byte sum, the 4-byte checksum
 /// field at `checksum_at` counted as zero.
-fn ones_complement_checksum(bytes: &[u8], checksum_at: usize) -> u32 {
+pub(super) fn ones_complement_checksum(bytes: &[u8], checksum_at: usize) -> u32 {
     let sum = bytes
         .iter()
         .enumerate()

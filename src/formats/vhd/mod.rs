@@ -43,6 +43,7 @@
 mod bat;
 mod footer;
 mod locator;
+pub mod writer;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
