@@ -108,13 +108,38 @@ fn opens(kind: &str, path: &Path) -> bool {
     }
 }
 
+/// Why `opens` said no, for a failure message.
+fn why_not(kind: &str, path: &Path) -> String {
+    match kind {
+        "store" => match cowdisk::store::check_store_file(path) {
+            Ok(report) => format!("{report:?}"),
+            Err(e) => e.to_string(),
+        },
+        _ => String::from("(see opens)"),
+    }
+}
+
 /// In a child process (the tests below start one under strace, with the
 /// environment set): creates what the environment says and exits at once.
 /// Run directly: creates each kind in-process and checks that it opens
 /// whole and that nothing but the file itself is left in the folder (no
 /// temporary name).
+/// Held by each test of this file for its whole run. The tests start
+/// child processes, and a child forked while another test holds a store
+/// open shares that store's lock (flock locks belong to the open file,
+/// which a fork shares) until it execs; a store check racing that window
+/// sees the store "open for writing elsewhere". Real callers that fork in
+/// one thread while opening stores in another can see the same passing
+/// refusal; these tests must not.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[test]
 fn create_one() {
+    let _turn = one_at_a_time();
     if let (Ok(kind), Ok(path), Ok(backing)) = (
         std::env::var("COWDISK_CREATE_KIND"),
         std::env::var("COWDISK_CREATE_PATH"),
@@ -204,6 +229,7 @@ fn trace(kind: &str, s: &Setup, name: &str) -> Vec<String> {
 
 #[test]
 fn creation_syncs_the_file_then_renames_it_then_syncs_the_folder() {
+    let _turn = one_at_a_time();
     let s = setup();
     for kind in KINDS {
         let name = format!("new-{kind}");
@@ -258,6 +284,7 @@ fn creation_syncs_the_file_then_renames_it_then_syncs_the_folder() {
 
 #[test]
 fn a_crash_during_creation_leaves_nothing_at_the_path() {
+    let _turn = one_at_a_time();
     let s = setup();
     for kind in KINDS {
         let name = format!("counted-{kind}");
@@ -313,7 +340,8 @@ fn a_crash_during_creation_leaves_nothing_at_the_path() {
                 });
                 assert!(
                     opens(kind, &path),
-                    "{kind}: the re-created file does not open"
+                    "{kind}: the re-created file does not open: {}",
+                    why_not(kind, &path)
                 );
             }
         }
