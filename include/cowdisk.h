@@ -348,6 +348,64 @@
  * known-zero source sectors: reads zero, BLANKPAGE.
  */
 #define COW_EXTENT_STORE_ZERO 4
+
+/**
+ * COW_FS_PARTITION.filesystem: no filesystem this library reads
+ * (kept whole).
+ */
+#define COW_FS_UNKNOWN 0
+
+/**
+ * COW_FS_PARTITION.filesystem: ext2.
+ */
+#define COW_FS_EXT2 1
+
+/**
+ * COW_FS_PARTITION.filesystem: ext3 (ext2 with a journal).
+ */
+#define COW_FS_EXT3 2
+
+/**
+ * COW_FS_PARTITION.filesystem: ext4 (extents, flex_bg, 64bit, ...).
+ */
+#define COW_FS_EXT4 3
+
+/**
+ * COW_FS_PARTITION.filesystem: FAT12.
+ */
+#define COW_FS_FAT12 4
+
+/**
+ * COW_FS_PARTITION.filesystem: FAT16.
+ */
+#define COW_FS_FAT16 5
+
+/**
+ * COW_FS_PARTITION.filesystem: FAT32.
+ */
+#define COW_FS_FAT32 6
+
+/**
+ * COW_FS_PARTITION.filesystem: NTFS.
+ */
+#define COW_FS_NTFS 7
+
+/**
+ * COW_FS_PARTITION.filesystem: Linux swap.
+ */
+#define COW_FS_SWAP 8
+
+/**
+ * COW_FS_PARTITION.filesystem: the space after the last partition
+ * (number 0).
+ */
+#define COW_FS_UNPARTITIONED 9
+
+/**
+ * COW_OpenFilesystemView flags: keep the space after the last
+ * partition (by default it reads as unallocated).
+ */
+#define COW_FS_KEEP_UNPARTITIONED 0x1
 /* Handles: a pointer to an object whose first member is the method table
  * (the legacy CLASS(VDDR) is struct t_VDDR, CLASS(COWOVL) struct t_COWOVL). */
 typedef struct t_VDDR *HVDDR;

@@ -15,6 +15,11 @@ declare -A package_of=(
   [sgdisk]=gdisk
   [c++]=g++
   [strace]=strace
+  [mke2fs]=e2fsprogs
+  [mkfs.fat]=dosfstools
+  [fsck.fat]=dosfstools
+  [mcopy]=mtools
+  [mkswap]=util-linux
 )
 missing=()
 for tool in "${!package_of[@]}"; do

@@ -230,13 +230,13 @@ enum Builder {
 }
 
 /// Takes `src` (a handle of ours or a caller's own object) to build an
-/// overlay: `prepare` may fail and leaves the source with the caller;
-/// `attach` cannot fail and takes it.
-pub(super) fn adopt_source<P>(
+/// overlay (or another disk on top of it): `prepare` may fail and leaves
+/// the source with the caller; `attach` cannot fail and takes it.
+pub(super) fn adopt_source<P, T>(
     src: HVDDR,
     prepare: impl FnOnce(&mut dyn Disk) -> Result<P>,
-    attach: impl FnOnce(P, Box<dyn Disk>) -> Overlay,
-) -> Result<Overlay> {
+    attach: impl FnOnce(P, Box<dyn Disk>) -> T,
+) -> Result<T> {
     if src.is_null() {
         return Err(Error::InvalidHandle("the source handle is NULL".into()));
     }
