@@ -46,7 +46,7 @@ static int fsck_fat_free(const char *image, uint64_t *free_clusters, uint64_t *c
     p = popen(cmd, "r");
     if (!p) return 0;
     while (fgets(line, sizeof line, p)) {
-        char *slash = strchr(line, '/');
+        char *slash = strrchr(line, '/');
         if (strstr(line, "bytes per cluster")) bytes = strtoull(line, NULL, 10);
         if (slash && strstr(line, " clusters")) {
             char *start = slash;

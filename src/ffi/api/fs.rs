@@ -10,7 +10,8 @@ use crate::ffi::handle::{self, Object};
 use crate::ffi::types::*;
 use crate::fs::{analyze, AnalyzeOptions, FilesystemView, Report};
 
-/// Bytes of COW_FS_REGION.reason, with its terminating NUL.
+/// Bytes of COW_FS_REGION.reason, with its terminating NUL (the literal
+/// 256 in the struct, so the header needs no extra name).
 const REASON_BYTES: usize = 256;
 
 /// One region of a disk as COW_OpenFilesystemView found it: a partition,
@@ -34,7 +35,7 @@ pub struct COW_FS_REGION {
     /// Why the region is kept whole although it might hold free space
     /// (unknown filesystem, journal needing recovery, a checksum that does
     /// not match, ...), NUL-terminated; empty when it was read.
-    pub reason: [c_char; REASON_BYTES],
+    pub reason: [c_char; 256],
 }
 
 /// What COW_OpenFilesystemView found. Set struct_size to
@@ -87,10 +88,7 @@ fn check_report(report: *mut COW_FS_REPORT) -> Result<()> {
 fn region_of(found: &crate::fs::RegionReport) -> COW_FS_REGION {
     let mut reason = [0 as c_char; REASON_BYTES];
     let text = found.reason.as_deref().unwrap_or("");
-    for (dst, src) in reason
-        .iter_mut()
-        .zip(text.bytes().take(REASON_BYTES - 1))
-    {
+    for (dst, src) in reason.iter_mut().zip(text.bytes().take(REASON_BYTES - 1)) {
         *dst = src as c_char;
     }
     COW_FS_REGION {
@@ -166,7 +164,7 @@ pub unsafe extern "C" fn COW_OpenFilesystemView(
         let (view, found) = adopt_source(
             src,
             |disk| analyze(disk, &options),
-            FilesystemView::from_analysis,
+            |analysis, disk| FilesystemView::from_analysis(disk, analysis),
         )?;
         // SAFETY: checked above.
         unsafe { fill_report(report, &found) };
