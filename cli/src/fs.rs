@@ -16,7 +16,7 @@ use crate::{about, Fallible};
 #[derive(clap::Args)]
 pub(crate) struct CompactArgs {
     /// Leave out the blocks the filesystems do not use (ext2/3/4 block
-    /// bitmaps, FAT tables, Linux swap) and the space after the last
+    /// bitmaps, FAT tables, NTFS $Bitmap, Linux swap) and the space after the last
     /// partition. A partition not fully understood (unknown type, journal
     /// to recover, unclean or damaged) is kept whole; the reason is shown.
     #[arg(long)]

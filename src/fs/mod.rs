@@ -3,8 +3,8 @@
 //! [`analyze`] walks the partition table (MBR with its logical partitions,
 //! or GPT; a disk without a table is probed as one filesystem), recognises
 //! the filesystem of each partition and reads its own free-space map:
-//! ext2/3/4 block bitmaps ([`ext`]), the FAT of FAT12/16/32 ([`fat`]) and
-//! Linux swap ([`swap`]). The space after the last partition is free too,
+//! ext2/3/4 block bitmaps ([`ext`]), the FAT of FAT12/16/32 ([`fat`]),
+//! NTFS's `$Bitmap` ([`ntfs`]) and Linux swap ([`swap`]). The space after the last partition is free too,
 //! except the GPT backup structures; the gap before the first partition is
 //! kept (boot loaders live there). [`FilesystemView`] ([`view`]) is a disk
 //! that reads the free sectors as unallocated zeros, so a clone through it
@@ -21,6 +21,7 @@
 
 pub mod ext;
 pub mod fat;
+pub mod ntfs;
 pub mod swap;
 pub mod view;
 pub mod volume;
@@ -178,6 +179,9 @@ pub fn probe(vol: &mut Volume) -> Result<Option<FsKind>> {
     if let Some(kind) = ext::probe(vol)? {
         return Ok(Some(kind));
     }
+    if ntfs::probe(vol)? {
+        return Ok(Some(FsKind::Ntfs));
+    }
     if let Some(kind) = fat::probe(vol)? {
         return Ok(Some(kind));
     }
@@ -199,6 +203,7 @@ fn read_usage(vol: &mut Volume) -> std::result::Result<Usage, (FsKind, String)> 
         FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => ext::free_space(vol),
         FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => fat::free_space(vol),
         FsKind::Swap => swap::free_space(vol),
+        FsKind::Ntfs => ntfs::free_space(vol),
         _ => return Err((kind, "not read by this library".into())),
     };
     match free {

@@ -128,7 +128,7 @@ unsafe fn fill_report(report: *mut COW_FS_REPORT, found: &Report) {
 /// (COW_CloneToFile, or the caller's own ReadPage loop skipping NOTALLOC)
 /// leaves them out. The partitions are found in the MBR (with logical
 /// partitions) or GPT; free space is read from ext2/3/4 block bitmaps,
-/// FAT12/16/32 allocation tables and Linux swap headers, and the space
+/// FAT12/16/32 allocation tables, NTFS $Bitmap and Linux swap headers, and the space
 /// after the last partition is free (not the GPT backup structures;
 /// COW_FS_KEEP_UNPARTITIONED keeps it). Anything not fully understood - an
 /// unknown filesystem, a journal that needs recovery, an unclean or damaged
