@@ -1114,7 +1114,7 @@ int COW_CheckOverlayStore(const char *store_path, struct COW_CHECK_REPORT *repor
  * (COW_CloneToFile, or the caller's own ReadPage loop skipping NOTALLOC)
  * leaves them out. The partitions are found in the MBR (with logical
  * partitions) or GPT; free space is read from ext2/3/4 block bitmaps,
- * FAT12/16/32 allocation tables and Linux swap headers, and the space
+ * FAT12/16/32 allocation tables, NTFS $Bitmap and Linux swap headers, and the space
  * after the last partition is free (not the GPT backup structures;
  * COW_FS_KEEP_UNPARTITIONED keeps it). Anything not fully understood - an
  * unknown filesystem, a journal that needs recovery, an unclean or damaged

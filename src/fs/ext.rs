@@ -6,7 +6,7 @@
 //! * The superblock is the 1024 bytes at byte 1024 of the volume, magic
 //!   0xEF53 at 0x38. Fields used (little-endian): blocks count (0x04, high
 //!   half at 0x150 with `64bit`), first data block (0x14), log2(block size)
-//!   - 10 (0x18), log2(cluster size) (0x1C), blocks per group (0x20),
+//!   minus 10 (0x18), log2(cluster size) (0x1C), blocks per group (0x20),
 //!   inodes per group (0x28), state (0x3A: bit 0 cleanly unmounted, bit 1
 //!   errors), revision (0x4C), inode size (0x58; 128 in revision 0),
 //!   feature sets compat (0x5C), incompat (0x60), ro_compat (0x64), UUID

@@ -259,7 +259,11 @@ fn entry(chunk: &[u8], bits: u64, i: u64) -> u32 {
         12 => {
             let at = (i * 3 / 2) as usize;
             let pair = u16::from(chunk[at]) | (u16::from(*chunk.get(at + 1).unwrap_or(&0)) << 8);
-            u32::from(if i % 2 == 0 { pair & 0xFFF } else { pair >> 4 })
+            u32::from(if i.is_multiple_of(2) {
+                pair & 0xFFF
+            } else {
+                pair >> 4
+            })
         }
         16 => u32::from(le16(chunk, (i * 2) as usize)),
         _ => le32(chunk, (i * 4) as usize) & 0x0FFF_FFFF,

@@ -395,6 +395,24 @@ pub fn analyze(disk: &mut dyn Disk, options: &AnalyzeOptions) -> Result<Analysis
 /// The sector size the readers assume of the disk.
 const _: () = assert!(SECTOR_SIZE == 512);
 
+impl FsKind {
+    /// The name users know it by ("ext4", "fat32", "swap", ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            FsKind::Unknown => "unknown",
+            FsKind::Ext2 => "ext2",
+            FsKind::Ext3 => "ext3",
+            FsKind::Ext4 => "ext4",
+            FsKind::Fat12 => "fat12",
+            FsKind::Fat16 => "fat16",
+            FsKind::Fat32 => "fat32",
+            FsKind::Ntfs => "ntfs",
+            FsKind::Swap => "swap",
+            FsKind::Unpartitioned => "unpartitioned",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,23 +430,5 @@ mod tests {
         assert_eq!(map.run_at(5, 2), (false, 2));
         assert_eq!(map.run_at(17, 100), (true, 1));
         assert_eq!(map.run_at(18, 100), (false, 100));
-    }
-}
-
-impl FsKind {
-    /// The name users know it by ("ext4", "fat32", "swap", ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            FsKind::Unknown => "unknown",
-            FsKind::Ext2 => "ext2",
-            FsKind::Ext3 => "ext3",
-            FsKind::Ext4 => "ext4",
-            FsKind::Fat12 => "fat12",
-            FsKind::Fat16 => "fat16",
-            FsKind::Fat32 => "fat32",
-            FsKind::Ntfs => "ntfs",
-            FsKind::Swap => "swap",
-            FsKind::Unpartitioned => "unpartitioned",
-        }
     }
 }

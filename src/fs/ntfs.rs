@@ -144,7 +144,7 @@ pub fn apply_fixups(block: &mut [u8], what: &str) -> Result<()> {
             "{count} update sequence entries for {strides} sectors"
         ));
     }
-    if usa_at < 8 || usa_at + 2 * count > 512 || usa_at % 2 != 0 {
+    if usa_at < 8 || usa_at + 2 * count > 512 || !usa_at.is_multiple_of(2) {
         return bad(format!("update sequence array at {usa_at}"));
     }
     let usn = [block[usa_at], block[usa_at + 1]];
@@ -204,7 +204,7 @@ pub fn attributes(record: &[u8], what: &str) -> Result<Vec<Attribute>> {
             return Ok(out);
         }
         let len = le32(record, at + 4) as usize;
-        if len < 0x18 || at + len > used || len % 8 != 0 {
+        if len < 0x18 || at + len > used || !len.is_multiple_of(8) {
             return bad(format!("attribute {kind:#x} of {len} bytes at {at}"));
         }
         let a = &record[at..at + len];
