@@ -693,3 +693,31 @@ fn unknown_partition_contents_are_kept_whole() {
     assert_eq!(region(&clones.report, 1).filesystem, FsKind::Unknown);
     assert_kept_whole(&clones, P1, 8192, "no filesystem");
 }
+
+#[test]
+fn fat16_filling_the_whole_disk_without_a_table_is_read() {
+    // A "superfloppy": the FAT boot sector is sector 0 of the disk.
+    let dir = support::temp_dir();
+    let image = make_fat(dir.path(), "-F 16", 32 * 1024);
+    let (tool_free, cluster) = fsck_fat_free(&image);
+    let clones = both_clones(dir.path(), &image);
+    let region = &clones.report.regions[0];
+    assert_eq!(
+        (region.number, region.filesystem),
+        (0, FsKind::Fat16),
+        "{:#?}",
+        clones.report
+    );
+    assert_eq!(region.free_sectors, tool_free * cluster / 512);
+    sh_ok(&format!("fsck.fat -n '{}'", clones.compact.display()));
+    for (name, bytes) in kept_files() {
+        let out = dir.path().join(format!("out-{name}"));
+        sh_ok(&format!(
+            "mcopy -i '{}' ::/{name} '{}'",
+            clones.compact.display(),
+            out.display()
+        ));
+        assert!(fs::read(&out).unwrap() == bytes, "{name} differs");
+    }
+    assert!(!contains(&fs::read(&clones.compact).unwrap(), MARKER));
+}

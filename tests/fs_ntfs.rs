@@ -301,3 +301,36 @@ fn ntfs_with_a_log_to_replay_is_kept_whole() {
     let range = (P1 * 512) as usize..((P1 + PART_SECTORS) * 512) as usize;
     assert!(a[range.clone()] == b[range]);
 }
+
+#[test]
+fn ntfs_filling_the_whole_disk_without_a_table_is_read() {
+    let dir = support::temp_dir();
+    let image = make_ntfs(dir.path());
+    let tool_free = ntfscluster_free(&image);
+    let options = CloneOptions {
+        format: CloneFormat::Raw,
+        replace: false,
+    };
+    let compact = dir.path().join("compact.raw");
+    let disk = open_path(&image, &OpenOptions::default()).unwrap();
+    let (mut view, report) = FilesystemView::new(disk).unwrap();
+    clone_to_file(&mut view, &compact, &options, &mut no_progress()).unwrap();
+    let region = &report.regions[0];
+    assert_eq!(
+        (region.number, region.filesystem),
+        (0, FsKind::Ntfs),
+        "{report:#?}"
+    );
+    assert_eq!(region.free_sectors * 512, tool_free);
+    sh(&format!("ntfsfix -n '{}'", compact.display()));
+    for (name, bytes) in kept_files() {
+        let out = dir.path().join(format!("out-{name}"));
+        sh(&format!(
+            "ntfscat '{}' {name} > '{}'",
+            compact.display(),
+            out.display()
+        ));
+        assert!(fs::read(&out).unwrap() == bytes, "{name} differs");
+    }
+    assert!(!contains(&fs::read(&compact).unwrap(), MARKER));
+}

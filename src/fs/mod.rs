@@ -260,6 +260,32 @@ fn analyze_region(
     report
 }
 
+/// The whole disk analysed as one filesystem (region number 0).
+fn whole_disk(disk: &mut dyn Disk, mut report: Report) -> Analysis {
+    let mut free = Vec::new();
+    let region = analyze_region(disk, 0, 0, report.disk_sectors, &mut free);
+    report.regions.push(region);
+    // Sector 0 stays whatever the filesystem says: it is the boot sector.
+    let free = FreeMap::from_runs(free).without(&[(0, 1)]);
+    report.free_sectors = free.sectors();
+    report.regions[0].free_sectors = report.free_sectors;
+    report.regions[0].used_sectors = report.disk_sectors - report.free_sectors;
+    Analysis { report, free }
+}
+
+/// True when sector 0 is a FAT or NTFS boot sector whose fields check
+/// out and whose volume fits the disk.
+fn whole_disk_boot_sector(disk: &mut dyn Disk) -> Result<bool> {
+    let mut sector = vec![0u8; SECTOR_SIZE];
+    disk.read_sectors(0, &mut sector)?;
+    let sectors = disk.sector_count();
+    let fat = matches!(fat::BootSector::parse(&sector), Ok(Some(b))
+        if b.total_sectors * b.bytes_per_sector <= sectors * SECTOR_BYTES);
+    let ntfs = matches!(ntfs::BootSector::parse(&sector), Ok(Some(b))
+        if b.total_sectors * b.bytes_per_sector <= sectors * SECTOR_BYTES);
+    Ok(fat || ntfs)
+}
+
 /// Walks the disk's partitions and reads each one's free space (see the
 /// module documentation). Only I/O errors of the disk itself while reading
 /// sector 0 fail; everything else is reported per region.
@@ -279,6 +305,14 @@ pub fn analyze(disk: &mut dyn Disk, options: &AnalyzeOptions) -> Result<Analysis
     let table = match partition::read_table(disk, "disk") {
         Ok(table) => table,
         Err(e) => {
+            // A FAT or NTFS volume filling the whole disk (a "superfloppy")
+            // has the boot signature an MBR has, and its boot code does not
+            // parse as partition entries. Only a boot sector that checks
+            // out as one of them is read as such; anything else frees
+            // nothing.
+            if whole_disk_boot_sector(disk)? {
+                return Ok(whole_disk(disk, report));
+            }
             report.table_reason = Some(format!("the partition table was not read: {e}"));
             report.regions.push(RegionReport {
                 number: 0,
@@ -297,16 +331,14 @@ pub fn analyze(disk: &mut dyn Disk, options: &AnalyzeOptions) -> Result<Analysis
     };
     let Some(table) = table else {
         // No table: the whole disk may be one filesystem.
-        let region = analyze_region(disk, 0, 0, disk_sectors, &mut free);
-        report.free_sectors = region.free_sectors;
-        report.regions.push(region);
-        return Ok(Analysis {
-            report,
-            free: FreeMap::from_runs(free),
-        });
+        return Ok(whole_disk(disk, report));
     };
-    report.table = Some(table.kind());
     let partitions = table.partitions();
+    if partitions.is_empty() && whole_disk_boot_sector(disk)? {
+        // A FAT or NTFS superfloppy whose boot code reads as an empty MBR.
+        return Ok(whole_disk(disk, report));
+    }
+    report.table = Some(table.kind());
     // Sectors no filesystem may free: sector 0, the GPT's structures, the
     // extended boot records.
     let mut pinned: Vec<(u64, u64)> = vec![(0, 1)];
