@@ -124,6 +124,38 @@ fn open(path: &Path) -> Box<dyn cowdisk::Disk> {
     open_path(path, &OpenOptions::default()).unwrap()
 }
 
+/// The 1 MiB pages of `image` holding a non-zero sector that is not a
+/// stretch of the deleted file's marker stream: what a clone that leaves
+/// out exactly the deleted file (and zeros) must store, at its page
+/// resolution. (Blocks freed with the file that are not its data - ext2/3
+/// indirect blocks - count as stored here, so this is an upper bound.)
+fn pages_without_marker_sectors(image: &[u8]) -> u64 {
+    // Some phase of the marker stream gives every byte.
+    let is_marker = |sector: &[u8]| {
+        (0..MARKER.len()).any(|phase| {
+            sector
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == MARKER[(phase + i) % MARKER.len()])
+        })
+    };
+    image
+        .chunks(MIB as usize)
+        .filter(|page| {
+            page.chunks(512)
+                .any(|sector| sector.iter().any(|&b| b != 0) && !is_marker(sector))
+        })
+        .count() as u64
+}
+
+/// The 1 MiB pages of `image` that are not all zeros.
+fn nonzero_pages(image: &[u8]) -> u64 {
+    image
+        .chunks(MIB as usize)
+        .filter(|page| page.iter().any(|&b| b != 0))
+        .count() as u64
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -278,6 +310,12 @@ fn ext_case(mkfs_args: &str, expect: FsKind) {
         compact + 5 * MIB <= plain,
         "compact {compact} vs plain {plain}: the 6 MiB deleted file was not left out"
     );
+    let needed = pages_without_marker_sectors(&fs::read(&clones.plain).unwrap());
+    let stored = nonzero_pages(&compact_bytes);
+    assert!(
+        stored <= needed,
+        "compact clone: {stored} pages with data, more than the {needed} holding kept data"
+    );
     let qemu = dir.path().join("qemu.raw");
     support::qemu_img(&[
         "convert",
@@ -429,6 +467,12 @@ fn fat_case(mkfs_args: &str, kib: u64, expect: FsKind) {
     assert!(
         compact + 5 * MIB <= plain,
         "compact {compact} vs plain {plain}"
+    );
+    let needed = pages_without_marker_sectors(&fs::read(&clones.plain).unwrap());
+    let stored = nonzero_pages(&fs::read(&clones.compact).unwrap());
+    assert_eq!(
+        stored, needed,
+        "the pages holding anything but the deleted file"
     );
     // Within 2% of the space fsck.fat counts as used (the reserved area,
     // FATs and root directory included), plus the clone's 1 MiB page
