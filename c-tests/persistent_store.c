@@ -81,6 +81,27 @@ int main(void)
     CHECK(COW_Close(disk) == NULL);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_NONE);
 
+    /* An overlay given as the source of a new overlay whose store cannot
+       be created (the path exists) comes back as an overlay: its edit
+       methods still work on the caller's handle. */
+    {
+        HVDDR inner = COW_CreateCowOverlay(VDDR_Open(src_path, 0));
+        HCOW inner_cow = (HCOW)inner;
+        COW_OPTIONS clash;
+        CHECK(inner != NULL);
+        CHECK_EQ_U64(COW_InitOptions(&clash), COW_ERR_NONE);
+        clash.store_path = store_path; /* exists: refused */
+        CHECK(COW_CreateCowOverlayEx(inner, &clash) == NULL);
+        CHECK_EQ_U64(COW_GetLastError(), COW_ERR_OPEN);
+        CHECK_EQ_U64(inner_cow->InsertSectors(inner_cow, 0, 8), COW_ERR_NONE);
+        {
+            long long bytes = 0;
+            CHECK(inner->GetDriveSize(inner, &bytes));
+            CHECK_EQ_U64((unsigned long long)bytes, sizeof image + 8 * 512);
+        }
+        CHECK(inner->Close(inner) == NULL);
+    }
+
     CHECK(ov->Close(ov) == NULL);
     CHECK_EQ_U64(COW_GetLastError(), COW_ERR_NONE);
 

@@ -11,6 +11,10 @@ declare -A package_of=(
   [qemu-io]=qemu-utils
   [uml_mkcow]=uml-utilities
   [nbdkit]=nbdkit
+  [nbdinfo]=libnbd-bin
+  [nbdcopy]=libnbd-bin
+  [jq]=jq
+  [setpriv]=util-linux
   [sfdisk]=fdisk
   [sgdisk]=gdisk
   [c++]=g++
@@ -21,9 +25,18 @@ declare -A package_of=(
   [mcopy]=mtools
   [mkswap]=util-linux
 )
+# Headers the C harness builds against: the nbdkit plugin and its libnbd
+# test client (nbdkit/).
+declare -A package_of_header=(
+  [/usr/include/nbdkit-plugin.h]=nbdkit-plugin-dev
+  [/usr/include/libnbd.h]=libnbd-dev
+)
 missing=()
 for tool in "${!package_of[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${package_of[$tool]}")
+done
+for header in "${!package_of_header[@]}"; do
+  [ -e "$header" ] || missing+=("${package_of_header[$header]}")
 done
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -33,6 +33,8 @@ use crate::disk::{Disk, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
 use crate::formats::raw::RawWriter;
 use crate::formats::vdi::writer::VdiWriter;
+use crate::formats::vhdx::writer::VhdxWriter;
+use crate::formats::vmdk::writer::{VmdkVariant, VmdkWriter};
 use crate::formats::writer::ImageWriter;
 use crate::formats::FormatId;
 
@@ -48,17 +50,34 @@ pub enum CloneFormat {
     /// A dynamic VirtualBox VDI image with 1 MiB blocks; unallocated and
     /// zero blocks are not stored.
     Vdi,
+    /// A dynamic Hyper-V VHDX image (1 MiB blocks up to 4 TiB); blocks no
+    /// data reached are in the zero state.
+    Vhdx,
+    /// A VMware monolithicSparse VMDK (one file, 64 KiB grains); only
+    /// grains with data are stored.
+    VmdkSparse,
+    /// A VMware streamOptimized VMDK, as OVA packages hold: deflated grains
+    /// with markers, the grain directory in the footer.
+    VmdkStream,
 }
 
 impl CloneFormat {
     /// Every writable format.
-    pub const ALL: [CloneFormat; 2] = [CloneFormat::Raw, CloneFormat::Vdi];
+    pub const ALL: [CloneFormat; 5] = [
+        CloneFormat::Raw,
+        CloneFormat::Vdi,
+        CloneFormat::Vhdx,
+        CloneFormat::VmdkSparse,
+        CloneFormat::VmdkStream,
+    ];
 
     /// The format in the format registry.
     pub fn format(self) -> FormatId {
         match self {
             CloneFormat::Raw => FormatId::Raw,
             CloneFormat::Vdi => FormatId::Vdi,
+            CloneFormat::Vhdx => FormatId::Vhdx,
+            CloneFormat::VmdkSparse | CloneFormat::VmdkStream => FormatId::Vmdk,
         }
     }
 
@@ -154,7 +173,7 @@ impl Tracker<'_> {
         if self.progress.update(percent) {
             Ok(())
         } else {
-            Err(Error::Cancelled(format!(
+            Err(Error::cancelled(format!(
                 "the progress callback stopped the operation at {percent}%"
             )))
         }
@@ -199,7 +218,7 @@ pub fn clone_to_file(
 ) -> Result<CloneStats> {
     let what = path.display().to_string();
     if !options.replace && path.symlink_metadata().is_ok() {
-        return Err(Error::Open(format!(
+        return Err(Error::open(format!(
             "{what}: already exists (not replacing it)"
         )));
     }
@@ -209,12 +228,12 @@ pub fn clone_to_file(
     };
     let name = path
         .file_name()
-        .ok_or_else(|| Error::InvalidArgument(format!("{what}: not a file name")))?;
+        .ok_or_else(|| Error::invalid_argument(format!("{what}: not a file name")))?;
     let temp = tempfile::Builder::new()
         .prefix(&format!(".{}.", name.to_string_lossy()))
         .suffix(".partial")
         .tempfile_in(&folder)
-        .map_err(|e| Error::Open(format!("{what}: cannot create a file in its folder: {e}")))?;
+        .map_err(|e| Error::open(format!("{what}: cannot create a file in its folder: {e}")))?;
     let mut tracker = Tracker {
         progress,
         total: disk.sector_count(),
@@ -236,7 +255,7 @@ pub fn clone_to_file(
     // On failure the PersistError still owns the temporary file and
     // removes it when dropped.
     persisted.map_err(|e| {
-        Error::Write(format!(
+        Error::write_failed(format!(
             "{what}: cannot rename the finished clone into place: {}",
             e.error
         ))
@@ -255,6 +274,17 @@ fn writer_for(format: CloneFormat, virtual_bytes: u64, what: &str) -> Result<Box
         CloneFormat::Vdi => Box::new(VdiWriter::new(
             virtual_bytes.div_ceil(SECTOR_BYTES) * SECTOR_BYTES,
             PAGE_BYTES,
+            what,
+        )?),
+        CloneFormat::Vhdx => Box::new(VhdxWriter::new(virtual_bytes, what)?),
+        CloneFormat::VmdkSparse => Box::new(VmdkWriter::new(
+            virtual_bytes,
+            VmdkVariant::MonolithicSparse,
+            what,
+        )?),
+        CloneFormat::VmdkStream => Box::new(VmdkWriter::new(
+            virtual_bytes,
+            VmdkVariant::StreamOptimized,
             what,
         )?),
     })
@@ -370,7 +400,7 @@ mod tests {
             p < 50
         })
         .unwrap_err();
-        assert!(matches!(err, Error::Cancelled(_)), "{err}");
+        assert!(err.kind() == crate::error::ErrorCode::Cancelled, "{err}");
         assert_eq!(seen, vec![0, 25, 50]);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

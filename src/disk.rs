@@ -39,11 +39,34 @@ impl SectorStatus {
     }
 }
 
+/// Why a constructor that takes a disk (an overlay over it, a view of it)
+/// failed, with the disk handed back untouched: everything that can fail
+/// happens before the disk is taken, so the caller still owns it (the C
+/// API's "adopted on success only").
+pub struct Rejected {
+    pub error: Error,
+    pub source: Box<dyn Disk>,
+}
+
+impl From<Rejected> for Error {
+    fn from(rejected: Rejected) -> Error {
+        rejected.error
+    }
+}
+
+impl std::fmt::Debug for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.error, f)
+    }
+}
+
 /// A readable disk of `sector_count()` sectors.
 ///
 /// Methods take `&mut self` so implementations may keep caches without
-/// locks; the C layer serialises calls on one handle.
-pub trait Disk: Send {
+/// locks; the C layer serialises calls on one handle. `Any` lets a layer
+/// that handed a disk away and got it back (a failed constructor) recover
+/// its concrete type.
+pub trait Disk: Send + std::any::Any {
     /// The kind of disk (the legacy `GetDriveType`).
     fn drive_type(&self) -> DriveType;
 
@@ -98,7 +121,7 @@ pub trait Disk: Send {
     /// formats, `MemDisk` and the overlay answer from their own metadata.
     fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         if count == 0 {
-            return Err(Error::InvalidArgument(
+            return Err(Error::invalid_argument(
                 "the status run of zero sectors was asked".into(),
             ));
         }
@@ -218,19 +241,19 @@ pub trait ImageMetadata {
 
     /// The image's comment.
     fn comment(&self) -> Result<String> {
-        Err(Error::Unsupported("this format stores no comment".into()))
+        Err(Error::unsupported("this format stores no comment".into()))
     }
 
     /// Changes the image's comment.
     fn set_comment(&mut self, comment: &str) -> Result<()> {
         let _ = comment;
-        Err(Error::Unsupported("this format stores no comment".into()))
+        Err(Error::unsupported("this format stores no comment".into()))
     }
 
     /// Changes the image's UUID.
     fn set_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
         let _ = uuid;
-        Err(Error::Unsupported("this format stores no UUID".into()))
+        Err(Error::unsupported("this format stores no UUID".into()))
     }
 
     /// The image's modification UUID.
@@ -241,7 +264,7 @@ pub trait ImageMetadata {
     /// Changes the image's modification UUID.
     fn set_modification_uuid(&mut self, uuid: [u8; 16]) -> Result<()> {
         let _ = uuid;
-        Err(Error::Unsupported(
+        Err(Error::unsupported(
             "this format stores no modification UUID".into(),
         ))
     }
@@ -289,7 +312,7 @@ pub trait ImageFile: WritableDisk + ImageMetadata {
 pub fn check_range(lba: u64, count: u64, size: u64) -> Result<()> {
     match lba.checked_add(count) {
         Some(end) if end <= size => Ok(()),
-        _ => Err(Error::InvalidBlock(format!(
+        _ => Err(Error::invalid_block(format!(
             "sectors {lba}..+{count} are not inside a drive of {size} sectors"
         ))),
     }
@@ -298,7 +321,7 @@ pub fn check_range(lba: u64, count: u64, size: u64) -> Result<()> {
 /// Checks that a buffer holds whole sectors and returns how many.
 pub fn sectors_in(buf_len: usize) -> Result<u64> {
     if !buf_len.is_multiple_of(SECTOR_SIZE) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "buffer of {buf_len} bytes is not a whole number of sectors"
         )));
     }
@@ -324,7 +347,7 @@ impl MemDisk {
     pub fn new(data: Vec<u8>, status: Vec<SectorStatus>) -> Result<MemDisk> {
         let sectors = sectors_in(data.len())?;
         if status.len() as u64 != sectors {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "{} statuses for {} sectors",
                 status.len(),
                 sectors
@@ -383,7 +406,7 @@ impl Disk for MemDisk {
         check_range(lba, count, self.sector_count())?;
         let statuses = &self.status[lba as usize..(lba + count) as usize];
         let first = *statuses.first().ok_or_else(|| {
-            Error::InvalidArgument("the status run of zero sectors was asked".into())
+            Error::invalid_argument("the status run of zero sectors was asked".into())
         })?;
         let run = statuses.iter().take_while(|&&s| s == first).count();
         Ok((first, run as u64))

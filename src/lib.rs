@@ -28,6 +28,6 @@ pub mod ffi;
 /// An in-memory disk for tests (the `test-utils` feature).
 #[cfg(feature = "test-utils")]
 pub use disk::MemDisk;
-pub use disk::{Disk, DriveType, SectorStatus, SECTOR_SIZE};
+pub use disk::{Disk, DriveType, Rejected, SectorStatus, SECTOR_SIZE};
 pub use error::{Error, Result};
 pub use overlay::{Overlay, OverlayOptions};

@@ -27,7 +27,7 @@ pub fn folder_of(path: &Path) -> PathBuf {
 pub fn sync_folder(folder: &Path) -> Result<()> {
     File::open(folder)
         .and_then(|d| d.sync_all())
-        .map_err(|e| Error::Write(format!("{} (sync of the folder): {e}", folder.display())))
+        .map_err(|e| Error::write_failed(format!("{} (sync of the folder): {e}", folder.display())))
 }
 
 /// Creates the file at `path`, which must not exist, atomically: `build`
@@ -43,7 +43,7 @@ pub fn create_atomically<T>(
     build: impl FnOnce(&File) -> Result<T>,
 ) -> Result<(File, T)> {
     let exists = || {
-        Error::Open(format!(
+        Error::open(format!(
             "{what}: {}",
             std::io::Error::from_raw_os_error(libc::EEXIST)
         ))
@@ -53,14 +53,14 @@ pub fn create_atomically<T>(
     }
     let name = path
         .file_name()
-        .ok_or_else(|| Error::InvalidArgument(format!("{what}: not a file name")))?;
+        .ok_or_else(|| Error::invalid_argument(format!("{what}: not a file name")))?;
     let folder = folder_of(path);
     let temp = tempfile::Builder::new()
         .prefix(&format!(".{}.", name.to_string_lossy()))
         .suffix(".partial")
         .permissions(Permissions::from_mode(0o666))
         .tempfile_in(&folder)
-        .map_err(|e| Error::Open(format!("{what}: cannot create a file in its folder: {e}")))?;
+        .map_err(|e| Error::open(format!("{what}: cannot create a file in its folder: {e}")))?;
     let value = build(temp.as_file())?;
     temp.as_file()
         .sync_all()
@@ -70,7 +70,7 @@ pub fn create_atomically<T>(
         if e.error.kind() == std::io::ErrorKind::AlreadyExists {
             exists()
         } else {
-            Error::Write(format!(
+            Error::write_failed(format!(
                 "{what}: cannot rename the new file into place: {}",
                 e.error
             ))

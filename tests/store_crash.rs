@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 
 use cowdisk::error::{Error, Result};
 use cowdisk::overlay::space::Storage;
+use cowdisk::overlay::StoreChoice;
 use cowdisk::store::{self, check_store, journal_counters, JournalCounters};
 use cowdisk::{Overlay, OverlayOptions};
 use support::model::{apply, random_op, same, source, Model, Op};
@@ -71,7 +72,7 @@ impl Media {
 
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         if offset + buf.len() as u64 > self.len {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "read of {} bytes at {offset} past the end",
                 buf.len()
             )));
@@ -152,7 +153,7 @@ impl Device {
 struct FaultStorage(Arc<Mutex<Device>>);
 
 fn power_lost() -> Error {
-    Error::Write("power lost (fault injection)".into())
+    Error::write_failed("power lost (fault injection)".into())
 }
 
 impl Storage for FaultStorage {
@@ -234,15 +235,11 @@ fn crash_once(case: u64) -> usize {
     let log_size = LOG_SIZES[(case / 2 % LOG_SIZES.len() as u64) as usize];
     let entry_pages = ENTRY_PAGES[(next(&mut rng) % ENTRY_PAGES.len() as u64) as usize];
     store::set_log_limits(entry_pages, 1024);
-    let identity = store::identify(&mut src.clone()).unwrap();
-    let mut overlay = Overlay::create_on_with_log(
-        Box::new(device.clone()),
-        Box::new(src.clone()),
-        identity,
-        options,
+    let store = StoreChoice::CreateOn {
+        storage: Box::new(device.clone()),
         log_size,
-    )
-    .unwrap();
+    };
+    let mut overlay = Overlay::build(Box::new(src.clone()), store, options).unwrap();
     // The power fails after 1..400 more writes (sometimes never, then at
     // the end of the run, with unflushed writes pending).
     device.0.lock().unwrap().writes_left = Some(1 + next(&mut rng) % 400);
@@ -292,10 +289,12 @@ fn recover_and_check(
 
     // Read-only: replayed in memory, the image untouched.
     let ro_device = FaultStorage(Arc::new(Mutex::new(Device::new(image.clone()))));
-    let mut ro_storage: Box<dyn Storage> = Box::new(ro_device.clone());
-    let opened = store::open_store(ro_storage.as_mut(), true)
-        .unwrap_or_else(|e| panic!("case {case}: read-only open after the crash failed: {e}"));
-    let mut ro = Overlay::from_opened(ro_storage, opened, Box::new(src.clone()), true);
+    let store = StoreChoice::OpenOn {
+        storage: Box::new(ro_device.clone()),
+        read_only: true,
+    };
+    let mut ro = Overlay::build(Box::new(src.clone()), store, OverlayOptions::default())
+        .unwrap_or_else(|e| panic!("case {case}: read-only open after the crash failed: {e:?}"));
     let ro_match = acknowledged.iter().position(|m| same(&mut ro, m));
     drop(ro);
     assert!(
@@ -305,10 +304,12 @@ fn recover_and_check(
 
     // Read-write: the log replayed into the file.
     let rw_device = FaultStorage(Arc::new(Mutex::new(Device::new(image))));
-    let mut rw_storage: Box<dyn Storage> = Box::new(rw_device.clone());
-    let opened = store::open_store(rw_storage.as_mut(), false)
-        .unwrap_or_else(|e| panic!("case {case}: open after the crash failed: {e}"));
-    let mut rw = Overlay::from_opened(rw_storage, opened, Box::new(src.clone()), false);
+    let store = StoreChoice::OpenOn {
+        storage: Box::new(rw_device.clone()),
+        read_only: false,
+    };
+    let mut rw = Overlay::build(Box::new(src.clone()), store, OverlayOptions::default())
+        .unwrap_or_else(|e| panic!("case {case}: open after the crash failed: {e:?}"));
     let rw_match = acknowledged.iter().position(|m| same(&mut rw, m));
     assert!(
         rw_match.is_some(),
@@ -328,7 +329,7 @@ fn recover_and_check(
     }
     match rw.close() {
         Ok(()) => {}
-        Err(Error::NoSpace(_)) => {}
+        Err(ref e) if e.kind() == cowdisk::error::ErrorCode::NoSpace => {}
         Err(e) => panic!("case {case}: close after recovery failed: {e}"),
     }
     let report = check_store(&rw_device);
@@ -397,15 +398,11 @@ fn crash_huge(case: u64) {
     let entry_pages = [1, 3, 16, 1024][(next(&mut rng) % 4) as usize];
     store::set_log_limits(entry_pages, 1 << 20);
     let log_size = [64 << 10, 128 << 10, 512 << 10, 1 << 20][(next(&mut rng) % 4) as usize];
-    let identity = store::identify(&mut src.clone()).unwrap();
-    let mut overlay = Overlay::create_on_with_log(
-        Box::new(device.clone()),
-        Box::new(src.clone()),
-        identity,
-        options,
+    let store = StoreChoice::CreateOn {
+        storage: Box::new(device.clone()),
         log_size,
-    )
-    .unwrap();
+    };
+    let mut overlay = Overlay::build(Box::new(src.clone()), store, options).unwrap();
     device.0.lock().unwrap().writes_left = Some(1 + next(&mut rng) % 3000);
     let mut flushed = model.clone();
     let mut in_flight = None;
@@ -431,7 +428,7 @@ fn crash_huge(case: u64) {
         }
         match overlay.flush() {
             Ok(()) => flushed = model.clone(),
-            Err(Error::NoSpace(_)) => {
+            Err(ref e) if e.kind() == cowdisk::error::ErrorCode::NoSpace => {
                 // Refused before anything was written: still usable, and a
                 // later flush refuses again (the pages are still dirty).
                 assert!(!device.0.lock().unwrap().dead);

@@ -99,6 +99,32 @@ fn a_store_refuses_another_source_naming_the_reason() {
 }
 
 #[test]
+fn a_store_refused_for_its_source_is_left_unchanged() {
+    // Opening for writing checkpoints the store; a refusal must come first.
+    let dir = support::temp_dir();
+    let path = dir.path().join("overlay.cow");
+    let src = source(100, 1);
+    let mut overlay =
+        Overlay::create_persistent(Box::new(src.clone()), &path, OverlayOptions::default())
+            .unwrap();
+    overlay.write(3, &[0x5A; 512]).unwrap();
+    overlay.close().unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let mut changed_data = src.data().to_vec();
+    changed_data[..512].fill(0x77);
+    let changed = MemDisk::new(changed_data, src.statuses().to_vec()).unwrap();
+    for read_only in [false, true] {
+        let err =
+            Overlay::open_persistent(&path, Box::new(changed.clone()), read_only).unwrap_err();
+        assert_eq!(err.code(), code::SOURCE_MISMATCH);
+        assert!(
+            std::fs::read(&path).unwrap() == before,
+            "read_only {read_only}: the store changed"
+        );
+    }
+}
+
+#[test]
 fn a_second_writer_is_refused_while_the_first_holds_the_store() {
     let dir = support::temp_dir();
     let path = dir.path().join("overlay.cow");

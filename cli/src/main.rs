@@ -7,6 +7,7 @@ mod bench;
 mod fs;
 mod overlay;
 mod sample;
+mod serve;
 mod size;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +59,10 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Map the drive of this persistent overlay store over IMAGE
+        /// (opened read-only) instead of IMAGE itself.
+        #[arg(long)]
+        store: Option<PathBuf>,
     },
     /// Write a compact copy of an image (unallocated and zero space is not
     /// stored), then verify it against the source.
@@ -107,6 +112,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = TableArg::Mbr)]
         table: TableArg,
     },
+    /// Serve IMAGE through an overlay over NBD: starts nbdkit with the
+    /// cowdisk plugin and prints the NBD URI (see docs/NBD.md).
+    Serve(serve::ServeArgs),
     /// The benchmark: every figure side by side with pread, qemu-img and
     /// qemu-io, on data it generates (prints figures; never fails on speed).
     Bench {
@@ -178,7 +186,8 @@ fn main() -> ExitCode {
             open,
             granularity,
             json,
-        } => map(&image, &open, granularity, json),
+            store,
+        } => map(&image, &open, granularity, json, store.as_deref()),
         Command::Clone {
             source,
             dest,
@@ -208,6 +217,7 @@ fn main() -> ExitCode {
             sample::write_sample(&dest, matches!(table, TableArg::Gpt))
                 .map(|()| println!("wrote {}", dest.display()))
         }
+        Command::Serve(args) => serve::run(&args),
         Command::Bench { quick, tiny, dir } => {
             let scale = match (tiny, quick) {
                 (true, _) => bench::Scale::Tiny,
@@ -408,13 +418,23 @@ fn info(path: &Path, open: &OpenArgs, as_json: bool) -> Fallible<()> {
     fs::print_info(disk.as_mut(), path)
 }
 
-fn map(path: &Path, open: &OpenArgs, granularity: u64, as_json: bool) -> Fallible<()> {
+fn map(
+    path: &Path,
+    open: &OpenArgs,
+    granularity: u64,
+    as_json: bool,
+    store: Option<&Path>,
+) -> Fallible<()> {
     if !granularity.is_power_of_two() {
         return Err(format!(
             "--granularity {granularity}: must be a power of two (sectors)"
         ));
     }
     let mut disk = open_image(path, open)?;
+    if let Some(store) = store {
+        let overlay = Overlay::open_persistent(store, disk, true).map_err(|e| about(store, e))?;
+        disk = Box::new(overlay);
+    }
     let runs = allocation_runs(disk.as_mut(), granularity).map_err(|e| about(path, e))?;
     if as_json {
         let value: Vec<_> = runs

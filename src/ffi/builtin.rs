@@ -57,7 +57,7 @@ pub trait Image: Disk + ImageMetadata {
     /// Writes whole sectors at `lba`.
     fn write_sectors(&mut self, lba: u64, data: &[u8]) -> Result<()> {
         let _ = (lba, data);
-        Err(Error::ReadOnly("this image is open read-only".into()))
+        Err(Error::read_only("this image is open read-only".into()))
     }
 
     /// Makes every acknowledged write durable.
@@ -69,7 +69,7 @@ pub trait Image: Disk + ImageMetadata {
     /// are held here (they read as the backing, or as unallocated zeros).
     fn discard_sectors(&mut self, lba: u64, count: u64) -> Result<()> {
         let _ = (lba, count);
-        Err(Error::Unsupported(
+        Err(Error::unsupported(
             "this format cannot discard sectors".into(),
         ))
     }
@@ -261,7 +261,7 @@ impl Image for FileImage {
     fn discard_sectors(&mut self, lba: u64, count: u64) -> Result<()> {
         match self.0.as_discard() {
             Some(disk) => disk.discard_sectors(lba, count),
-            None => Err(Error::Unsupported(
+            None => Err(Error::unsupported(
                 "this format cannot discard sectors".into(),
             )),
         }
@@ -352,7 +352,7 @@ impl BackendInfo {
     /// Opens an image with `open_flags::*`.
     pub fn open(&self, path: &Path, flags: u32) -> Result<Box<dyn Image>> {
         if flags & !open_flags::ALL != 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "unknown open flags {:#x}",
                 flags & !open_flags::ALL
             )));
@@ -371,7 +371,7 @@ impl BackendInfo {
             }
             None => {
                 if writable {
-                    return Err(Error::ReadOnly(format!(
+                    return Err(Error::read_only(format!(
                         "the {} backend reads source images only",
                         info.name
                     )));
@@ -392,10 +392,10 @@ impl BackendInfo {
     pub fn create(&self, path: &Path, params: &CreateParams) -> Result<Box<dyn Image>> {
         match (self.format.info().create, self.format) {
             (Some(create), _) => Ok(Box::new(FileImage(create(path, params)?))),
-            (None, FormatId::UmlCow) => Err(Error::Unsupported(
+            (None, FormatId::UmlCow) => Err(Error::unsupported(
                 "a UML COW file is created over a backing file: use COW_UmlCowCreate".into(),
             )),
-            (None, other) => Err(Error::Unsupported(format!(
+            (None, other) => Err(Error::unsupported(format!(
                 "the {} backend cannot create images",
                 other.name()
             ))),

@@ -44,11 +44,11 @@ pub unsafe extern "C" fn COW_CloneToFile(
 ) -> c_int {
     guard_code(|| {
         if disk.is_null() {
-            return Err(Error::InvalidHandle("the disk handle is NULL".into()));
+            return Err(Error::invalid_handle("the disk handle is NULL".into()));
         }
         non_null(path, "path")?;
         if flags & !COW_CLONE_REPLACE != 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "unknown COW_CloneToFile flags {:#x}",
                 flags & !COW_CLONE_REPLACE
             )));
@@ -57,7 +57,7 @@ pub unsafe extern "C" fn COW_CloneToFile(
             VDD_TYPE_RAW => CloneFormat::Raw,
             VDD_TYPE_VDI => CloneFormat::Vdi,
             other => {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::unsupported(format!(
                     "COW_CloneToFile writes VDD_TYPE_RAW ({VDD_TYPE_RAW}) and VDD_TYPE_VDI \
                      ({VDD_TYPE_VDI}) images, not type {other}"
                 )))

@@ -26,7 +26,7 @@ impl Object {
     pub(crate) fn overlay(&mut self) -> Result<&mut Overlay> {
         match self {
             Object::Overlay(o) => Ok(o.as_mut()),
-            Object::Disk(_) => Err(Error::NotOverlay(
+            Object::Disk(_) => Err(Error::not_overlay(
                 "this handle is a disk, not an overlay (create one with COW_CreateCowOverlay)"
                     .into(),
             )),
@@ -37,6 +37,21 @@ impl Object {
         match self {
             Object::Disk(d) => d,
             Object::Overlay(o) => o,
+        }
+    }
+
+    /// The inverse of [`Object::into_disk`]: an overlay comes back as an
+    /// overlay, so a handle given back after a failed adoption keeps its
+    /// overlay methods.
+    pub(crate) fn from_disk(disk: Box<dyn Disk>) -> Object {
+        let concrete: &dyn std::any::Any = disk.as_ref();
+        if !concrete.is::<Overlay>() {
+            return Object::Disk(disk);
+        }
+        let any: Box<dyn std::any::Any> = disk;
+        match any.downcast::<Overlay>() {
+            Ok(overlay) => Object::Overlay(overlay),
+            Err(_) => unreachable!("checked to be an Overlay just above"),
         }
     }
 }
@@ -102,10 +117,10 @@ pub(crate) fn is_ours(h: HVDDR) -> bool {
 
 fn lookup(h: HVDDR) -> Result<Arc<Handle>> {
     if h.is_null() {
-        return Err(Error::InvalidHandle("the handle is NULL".into()));
+        return Err(Error::invalid_handle("the handle is NULL".into()));
     }
     HANDLES.get(h as usize).ok_or_else(|| {
-        Error::InvalidHandle(format!(
+        Error::invalid_handle(format!(
             "{h:p} is not an open handle of this library (closed, or never opened)"
         ))
     })
@@ -113,7 +128,7 @@ fn lookup(h: HVDDR) -> Result<Arc<Handle>> {
 
 fn lock(handle: &Handle) -> Result<MutexGuard<'_, Option<Object>>> {
     handle.object.lock().map_err(|_| {
-        Error::Internal("the handle was damaged by an earlier internal error; close it".into())
+        Error::internal("the handle was damaged by an earlier internal error; close it".into())
     })
 }
 
@@ -123,7 +138,7 @@ pub(crate) fn with_object<T>(h: HVDDR, f: impl FnOnce(&mut Object) -> Result<T>)
     let mut guard = lock(&handle)?;
     let object = guard
         .as_mut()
-        .ok_or_else(|| Error::InvalidHandle(format!("{h:p} was closed")))?;
+        .ok_or_else(|| Error::invalid_handle(format!("{h:p} was closed")))?;
     f(object)
 }
 
@@ -138,7 +153,7 @@ pub(crate) fn adopt<T>(
     let mut guard = lock(&handle)?;
     let object = guard
         .take()
-        .ok_or_else(|| Error::InvalidHandle(format!("{h:p} was closed")))?;
+        .ok_or_else(|| Error::invalid_handle(format!("{h:p} was closed")))?;
     match build(object) {
         Ok(value) => {
             drop(guard);
@@ -157,7 +172,7 @@ pub(crate) fn take(h: HVDDR) -> Result<Object> {
     let handle = lookup(h)?;
     let object = lock(&handle)?
         .take()
-        .ok_or_else(|| Error::InvalidHandle(format!("{h:p} was closed")));
+        .ok_or_else(|| Error::invalid_handle(format!("{h:p} was closed")));
     retire(h);
     object
 }

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 /// A legacy `HUGE` sector number as ours: negative ones are outside every
 /// drive.
 fn sector(value: c_longlong, what: &str) -> Result<u64> {
-    u64::try_from(value).map_err(|_| Error::InvalidBlock(format!("{what} {value} is negative")))
+    u64::try_from(value).map_err(|_| Error::invalid_block(format!("{what} {value} is negative")))
 }
 
 pub(super) unsafe extern "C" fn get_drive_size(h: HVDDR, bytes: *mut c_longlong) -> c_uint {
@@ -22,7 +22,7 @@ pub(super) unsafe extern "C" fn get_drive_size(h: HVDDR, bytes: *mut c_longlong)
         let size = handle::with_object(h, |o| Ok(o.disk().byte_size()))?;
         non_null(bytes, "drive_size")?;
         let size = c_longlong::try_from(size)
-            .map_err(|_| Error::InvalidArgument(format!("a drive of {size} bytes")))?;
+            .map_err(|_| Error::invalid_argument(format!("a drive of {size} bytes")))?;
         // SAFETY: non-NULL out pointer.
         unsafe { bytes.write(size) };
         Ok(1)

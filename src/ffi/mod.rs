@@ -121,7 +121,7 @@ pub(crate) fn guard_or<T>(fallback: T, body: impl FnOnce() -> Result<T>) -> T {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            let error = Error::Internal(format!("caught a panic: {what}"));
+            let error = Error::internal(format!("caught a panic: {what}"));
             set_last_error(error.code(), &error.to_string());
             fallback
         }
@@ -147,7 +147,7 @@ pub(crate) fn guard_quiet<T>(fallback: T, body: impl FnOnce() -> T) -> T {
 /// Checks a pointer argument is not NULL.
 pub(crate) fn non_null<T>(ptr: *const T, name: &str) -> Result<()> {
     if ptr.is_null() {
-        return Err(Error::InvalidArgument(format!("{name} is NULL")));
+        return Err(Error::invalid_argument(format!("{name} is NULL")));
     }
     Ok(())
 }

@@ -35,7 +35,7 @@ impl CallerDisk {
         // SAFETY: the caller promises a live object with a VDDR table.
         let table = unsafe { &*object };
         let (Some(get_size), Some(_)) = (table.GetDriveSize, table.ReadSectors) else {
-            return Err(Error::InvalidHandle(
+            return Err(Error::invalid_handle(
                 "the source object's method table lacks GetDriveSize or ReadSectors".into(),
             ));
         };
@@ -43,13 +43,13 @@ impl CallerDisk {
         before_call();
         // SAFETY: a method of the caller's own object, called as documented.
         if unsafe { get_size(object, &mut bytes) } == 0 {
-            return Err(Error::Read(format!(
+            return Err(Error::read_failed(format!(
                 "the source object's GetDriveSize failed{}",
                 its_error()
             )));
         }
         let bytes = u64::try_from(bytes).map_err(|_| {
-            Error::Read(format!(
+            Error::read_failed(format!(
                 "the source object's GetDriveSize gave a negative size ({bytes})"
             ))
         })?;
@@ -91,11 +91,11 @@ fn its_error() -> String {
 fn status_from(code: u32, what: &str) -> Result<SectorStatus> {
     match SectorStatus::from_legacy_code(code) {
         Some(status) => Ok(status),
-        None if code == 0 => Err(Error::Read(format!(
+        None if code == 0 => Err(Error::read_failed(format!(
             "the source object's {what} failed{}",
             its_error()
         ))),
-        None => Err(Error::Read(format!(
+        None => Err(Error::read_failed(format!(
             "the source object's {what} returned an unknown result {code}"
         ))),
     }
@@ -105,7 +105,7 @@ fn status_from(code: u32, what: &str) -> Result<SectorStatus> {
 /// own `HUGE` size, so they fit; checked anyway.
 fn huge(sector: u64) -> Result<c_longlong> {
     c_longlong::try_from(sector)
-        .map_err(|_| Error::InvalidBlock(format!("sector {sector} does not fit a HUGE")))
+        .map_err(|_| Error::invalid_block(format!("sector {sector} does not fit a HUGE")))
 }
 
 impl Disk for CallerDisk {
@@ -137,7 +137,7 @@ impl Disk for CallerDisk {
         let read = self
             .table()
             .ReadSectors
-            .ok_or_else(|| Error::InvalidHandle("the source object has no ReadSectors".into()))?;
+            .ok_or_else(|| Error::invalid_handle("the source object has no ReadSectors".into()))?;
         let mut status = SectorStatus::NotAlloc;
         for (i, chunk) in buf
             .chunks_mut(SECTORS_PER_CALL as usize * SECTOR_SIZE)
@@ -151,7 +151,7 @@ impl Disk for CallerDisk {
             let code =
                 unsafe { read(self.object, chunk.as_mut_ptr().cast::<c_void>(), at_huge, n) };
             let chunk_status = status_from(code as u32, "ReadSectors")
-                .map_err(|e| Error::Read(format!("{e} at sector {at} (+{n})")))?;
+                .map_err(|e| Error::read_failed(format!("{e} at sector {at} (+{n})")))?;
             if chunk_status != SectorStatus::Normal {
                 chunk.fill(0);
             }

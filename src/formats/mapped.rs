@@ -146,8 +146,9 @@ pub fn status_run<M: MappedImage + ?Sized>(
         }
         done += n;
     }
-    let status = first
-        .ok_or_else(|| Error::InvalidArgument("the status run of zero sectors was asked".into()))?;
+    let status = first.ok_or_else(|| {
+        Error::invalid_argument("the status run of zero sectors was asked".into())
+    })?;
     Ok((status, done))
 }
 
@@ -155,7 +156,7 @@ pub fn status_run<M: MappedImage + ?Sized>(
 /// than asked would overrun the buffer. Both are bugs reported as errors.
 fn sanitize_run(run: u64, asked: u64) -> Result<u64> {
     if run == 0 || run > asked {
-        return Err(Error::Internal(format!(
+        return Err(Error::internal(format!(
             "format mapped a run of {run} sectors when {asked} were asked"
         )));
     }

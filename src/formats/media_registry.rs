@@ -124,7 +124,7 @@ impl MediaRegistry {
         let present: Vec<&PathBuf> = files.iter().filter(|f| f.is_file()).collect();
         if present.is_empty() {
             let looked: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-            return Err(Error::Open(format!(
+            return Err(Error::open(format!(
                 "{}: no media registry found (looked for {}, *.vbox in the image's folder \
                  and its parent, and {GLOBAL_FILE}: {})",
                 image.display(),
@@ -201,8 +201,8 @@ fn file_identity(path: &Path) -> Option<(u64, u64)> {
 /// in its parent folder, then `VirtualBox.xml` in each of `global_dirs`.
 /// An error when `image` does not exist.
 pub fn registry_files_for_image(image: &Path, global_dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let image = std::fs::canonicalize(image)
-        .map_err(|e| Error::Open(format!("{}: {e}", image.display())))?;
+    let image =
+        std::fs::canonicalize(image).map_err(|e| Error::open(e.to_string()).with_path(image))?;
     let mut files = Vec::new();
     if let Some(folder) = image.parent() {
         files.push(folder.join(LEGACY_MEDIA_FILE));
@@ -257,12 +257,12 @@ pub fn read_registry_file(xml: &Path) -> Result<Vec<MediaEntry>> {
         .read_to_end(&mut bytes)
         .map_err(|e| Error::read(&format!("{name}: media registry"), 0, e))?;
     if bytes.len() as u64 > MAX_REGISTRY_BYTES {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{name}: media registry larger than {MAX_REGISTRY_BYTES} bytes"
         )));
     }
     let text = String::from_utf8(bytes).map_err(|e| {
-        Error::Corrupt(format!(
+        Error::corrupt(format!(
             "{name}: media registry is not UTF-8 text (byte offset {})",
             e.utf8_error().valid_up_to()
         ))
@@ -281,7 +281,7 @@ pub fn parse_registry(text: &str, xml: &Path) -> Result<Vec<MediaEntry>> {
             .filter(|b| **b == b'\n')
             .count()
             + 1;
-        Error::Unsupported(format!("{name}: line {line}: {what}"))
+        Error::unsupported(format!("{name}: line {line}: {what}"))
     })?;
     let options = roxmltree::ParsingOptions {
         allow_dtd: false,
@@ -289,7 +289,7 @@ pub fn parse_registry(text: &str, xml: &Path) -> Result<Vec<MediaEntry>> {
         ..roxmltree::ParsingOptions::default()
     };
     let doc = roxmltree::Document::parse_with_options(text, options).map_err(|e| {
-        Error::Corrupt(format!(
+        Error::corrupt(format!(
             "{name}: media registry is not well-formed XML: {e}"
         ))
     })?;
@@ -325,16 +325,16 @@ pub fn parse_registry(text: &str, xml: &Path) -> Result<Vec<MediaEntry>> {
             while let Some((node, parent, level)) = stack.pop() {
                 let line = line_at(node.range().start);
                 if level > MAX_NESTING {
-                    return Err(Error::Unsupported(format!(
+                    return Err(Error::unsupported(format!(
                         "{name}: line {line}: HardDisk elements nested more than \
                          {MAX_NESTING} deep"
                     )));
                 }
                 let uuid_attr = node.attribute("uuid").ok_or_else(|| {
-                    Error::Corrupt(format!("{name}: line {line}: HardDisk has no uuid"))
+                    Error::corrupt(format!("{name}: line {line}: HardDisk has no uuid"))
                 })?;
                 let uuid = parse_uuid_text(uuid_attr).ok_or_else(|| {
-                    Error::Corrupt(format!(
+                    Error::corrupt(format!(
                         "{name}: line {line}: HardDisk uuid '{uuid_attr}' is not a UUID"
                     ))
                 })?;
@@ -342,13 +342,13 @@ pub fn parse_registry(text: &str, xml: &Path) -> Result<Vec<MediaEntry>> {
                     .attribute("location")
                     .filter(|l| !l.trim().is_empty())
                     .ok_or_else(|| {
-                        Error::Corrupt(format!(
+                        Error::corrupt(format!(
                             "{name}: line {line}: HardDisk {} has no location",
                             uuid_text(&uuid)
                         ))
                     })?;
                 if let Some(first) = seen.insert(uuid, line) {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "{name}: lines {first} and {line} both describe the disk {}",
                         uuid_text(&uuid)
                     )));
@@ -607,7 +607,7 @@ pub(crate) fn registry_parent(
 /// Checks a legacy `iChain` index: below [`MAX_CHAIN_DEPTH`].
 fn check_chain_index(i_chain: usize) -> Result<()> {
     if i_chain >= MAX_CHAIN_DEPTH {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "chain index {i_chain}: a disk's index in a differencing chain is below \
              {MAX_CHAIN_DEPTH} (the deepest chain followed)"
         )));
@@ -637,14 +637,14 @@ pub fn open_by_uuid(
 ) -> Result<Box<dyn Disk>> {
     check_chain_index(i_chain)?;
     let entry = lookup_entry(uuid).ok_or_else(|| {
-        Error::Open(format!(
+        Error::open(format!(
             "no disk with UUID {} in the loaded media registry (load the registry that \
              describes it first)",
             uuid_text(uuid)
         ))
     })?;
     if !entry.location.is_file() {
-        return Err(Error::Open(format!(
+        return Err(Error::open(format!(
             "{}: line {}: the disk {} is at '{}', which is not there",
             entry.registry.display(),
             entry.line,
@@ -656,7 +656,7 @@ pub fn open_by_uuid(
     if let Some(found) = disk.uuid() {
         let found = registry_key(disk.drive_type(), found);
         if &found != uuid {
-            return Err(Error::SourceMismatch(format!(
+            return Err(Error::source_mismatch(format!(
                 "{}: line {}: names '{}' as the disk {}, but that image's UUID is {}",
                 entry.registry.display(),
                 entry.line,
@@ -691,7 +691,7 @@ fn quick_uuid_and_type(path: &Path) -> Result<([u8; 16], DriveType)> {
         FormatId::Vhd => Ok((vhd::footer_unique_id(path)?, DriveType::Vhd)),
         FormatId::Vmdk => {
             let image = vmdk::descriptor_uuids(path)?.image.ok_or_else(|| {
-                Error::Unsupported(format!(
+                Error::unsupported(format!(
                     "{}: VMDK descriptor records no ddb.uuid.image",
                     path.display()
                 ))
@@ -703,7 +703,7 @@ fn quick_uuid_and_type(path: &Path) -> Result<([u8; 16], DriveType)> {
             let image = vci::Vci::open(path, &vci::VciOptions::default())?;
             Ok((image.header().uuid, DriveType::Vci))
         }
-        other => Err(Error::Unsupported(format!(
+        other => Err(Error::unsupported(format!(
             "{}: {} images carry no UUID",
             path.display(),
             other.name()

@@ -44,7 +44,7 @@ pub fn open_path(path: &Path, options: &OpenOptions) -> Result<Box<dyn Disk>> {
 
 /// Opens a file for reading only, with an error naming the path.
 pub fn open_read_only(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| Error::Open(format!("{}: {e}", path.display())))
+    File::open(path).map_err(|e| Error::open(e.to_string()).with_path(path))
 }
 
 /// The deepest parent/backing chain any format follows: a loop or an
@@ -78,7 +78,7 @@ pub fn open_parent_as(
     depth: usize,
 ) -> Result<Box<dyn Disk>> {
     if !options.follow_parent_paths {
-        return Err(Error::Open(format!(
+        return Err(Error::open(format!(
             "{}: needs its parent image '{named}'; following parent paths named \
              inside an image is off (enable it with the follow-parent-paths open \
              flag, or supply the parent yourself)",
@@ -109,7 +109,7 @@ pub fn open_parent_at_path(
 ) -> Result<Box<dyn Disk>> {
     let named = path.display().to_string();
     if !options.follow_parent_paths {
-        return Err(Error::Open(format!(
+        return Err(Error::open(format!(
             "{}: needs its parent image '{named}'; following parent paths named \
              inside an image is off (enable it with the follow-parent-paths open \
              flag, or supply the parent yourself)",
@@ -130,13 +130,13 @@ fn open_resolved_parent(
     depth: usize,
 ) -> Result<Box<dyn Disk>> {
     if depth + 1 >= MAX_CHAIN_DEPTH {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{}: parent chain deeper than {MAX_CHAIN_DEPTH} images (a loop?)",
             child.display()
         )));
     }
     if !path.exists() {
-        return Err(Error::Open(format!(
+        return Err(Error::open(format!(
             "{}: parent image '{}' not found",
             child.display(),
             path.display()
@@ -146,7 +146,7 @@ fn open_resolved_parent(
         None => open_path_at_depth(path, options, depth + 1),
         Some(hint) => {
             let format = FormatId::from_qemu_name(hint).ok_or_else(|| {
-                Error::Unsupported(format!(
+                Error::unsupported(format!(
                     "{}: parent image '{named}' has format '{hint}', which this \
                      library does not read",
                     child.display()

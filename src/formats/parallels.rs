@@ -108,7 +108,7 @@ fn le_u64(bytes: &[u8], at: usize) -> u64 {
 /// Parses and cross-checks a 64-byte header. `what` names the file.
 pub fn parse_header(bytes: &[u8], what: &str) -> Result<ParallelsHeader> {
     if bytes.len() < HEADER_BYTES {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what}: {} bytes is too short for a Parallels header ({HEADER_BYTES} bytes)",
             bytes.len()
         )));
@@ -117,21 +117,21 @@ pub fn parse_header(bytes: &[u8], what: &str) -> Result<ParallelsHeader> {
         m if m == MAGIC_CLUSTERS => true,
         m if m == MAGIC_SECTORS => false,
         _ => {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: no Parallels magic at byte offset 0"
             )))
         }
     };
     let version = le_u32(bytes, VERSION_AT);
     if version != VERSION {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{what}: Parallels version {version} at byte offset {VERSION_AT}; only version \
              {VERSION} is read"
         )));
     }
     let cluster_sectors = le_u32(bytes, CLUSTER_SECTORS_AT);
     if cluster_sectors == 0 || cluster_sectors > MAX_CLUSTER_SECTORS {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what}: Parallels cluster size at byte offset {CLUSTER_SECTORS_AT} is \
              {cluster_sectors} sectors, not 1..={MAX_CLUSTER_SECTORS}"
         )));
@@ -153,14 +153,14 @@ pub fn parse_header(bytes: &[u8], what: &str) -> Result<ParallelsHeader> {
     };
     let needed = header.clusters_in_disk();
     if needed > u64::from(bat_entries) {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what}: Parallels disk of {disk_sectors} sectors needs {needed} clusters of \
              {cluster_sectors} sectors, but the BAT size at byte offset {BAT_ENTRIES_AT} \
              is {bat_entries}"
         )));
     }
     if needed > MAX_BAT_ENTRIES {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{what}: Parallels BAT of {needed} entries is larger than the \
              {MAX_BAT_ENTRIES} this reader holds in memory"
         )));
@@ -172,7 +172,7 @@ pub fn parse_header(bytes: &[u8], what: &str) -> Result<ParallelsHeader> {
         u64::from(data_off_sectors) * SECTOR_BYTES
     };
     if header.data_offset < header.bat_end() {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what}: Parallels data area at sector {data_off_sectors} (byte offset \
              {DATA_OFFSET_AT}) overlaps the {bat_entries}-entry BAT"
         )));
@@ -210,12 +210,12 @@ impl ParallelsDisk {
         let file = open_read_only(path)?;
         let file_bytes = file
             .metadata()
-            .map_err(|e| Error::Open(format!("{what}: {e}")))?
+            .map_err(|e| Error::open(format!("{what}: {e}")))?
             .len();
         let mut header_bytes = [0u8; HEADER_BYTES];
         file.read_exact_at(&mut header_bytes, 0)
             .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => Error::Corrupt(format!(
+                std::io::ErrorKind::UnexpectedEof => Error::corrupt(format!(
                     "{what}: file is shorter than a Parallels header ({HEADER_BYTES} bytes)"
                 )),
                 _ => Error::read(&format!("{what}: Parallels header"), 0, e),
@@ -247,7 +247,7 @@ fn read_bat(
     file_bytes: u64,
 ) -> Result<Vec<u64>> {
     if header.bat_end() > file_bytes {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what}: Parallels BAT of {} entries at byte offset {HEADER_BYTES} runs past the \
              end of the {file_bytes}-byte file",
             header.bat_entries
@@ -272,7 +272,7 @@ fn read_bat(
             // Only the part of the last cluster inside the disk must exist.
             let used = (disk_bytes - index as u64 * cluster_bytes).min(cluster_bytes);
             if offset < header.data_offset || offset + used > file_bytes {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{what}: Parallels BAT entry {index} (byte offset {entry_at}) points at \
                      bytes {offset}..{}, outside the data area {}..{file_bytes}",
                     offset + used,
@@ -334,7 +334,7 @@ impl MappedImage for ParallelsDisk {
                     e,
                 )
             }),
-            other => Err(Error::Internal(format!(
+            other => Err(Error::internal(format!(
                 "Parallels reader asked to read a {other:?} run"
             ))),
         }
@@ -389,12 +389,14 @@ mod tests {
         assert!(parse_header(&header_bytes(b"WithoutFreeSpacX", 8, 2, 10), "t").is_err());
         assert!(matches!(
             parse_header(&header_bytes(MAGIC_CLUSTERS, 1, u32::MAX, u64::MAX), "t"),
-            Err(Error::Corrupt(_) | Error::Unsupported(_))
+            Err(ref e) if matches!(e.kind(), crate::error::ErrorCode::Corrupt | crate::error::ErrorCode::Unsupported)
         ));
         let mut b = header_bytes(MAGIC_CLUSTERS, 8, 2, 10);
         b[DATA_OFFSET_AT] = 0; // explicit zero is fine: computed
         assert!(parse_header(&b, "t").is_ok());
         b[VERSION_AT] = 3;
-        assert!(matches!(parse_header(&b, "t"), Err(Error::Unsupported(_))));
+        assert!(
+            matches!(parse_header(&b, "t"), Err(ref e) if e.kind() == crate::error::ErrorCode::Unsupported)
+        );
     }
 }

@@ -22,9 +22,9 @@ impl RawDisk {
         let file = open_read_only(path)?;
         let meta = file
             .metadata()
-            .map_err(|e| Error::Open(format!("{}: {e}", path.display())))?;
+            .map_err(|e| Error::open(e.to_string()).with_path(path))?;
         if !meta.is_file() && !is_block_device(&meta) {
-            return Err(Error::Open(format!(
+            return Err(Error::open(format!(
                 "{}: not a regular file or block device",
                 path.display()
             )));
@@ -51,7 +51,7 @@ fn device_size(file: &File, path: &Path) -> Result<u64> {
     use std::io::{Seek, SeekFrom};
     let mut f = file;
     f.seek(SeekFrom::End(0))
-        .map_err(|e| Error::Seek(format!("{}: {e}", path.display())))
+        .map_err(|e| Error::seek(e.to_string()).with_path(path))
 }
 
 /// Any file can be read as raw.
@@ -103,7 +103,7 @@ impl Disk for RawDisk {
     fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         check_range(lba, count, self.sector_count())?;
         if count == 0 {
-            return Err(Error::InvalidArgument(
+            return Err(Error::invalid_argument(
                 "the status run of zero sectors was asked".into(),
             ));
         }

@@ -285,7 +285,7 @@ pub fn detect(path: &Path) -> Result<FormatId> {
         .find(|info| (info.probe)(&file))
         .map(|info| info.id)
         .ok_or_else(|| {
-            Error::Unsupported(format!(
+            Error::unsupported(format!(
                 "{}: not an image format this library reads",
                 path.display()
             ))

@@ -178,7 +178,7 @@ impl Superblock {
     /// cannot vouch for is an error naming it.
     pub fn parse(raw: &[u8]) -> Result<Superblock> {
         if !has_magic(raw) {
-            return Err(Error::Corrupt("no ext superblock magic".into()));
+            return Err(Error::corrupt("no ext superblock magic".into()));
         }
         let raw = raw[..SUPERBLOCK_BYTES].to_vec();
         let rev = le32(&raw, 0x4C);
@@ -189,7 +189,7 @@ impl Superblock {
         };
         let log_block = le32(&raw, 0x18);
         if log_block > 6 {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "ext superblock: block size 2^(10+{log_block}) is larger than 64 KiB"
             )));
         }
@@ -238,7 +238,7 @@ impl Superblock {
     }
 
     fn check(&self) -> Result<()> {
-        let bad = |what: String| Err(Error::Corrupt(format!("ext superblock: {what}")));
+        let bad = |what: String| Err(Error::corrupt(format!("ext superblock: {what}")));
         if self.has_ro(ro_compat::METADATA_CSUM) {
             let stored = le32(&self.raw, 0x3FC);
             let computed = crc32c_raw(!0, &self.raw[..0x3FC]);
@@ -327,35 +327,35 @@ impl Superblock {
     /// a journal to replay, errors, an unclean unmount, unknown features.
     pub fn check_bitmaps_trustworthy(&self) -> Result<()> {
         if self.has_incompat(incompat::RECOVER) {
-            return Err(Error::Unsupported(
+            return Err(Error::unsupported(
                 "the journal needs recovery (needs_recovery): the bitmaps may be stale".into(),
             ));
         }
         if self.has_incompat(incompat::JOURNAL_DEV) {
-            return Err(Error::Unsupported(
+            return Err(Error::unsupported(
                 "an external journal device, not a filesystem".into(),
             ));
         }
         let unknown = self.incompat & !incompat::KNOWN;
         if unknown != 0 {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "incompatible features {unknown:#x} this library does not know"
             )));
         }
         let unknown = self.ro_compat & !ro_compat::KNOWN;
         if unknown != 0 {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "read-only-compatible features {unknown:#x} (bigalloc, snapshots or newer) \
                  this library does not read"
             )));
         }
         if self.state & 0x2 != 0 {
-            return Err(Error::Unsupported(
+            return Err(Error::unsupported(
                 "the filesystem is marked as having errors (run e2fsck)".into(),
             ));
         }
         if self.state & 0x1 == 0 {
-            return Err(Error::Unsupported(
+            return Err(Error::unsupported(
                 "the filesystem was not cleanly unmounted (run e2fsck)".into(),
             ));
         }
@@ -508,7 +508,7 @@ impl GroupDesc {
         };
         if let Some(expected) = expected {
             if expected != desc.checksum {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "group descriptor {g}: checksum {:#06x}, its bytes give {expected:#06x}",
                     desc.checksum
                 )));
@@ -559,7 +559,7 @@ impl ExtFs {
         let sb = Superblock::parse(&raw)?;
         let fs_bytes = sb.blocks_count.checked_mul(sb.block_size);
         if fs_bytes.is_none_or(|b| b > vol.bytes()) {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "ext: {} blocks of {} bytes do not fit the partition of {} bytes",
                 sb.blocks_count,
                 sb.block_size,
@@ -568,7 +568,7 @@ impl ExtFs {
         }
         let count = sb.group_count();
         if count > MAX_GROUPS {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "ext: {count} block groups (more than {MAX_GROUPS})"
             )));
         }
@@ -577,7 +577,7 @@ impl ExtFs {
         for i in 0..sb.gdt_blocks() {
             let block = sb.desc_block(i);
             if block >= sb.blocks_count {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "ext: descriptor block {i} at block {block}, outside the filesystem"
                 )));
             }
@@ -622,7 +622,7 @@ impl ExtFs {
                 if first < sb.first_data_block
                     || first.checked_add(n).is_none_or(|end| end > sb.blocks_count)
                 {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "ext: group {g}'s {what} (blocks {first}..+{n}) lies outside the \
                          filesystem of {} blocks",
                         sb.blocks_count
@@ -676,7 +676,7 @@ impl ExtFs {
                 }
             }
             if count != d.free_blocks {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "ext: group {g}'s bitmap has {count} free blocks, its descriptor says {} \
                      (run e2fsck)",
                     d.free_blocks

@@ -88,7 +88,7 @@ impl BootSector {
         let root_sectors = (root_entries * 32).div_ceil(bytes_per_sector);
         let data_start = reserved_sectors + fats * fat_sectors + root_sectors;
         if data_start >= total_sectors {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "FAT: the data area starts at sector {data_start}, past the {total_sectors} \
                  sectors of the volume"
             )));
@@ -114,7 +114,7 @@ impl BootSector {
             clusters,
         };
         if kind == FsKind::Fat32 && (fat16 != 0 || root_entries != 0) {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "FAT: {clusters} clusters make FAT32, but the boot sector has FAT16 fields \
                  (sectors per FAT {fat16}, root entries {root_entries})"
             )));
@@ -122,7 +122,7 @@ impl BootSector {
         let entry_bits = boot.entry_bits();
         let needed = ((clusters + 2) * entry_bits).div_ceil(8);
         if fat_sectors * bytes_per_sector < needed {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "FAT: {fat_sectors} sectors per FAT cannot hold {} entries",
                 clusters + 2
             )));
@@ -196,9 +196,9 @@ const CHUNK: u64 = 3 << 18;
 pub fn free_space(vol: &mut Volume) -> Result<Vec<(u64, u64)>> {
     let raw = vol.read(0, 512, "FAT boot sector")?;
     let boot = BootSector::parse(&raw)?
-        .ok_or_else(|| Error::Corrupt("FAT: the boot sector is not a FAT boot sector".into()))?;
+        .ok_or_else(|| Error::corrupt("FAT: the boot sector is not a FAT boot sector".into()))?;
     if boot.total_sectors * boot.bytes_per_sector > vol.bytes() {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "FAT: {} sectors of {} bytes do not fit the partition of {} bytes",
             boot.total_sectors,
             boot.bytes_per_sector,
@@ -206,7 +206,7 @@ pub fn free_space(vol: &mut Volume) -> Result<Vec<(u64, u64)>> {
         )));
     }
     if boot.dirty_flag() {
-        return Err(Error::Unsupported(
+        return Err(Error::unsupported(
             "the volume is marked dirty (not cleanly unmounted; run fsck.fat)".into(),
         ));
     }
@@ -222,7 +222,7 @@ pub fn free_space(vol: &mut Volume) -> Result<Vec<(u64, u64)>> {
         for copy in 1..boot.fats {
             let other = vol.read(boot.fat_offset(copy) + chunk_start, len, "FAT copy")?;
             if other != first {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "FAT copy {} differs from the first FAT (run fsck.fat)",
                     copy + 1
                 )));
@@ -234,7 +234,7 @@ pub fn free_space(vol: &mut Volume) -> Result<Vec<(u64, u64)>> {
             let n = entries_before + i;
             let value = entry(&first, bits, i);
             if n == 1 && !clean_bit(bits, value) {
-                return Err(Error::Unsupported(
+                return Err(Error::unsupported(
                     "the FAT's clean-shutdown bit is clear (not cleanly unmounted; run \
                      fsck.fat)"
                         .into(),

@@ -73,7 +73,7 @@ impl BootSector {
         if raw.len() < 512 || &raw[3..11] != b"NTFS    " || raw[510..512] != [0x55, 0xAA] {
             return Ok(None);
         }
-        let bad = |what: String| Err(Error::Corrupt(format!("NTFS boot sector: {what}")));
+        let bad = |what: String| Err(Error::corrupt(format!("NTFS boot sector: {what}")));
         let bytes_per_sector = u64::from(le16(raw, 0x0B));
         if ![512, 1024, 2048, 4096].contains(&bytes_per_sector) {
             return bad(format!("{bytes_per_sector} bytes per sector"));
@@ -135,7 +135,7 @@ pub fn probe(vol: &mut Volume) -> Result<bool> {
 /// Applies the update-sequence fixups of a multi-sector-protected block
 /// (an MFT record or a log restart page) in place.
 pub fn apply_fixups(block: &mut [u8], what: &str) -> Result<()> {
-    let bad = |why: String| Err(Error::Corrupt(format!("{what}: {why}")));
+    let bad = |why: String| Err(Error::corrupt(format!("{what}: {why}")));
     let usa_at = usize::from(le16(block, 4));
     let count = usize::from(le16(block, 6));
     let strides = block.len() / 512;
@@ -179,7 +179,7 @@ pub struct Attribute {
 
 /// The attributes of an MFT record (fixups applied).
 pub fn attributes(record: &[u8], what: &str) -> Result<Vec<Attribute>> {
-    let bad = |why: String| Err(Error::Corrupt(format!("{what}: {why}")));
+    let bad = |why: String| Err(Error::corrupt(format!("{what}: {why}")));
     if &record[..4] != b"FILE" {
         return bad("no FILE signature".into());
     }
@@ -252,7 +252,7 @@ pub fn attributes(record: &[u8], what: &str) -> Result<Vec<Attribute>> {
 /// Decodes data runs into `(first cluster, clusters)`; a sparse run is
 /// refused (the system files read here are never sparse).
 pub fn data_runs(runs: &[u8], clusters: u64, what: &str) -> Result<Vec<(u64, u64)>> {
-    let bad = |why: String| Err(Error::Corrupt(format!("{what}: data runs: {why}")));
+    let bad = |why: String| Err(Error::corrupt(format!("{what}: data runs: {why}")));
     let mut out = Vec::new();
     let mut at = 0;
     let mut lcn: i64 = 0;
@@ -276,7 +276,7 @@ pub fn data_runs(runs: &[u8], clusters: u64, what: &str) -> Result<Vec<(u64, u64
         };
         let length = field(at + 1, len_bytes);
         if off_bytes == 0 {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "{what}: a sparse run in a system file"
             )));
         }
@@ -287,7 +287,7 @@ pub fn data_runs(runs: &[u8], clusters: u64, what: &str) -> Result<Vec<(u64, u64
         lcn = lcn
             .checked_add(delta)
             .filter(|&l| l >= 0)
-            .ok_or_else(|| Error::Corrupt(format!("{what}: a run before cluster 0")))?;
+            .ok_or_else(|| Error::corrupt(format!("{what}: a run before cluster 0")))?;
         let start = lcn as u64;
         if length == 0 || start.checked_add(length).is_none_or(|end| end > clusters) {
             return bad(format!(
@@ -312,20 +312,20 @@ impl Ntfs {
     pub fn open(vol: &mut Volume) -> Result<Ntfs> {
         let raw = vol.read(0, 512, "NTFS boot sector")?;
         let boot = BootSector::parse(&raw)?
-            .ok_or_else(|| Error::Corrupt("not an NTFS boot sector".into()))?;
+            .ok_or_else(|| Error::corrupt("not an NTFS boot sector".into()))?;
         if boot
             .total_sectors
             .checked_mul(boot.bytes_per_sector)
             .is_none_or(|b| b > vol.bytes())
         {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "NTFS: {} sectors do not fit the partition of {} bytes",
                 boot.total_sectors,
                 vol.bytes()
             )));
         }
         if boot.mft_cluster >= boot.clusters() {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "NTFS: the MFT at cluster {} lies outside the volume",
                 boot.mft_cluster
             )));
@@ -365,13 +365,13 @@ impl Ntfs {
             let bytes = n * cb;
             if at < vcn_start + bytes {
                 if at - vcn_start + self.boot.record_bytes > bytes {
-                    return Err(Error::Unsupported(format!("{what} straddles two MFT runs")));
+                    return Err(Error::unsupported(format!("{what} straddles two MFT runs")));
                 }
                 return Ok(lcn * cb + (at - vcn_start));
             }
             vcn_start += bytes;
         }
-        Err(Error::Corrupt(format!("{what} lies past the MFT's runs")))
+        Err(Error::corrupt(format!("{what} lies past the MFT's runs")))
     }
 
     /// Refuses a volume marked dirty, or whose log has something to replay
@@ -381,12 +381,12 @@ impl Ntfs {
         let info = attributes(&record, "NTFS $Volume")?
             .into_iter()
             .find(|a| a.kind == ATTR_VOLUME_INFORMATION && !a.non_resident)
-            .ok_or_else(|| Error::Corrupt("NTFS $Volume has no $VOLUME_INFORMATION".into()))?;
+            .ok_or_else(|| Error::corrupt("NTFS $Volume has no $VOLUME_INFORMATION".into()))?;
         if info.body.len() < 0x0C {
-            return Err(Error::Corrupt("NTFS $VOLUME_INFORMATION too short".into()));
+            return Err(Error::corrupt("NTFS $VOLUME_INFORMATION too short".into()));
         }
         if le16(&info.body, 0x0A) & VOLUME_DIRTY != 0 {
-            return Err(Error::Unsupported(
+            return Err(Error::unsupported(
                 "the volume is marked dirty (run chkdsk or ntfsfix)".into(),
             ));
         }
@@ -395,20 +395,20 @@ impl Ntfs {
         let runs = data_runs(&log.body, self.boot.clusters(), "NTFS $LogFile")?;
         let &(lcn, _) = runs
             .first()
-            .ok_or_else(|| Error::Corrupt("NTFS $LogFile has no clusters".into()))?;
+            .ok_or_else(|| Error::corrupt("NTFS $LogFile has no clusters".into()))?;
         let offset = lcn * self.boot.cluster_bytes;
         let head = vol.read(offset, 512, "NTFS $LogFile")?;
         if head[..4] == [0xFF; 4] {
             return Ok(()); // an emptied log: nothing to replay
         }
         if &head[..4] != b"RSTR" && &head[..4] != b"CHKD" {
-            return Err(Error::Unsupported(
+            return Err(Error::unsupported(
                 "the log's restart page is damaged (run chkdsk)".into(),
             ));
         }
         let page = u64::from(le32(&head, 0x10));
         if !(512..=65536).contains(&page) || !page.is_power_of_two() {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "NTFS $LogFile: restart page of {page} bytes"
             )));
         }
@@ -416,14 +416,14 @@ impl Ntfs {
         apply_fixups(&mut restart, "NTFS $LogFile restart page")?;
         let area = usize::from(le16(&restart, 0x18));
         if area + 0x10 > restart.len() {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "NTFS $LogFile: restart area at {area}"
             )));
         }
         let in_use = le16(&restart, area + 0x0C);
         let flags = le16(&restart, area + 0x0E);
         if in_use != LOGFILE_NO_CLIENT && flags & RESTART_VOLUME_IS_CLEAN == 0 {
-            return Err(Error::Unsupported(
+            return Err(Error::unsupported(
                 "the log has changes to replay: Windows was not shut down cleanly, or is \
                  hibernated (fast startup); boot it and shut it down fully"
                     .into(),
@@ -441,7 +441,7 @@ impl Ntfs {
         let runs = data_runs(&data.body, clusters, "NTFS $Bitmap")?;
         let needed = clusters.div_ceil(8);
         if data.data_size < needed {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "NTFS $Bitmap holds {} bytes, {clusters} clusters need {needed}",
                 data.data_size
             )));
@@ -477,7 +477,7 @@ impl Ntfs {
             }
         }
         if bit < clusters {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "NTFS $Bitmap's runs cover {bit} of {clusters} clusters"
             )));
         }
@@ -490,16 +490,16 @@ impl Ntfs {
 fn unnamed_data(record: &[u8], what: &str) -> Result<Attribute> {
     let attrs = attributes(record, what)?;
     if attrs.iter().any(|a| a.kind == ATTR_ATTRIBUTE_LIST) {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{what} has an attribute list (too fragmented for this reader)"
         )));
     }
     let data = attrs
         .into_iter()
         .find(|a| a.kind == ATTR_DATA && a.name_len == 0)
-        .ok_or_else(|| Error::Corrupt(format!("{what} has no $DATA")))?;
+        .ok_or_else(|| Error::corrupt(format!("{what} has no $DATA")))?;
     if !data.non_resident || data.first_vcn != 0 || data.flags & 0xC001 != 0 {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{what}'s $DATA is resident, compressed, encrypted, sparse or split"
         )));
     }

@@ -36,6 +36,6 @@ pub fn probe(vol: &mut Volume) -> Result<bool> {
 /// Everything after the header page.
 pub fn free_space(vol: &mut Volume) -> Result<Vec<(u64, u64)>> {
     let page = page_size(vol)?
-        .ok_or_else(|| Error::Corrupt("swap: the SWAPSPACE2 signature went away".into()))?;
+        .ok_or_else(|| Error::corrupt("swap: the SWAPSPACE2 signature went away".into()))?;
     Ok(vec![(page, vol.bytes() - page)])
 }

@@ -53,7 +53,7 @@ impl FilesystemView {
             .checked_add(count)
             .is_none_or(|end| end > self.inner.sector_count())
         {
-            return Err(Error::InvalidBlock(format!(
+            return Err(Error::invalid_block(format!(
                 "sectors {lba}..+{count} of a disk of {} sectors",
                 self.inner.sector_count()
             )));
@@ -84,7 +84,7 @@ impl Disk for FilesystemView {
 
     fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         if !buf.len().is_multiple_of(SECTOR_SIZE) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "a read of {} bytes is not whole sectors",
                 buf.len()
             )));
@@ -130,7 +130,7 @@ impl Disk for FilesystemView {
 
     fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         if count == 0 {
-            return Err(Error::InvalidArgument(
+            return Err(Error::invalid_argument(
                 "the status run of zero sectors was asked".into(),
             ));
         }

@@ -24,7 +24,7 @@ impl<'a> Volume<'a> {
     pub fn new(disk: &'a mut dyn Disk, start: u64, sectors: u64) -> Result<Volume<'a>> {
         let end = start.checked_add(sectors);
         if end.is_none_or(|end| end > disk.sector_count()) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "the volume at sectors {start}..+{sectors} does not lie inside the disk of {} \
                  sectors",
                 disk.sector_count()
@@ -57,7 +57,7 @@ impl<'a> Volume<'a> {
     /// `what` names the structure in errors.
     pub fn read(&mut self, offset: u64, len: u64, what: &str) -> Result<Vec<u8>> {
         if len > MAX_READ {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "{what}: {len} bytes at offset {offset} is more than the {MAX_READ} bytes read \
                  at once"
             )));
@@ -71,7 +71,7 @@ impl<'a> Volume<'a> {
     pub fn read_into(&mut self, offset: u64, out: &mut [u8], what: &str) -> Result<()> {
         let len = out.len() as u64;
         if offset.checked_add(len).is_none_or(|end| end > self.bytes()) {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: {len} bytes at offset {offset} lie outside the partition of {} bytes",
                 self.bytes()
             )));

@@ -12,14 +12,14 @@ impl Overlay {
     pub fn insert(&mut self, lba: u64, count: u64) -> Result<()> {
         let size = self.map.len();
         if lba > size {
-            return Err(Error::InvalidBlock(format!(
+            return Err(Error::invalid_block(format!(
                 "insert at sector {lba}: past the end of a drive of {size} sectors"
             )));
         }
         size.checked_add(count)
             .and_then(|s| s.checked_mul(SECTOR_BYTES))
             .ok_or_else(|| {
-                Error::InvalidArgument(format!(
+                Error::invalid_argument(format!(
                     "inserting {count} sectors would make the drive exceed 2^64 bytes"
                 ))
             })?;
@@ -38,12 +38,12 @@ impl Overlay {
         let size = self.map.len();
         check_range(from, count, size)?;
         if to > size {
-            return Err(Error::InvalidBlock(format!(
+            return Err(Error::invalid_block(format!(
                 "move to sector {to}: past the end of a drive of {size} sectors"
             )));
         }
         if from <= to && to <= from + count {
-            return Err(Error::InvalidMove(format!(
+            return Err(Error::invalid_move(format!(
                 "destination {to} lies within the moved range {from}..={}",
                 from + count
             )));

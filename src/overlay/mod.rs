@@ -28,7 +28,7 @@
 // persists them; the overlay edits them); their public paths stay here.
 pub use crate::store::{extents, space};
 
-use crate::disk::{Disk, SECTOR_BYTES, SECTOR_SIZE};
+use crate::disk::{Disk, Rejected, SECTOR_BYTES, SECTOR_SIZE};
 use crate::error::{Error, Result};
 use extents::{Extent, ExtentKind, ExtentMap};
 use space::{FileStorage, Storage, UnitMap};
@@ -76,7 +76,7 @@ impl OverlayOptions {
     pub fn validate(&self) -> Result<()> {
         let g = self.granularity;
         if !g.is_power_of_two() || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&g) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "COW granularity {g} sectors: must be a power of two from \
                  {MIN_GRANULARITY} to {MAX_GRANULARITY}"
             )));
@@ -111,180 +111,93 @@ impl std::fmt::Debug for Overlay {
     }
 }
 
-impl Overlay {
-    /// An overlay over `source` with an anonymous store that vanishes when
-    /// the overlay is dropped (the legacy behaviour). It starts as one
-    /// extent mapping the whole source.
-    pub fn new(source: Box<dyn Disk>, options: OverlayOptions) -> Result<Overlay> {
-        Overlay::with_storage(source, Box::new(FileStorage::anonymous()?), options)
-    }
-
-    /// An overlay whose store lives in `store` (empty).
-    pub(crate) fn with_storage(
-        source: Box<dyn Disk>,
-        store: Box<dyn Storage>,
-        options: OverlayOptions,
-    ) -> Result<Overlay> {
-        Overlay::check_source(source.as_ref(), &options)?;
-        Ok(Overlay::assemble(source, store, options))
-    }
-
-    /// Builds an overlay whose source and options `check_source` accepted.
-    pub(crate) fn assemble(
-        source: Box<dyn Disk>,
-        store: Box<dyn Storage>,
-        options: OverlayOptions,
-    ) -> Overlay {
-        let sectors = source.sector_count();
-        Overlay {
-            source,
-            map: ExtentMap::with_extent(Extent {
-                len: sectors,
-                kind: ExtentKind::Source,
-                base: 0,
-            }),
-            store,
-            units: UnitMap::new(options.granularity, false),
-            data_offset: 0,
-            store_file_len: 0,
-            options,
-            journal: None,
-            read_only: false,
-        }
-    }
-
-    /// An overlay over `source` with a new persistent store at `path` (which
-    /// must not exist). The store records the source's identity; it is
-    /// locked against other writers while open.
-    pub fn create_persistent(
-        mut source: Box<dyn Disk>,
-        path: &Path,
-        options: OverlayOptions,
-    ) -> Result<Overlay> {
-        let prepared = Overlay::prepare_persistent(path, source.as_mut(), options)?;
-        Ok(prepared.attach(source))
-    }
-
-    /// The fallible half of `create_persistent`: creates and initialises the
-    /// store file for `source` without taking the source.
-    ///
-    /// The store is created atomically (`crate::newfile`): built and synced
-    /// under a temporary name in the same folder, renamed into place, then
-    /// the folder synced. A crash before this returns leaves nothing at
-    /// `path`; once it returns, the store survives a crash.
-    pub(crate) fn prepare_persistent(
-        path: &Path,
-        source: &mut dyn Disk,
-        options: OverlayOptions,
-    ) -> Result<PreparedStore> {
-        Overlay::check_source(source, &options)?;
-        let identity = store::identify(source)?;
-        let sectors = source.sector_count();
-        let what = format!("overlay store {}", path.display());
-        let (_file, prepared) = crate::newfile::create_atomically(path, &what, |file| {
-            // Locked before it has its name: no one sees it unlocked.
-            file.try_lock()
-                .map_err(|_| Error::Locked(format!("{what}: cannot lock the new store")))?;
-            let file = file
-                .try_clone()
-                .map_err(|e| Error::Open(format!("{what}: {e}")))?;
-            PreparedStore::create(
-                Box::new(FileStorage::new(file, what.clone())),
-                sectors,
-                identity,
-                options,
-            )
-        })?;
-        Ok(prepared)
-    }
-
-    /// `create_persistent` on any empty storage (tests put a fault-injecting
-    /// layer here). `identity` is the source's (`store::identify`).
-    pub fn create_on(
-        store: Box<dyn Storage>,
-        source: Box<dyn Disk>,
-        identity: SourceIdentity,
-        options: OverlayOptions,
-    ) -> Result<Overlay> {
-        Overlay::check_source(source.as_ref(), &options)?;
-        Overlay::create_on_with_log(
-            store,
-            source,
-            identity,
-            options,
-            store::format::DEFAULT_LOG_SIZE,
-        )
-    }
-
-    /// `create_on` with a log of `log_size` bytes instead of the default
-    /// 16 MiB (a multiple of 4096, at least 64 KiB): the format allows small
-    /// logs, and the crash tests use them to reach log wraps and full logs.
-    pub fn create_on_with_log(
-        store: Box<dyn Storage>,
-        source: Box<dyn Disk>,
-        identity: SourceIdentity,
-        options: OverlayOptions,
+/// Where an overlay keeps what is written to it.
+pub enum StoreChoice<'a> {
+    /// A temporary file, removed when the overlay is dropped (the legacy
+    /// behaviour).
+    Anonymous,
+    /// A new persistent store file at this path, which must not exist. The
+    /// store records the source's identity and is locked against other
+    /// writers while open.
+    Create(&'a Path),
+    /// The persistent store at `path`, reopened: its log is replayed (in
+    /// memory only when `read_only`) and a source that is not the disk the
+    /// store was made on is refused (`SourceMismatch`). A writer holds an
+    /// exclusive lock, a reader a shared one (`Locked` when taken).
+    Open { path: &'a Path, read_only: bool },
+    /// A new persistent store on `storage` (empty) with a log of
+    /// `log_size` bytes (a multiple of 4096, at least 64 KiB); tests put a
+    /// fault-injecting layer and small logs here.
+    CreateOn {
+        storage: Box<dyn Storage>,
         log_size: u64,
-    ) -> Result<Overlay> {
-        Overlay::check_source(source.as_ref(), &options)?;
-        let prepared = PreparedStore::create_with_log(
-            store,
-            source.sector_count(),
-            identity,
-            options,
-            log_size,
-        )?;
-        Ok(prepared.attach(source))
-    }
-
-    /// Reopens the persistent store at `path` over `source`: replays its log
-    /// (in memory only when `read_only`), and refuses a source that is not
-    /// the disk the store was made on (`SourceMismatch`). A writer holds an
-    /// exclusive lock; a reader a shared one (`Locked` when taken).
-    pub fn open_persistent(path: &Path, source: Box<dyn Disk>, read_only: bool) -> Result<Overlay> {
-        let (storage, opened) = Overlay::load_persistent(path, read_only)?;
-        let mut source = source;
-        Overlay::check_store_source(&opened, source.as_mut())?;
-        Ok(Overlay::from_opened(storage, opened, source, read_only))
-    }
-
-    /// First half of `open_persistent`: opens, locks and loads the store.
-    pub fn load_persistent(
-        path: &Path,
+    },
+    /// The persistent store on `storage`, reopened as [`StoreChoice::Open`].
+    OpenOn {
+        storage: Box<dyn Storage>,
         read_only: bool,
-    ) -> Result<(Box<dyn Storage>, OpenedStore)> {
-        store::load_store_file(path, read_only)
-    }
+    },
+}
 
-    /// Checks that `source` is the disk the loaded store was made on.
-    pub fn check_store_source(opened: &OpenedStore, source: &mut dyn Disk) -> Result<()> {
-        let found = store::identify(source)?;
-        store::compare_identity(&opened.source, &found)
-    }
+/// Everything of an overlay but its source: what [`StoreChoice`] yields.
+struct StoreParts {
+    map: ExtentMap,
+    store: Box<dyn Storage>,
+    units: UnitMap,
+    data_offset: u64,
+    options: OverlayOptions,
+    journal: Option<Journal>,
+    read_only: bool,
+}
 
-    /// Second half of `open_persistent`: joins a loaded store to its
-    /// (checked) source.
-    pub fn from_opened(
-        store: Box<dyn Storage>,
-        opened: OpenedStore,
-        source: Box<dyn Disk>,
-        read_only: bool,
-    ) -> Overlay {
-        let options = OverlayOptions {
-            granularity: opened.granularity,
-            detect_zeros: false,
-        };
-        Overlay {
-            source,
-            map: opened.map,
-            store,
-            units: opened.units,
-            data_offset: store::format::DATA_OFFSET,
-            store_file_len: 0,
-            options,
-            journal: opened.journal,
-            read_only,
+impl Overlay {
+    /// The one way to make an overlay: over `source`, with its store where
+    /// `store` says. Everything that can fail happens before the source is
+    /// taken; on failure it comes back in the [`Rejected`]. A new overlay
+    /// starts as one extent mapping the whole source; a reopened one has
+    /// the granularity its store was made with.
+    pub fn build(
+        mut source: Box<dyn Disk>,
+        store: StoreChoice<'_>,
+        options: OverlayOptions,
+    ) -> std::result::Result<Overlay, Rejected> {
+        match StoreParts::make(source.as_mut(), store, options) {
+            Ok(parts) => Ok(Overlay {
+                source,
+                map: parts.map,
+                store: parts.store,
+                units: parts.units,
+                data_offset: parts.data_offset,
+                store_file_len: 0,
+                options: parts.options,
+                journal: parts.journal,
+                read_only: parts.read_only,
+            }),
+            Err(error) => Err(Rejected { error, source }),
         }
+    }
+
+    /// An overlay over `source` with an anonymous store that vanishes when
+    /// the overlay is dropped (the legacy behaviour).
+    pub fn new(source: Box<dyn Disk>, options: OverlayOptions) -> Result<Overlay> {
+        Ok(Overlay::build(source, StoreChoice::Anonymous, options)?)
+    }
+
+    /// An overlay over `source` with a new persistent store at `path`
+    /// ([`StoreChoice::Create`]).
+    pub fn create_persistent(
+        source: Box<dyn Disk>,
+        path: &Path,
+        options: OverlayOptions,
+    ) -> Result<Overlay> {
+        Ok(Overlay::build(source, StoreChoice::Create(path), options)?)
+    }
+
+    /// Reopens the persistent store at `path` over `source`
+    /// ([`StoreChoice::Open`]).
+    pub fn open_persistent(path: &Path, source: Box<dyn Disk>, read_only: bool) -> Result<Overlay> {
+        let store = StoreChoice::Open { path, read_only };
+        Ok(Overlay::build(source, store, OverlayOptions::default())?)
     }
 
     /// Sets zero detection (reads and status report all-zero data as
@@ -334,7 +247,7 @@ impl Overlay {
 
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly(
+            return Err(Error::read_only(
                 "the overlay store was opened read-only".into(),
             ));
         }
@@ -348,7 +261,7 @@ impl Overlay {
         options.validate()?;
         let sectors = source.sector_count();
         sectors.checked_mul(SECTOR_BYTES).ok_or_else(|| {
-            Error::InvalidArgument(format!("source of {sectors} sectors exceeds 2^64 bytes"))
+            Error::invalid_argument(format!("source of {sectors} sectors exceeds 2^64 bytes"))
         })?;
         Ok(())
     }
@@ -374,41 +287,109 @@ impl Overlay {
     }
 }
 
-/// A new persistent store, initialised, waiting for its source.
-pub(crate) struct PreparedStore {
-    store: Box<dyn Storage>,
-    map: ExtentMap,
-    units: UnitMap,
-    journal: Journal,
-    options: OverlayOptions,
-}
-
-impl PreparedStore {
-    /// Initialises a store for a source of `sectors` sectors on empty
-    /// `store`.
-    pub(crate) fn create(
-        store: Box<dyn Storage>,
-        sectors: u64,
-        identity: SourceIdentity,
+impl StoreParts {
+    fn make(
+        source: &mut dyn Disk,
+        choice: StoreChoice<'_>,
         options: OverlayOptions,
-    ) -> Result<PreparedStore> {
-        PreparedStore::create_with_log(
-            store,
-            sectors,
-            identity,
-            options,
-            store::format::DEFAULT_LOG_SIZE,
-        )
+    ) -> Result<StoreParts> {
+        match choice {
+            StoreChoice::Anonymous => {
+                Overlay::check_source(source, &options)?;
+                let store = Box::new(FileStorage::anonymous()?);
+                Ok(StoreParts::anonymous(source.sector_count(), store, options))
+            }
+            StoreChoice::Create(path) => StoreParts::create_file(source, path, options),
+            StoreChoice::CreateOn { storage, log_size } => {
+                Overlay::check_source(source, &options)?;
+                let identity = store::identify(source)?;
+                StoreParts::create(storage, source.sector_count(), identity, options, log_size)
+            }
+            // The source is compared with the identity the store recorded
+            // before anything is written to the store (opening for writing
+            // checkpoints it): a store refused for its source is left
+            // unchanged.
+            StoreChoice::Open { path, read_only } => {
+                let found = store::identify(source)?;
+                let (storage, opened) =
+                    store::load_store_file_checked(path, read_only, &mut |recorded| {
+                        store::compare_identity(recorded, &found)
+                    })?;
+                Ok(StoreParts::reopened(storage, opened, options, read_only))
+            }
+            StoreChoice::OpenOn {
+                mut storage,
+                read_only,
+            } => {
+                let found = store::identify(source)?;
+                let opened =
+                    store::open_store_checked(storage.as_mut(), read_only, &mut |recorded| {
+                        store::compare_identity(recorded, &found)
+                    })?;
+                Ok(StoreParts::reopened(storage, opened, options, read_only))
+            }
+        }
     }
 
-    /// `create` with a log of `log_size` bytes.
-    pub(crate) fn create_with_log(
+    /// An anonymous store: one extent mapping the whole source, nothing
+    /// stored yet, no journal.
+    fn anonymous(sectors: u64, store: Box<dyn Storage>, options: OverlayOptions) -> StoreParts {
+        StoreParts {
+            map: ExtentMap::with_extent(Extent {
+                len: sectors,
+                kind: ExtentKind::Source,
+                base: 0,
+            }),
+            store,
+            units: UnitMap::new(options.granularity, false),
+            data_offset: 0,
+            options,
+            journal: None,
+            read_only: false,
+        }
+    }
+
+    /// A new store file at `path`, created atomically (`crate::newfile`):
+    /// built and synced under a temporary name in the same folder, renamed
+    /// into place, then the folder synced. A crash before this returns
+    /// leaves nothing at `path`; once it returns, the store survives a
+    /// crash.
+    fn create_file(
+        source: &mut dyn Disk,
+        path: &Path,
+        options: OverlayOptions,
+    ) -> Result<StoreParts> {
+        Overlay::check_source(source, &options)?;
+        let identity = store::identify(source)?;
+        let sectors = source.sector_count();
+        let what = format!("overlay store {}", path.display());
+        let (_file, parts) = crate::newfile::create_atomically(path, &what, |file| {
+            // Locked before it has its name: no one sees it unlocked.
+            file.try_lock()
+                .map_err(|_| Error::locked(format!("{what}: cannot lock the new store")))?;
+            let file = file
+                .try_clone()
+                .map_err(|e| Error::open(format!("{what}: {e}")))?;
+            StoreParts::create(
+                Box::new(FileStorage::new(file, what.clone())),
+                sectors,
+                identity,
+                options,
+                store::format::DEFAULT_LOG_SIZE,
+            )
+        })?;
+        Ok(parts)
+    }
+
+    /// Initialises a persistent store for a source of `sectors` sectors on
+    /// empty `store`.
+    fn create(
         mut store: Box<dyn Storage>,
         sectors: u64,
         identity: SourceIdentity,
         options: OverlayOptions,
         log_size: u64,
-    ) -> Result<PreparedStore> {
+    ) -> Result<StoreParts> {
         options.validate()?;
         let mut map = ExtentMap::with_extent(Extent {
             len: sectors,
@@ -417,27 +398,35 @@ impl PreparedStore {
         });
         let mut units = UnitMap::new(options.granularity, true);
         let journal = Journal::create(store.as_mut(), identity, &mut map, &mut units, log_size)?;
-        Ok(PreparedStore {
-            store,
+        Ok(StoreParts {
             map,
+            store,
             units,
-            journal,
+            data_offset: store::format::DATA_OFFSET,
             options,
+            journal: Some(journal),
+            read_only: false,
         })
     }
 
-    /// The overlay over `source` (the disk the store was prepared for).
-    pub(crate) fn attach(self, source: Box<dyn Disk>) -> Overlay {
-        Overlay {
-            source,
-            map: self.map,
-            store: self.store,
-            units: self.units,
+    /// A loaded store whose source was checked.
+    fn reopened(
+        store: Box<dyn Storage>,
+        opened: OpenedStore,
+        options: OverlayOptions,
+        read_only: bool,
+    ) -> StoreParts {
+        StoreParts {
+            map: opened.map,
+            store,
+            units: opened.units,
             data_offset: store::format::DATA_OFFSET,
-            store_file_len: 0,
-            options: self.options,
-            journal: Some(self.journal),
-            read_only: false,
+            options: OverlayOptions {
+                granularity: opened.granularity,
+                ..options
+            },
+            journal: opened.journal,
+            read_only,
         }
     }
 }

@@ -21,7 +21,7 @@ impl Overlay {
         let mut pos = lba;
         while pos < end {
             let (start, extent) = self.map.find(pos).ok_or_else(|| {
-                Error::Internal(format!("extent map has no extent for sector {pos}"))
+                Error::internal(format!("extent map has no extent for sector {pos}"))
             })?;
             let piece = (start + extent.len).min(end) - pos;
             let (status, n) = match extent.kind {
@@ -32,7 +32,7 @@ impl Overlay {
                     let from = extent.base + (pos - start);
                     let (status, n) = self.source.status_run(from, piece)?;
                     if n == 0 || n > piece {
-                        return Err(Error::Internal(format!(
+                        return Err(Error::internal(format!(
                             "source reported a status run of {n} sectors at sector \
                              {from} when {piece} were asked"
                         )));
@@ -48,7 +48,7 @@ impl Overlay {
             pos += n;
         }
         let status = first.ok_or_else(|| {
-            Error::InvalidArgument("the status run of zero sectors was asked".into())
+            Error::invalid_argument("the status run of zero sectors was asked".into())
         })?;
         Ok((status, pos - lba))
     }

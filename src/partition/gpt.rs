@@ -132,21 +132,21 @@ impl Gpt {
     pub(crate) fn read(disk: &mut dyn Disk, what: &str) -> Result<Gpt> {
         let disk_sectors = disk.sector_count();
         if disk_sectors < 3 {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: too small for a GPT ({disk_sectors} sectors)"
             )));
         }
         let mut sector = vec![0u8; SECTOR_SIZE];
         disk.read_sectors(1, &mut sector)?;
         if &sector[..8] != SIGNATURE {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: the protective MBR announces a GPT, but sector 1 has no \
                  'EFI PART' signature"
             )));
         }
         let size = u32_at(&sector, 12);
         if !(MIN_HEADER_SIZE..=SECTOR_SIZE as u32).contains(&size) {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: GPT header size {size} is not between {MIN_HEADER_SIZE} and 512"
             )));
         }
@@ -156,7 +156,7 @@ impl Gpt {
         let crc = crc32fast::hash(&raw);
         raw[16..20].copy_from_slice(&stored_crc.to_le_bytes());
         if crc != stored_crc {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: GPT header CRC32 is {stored_crc:#010x}, the header's bytes give \
                  {crc:#010x}"
             )));
@@ -172,19 +172,19 @@ impl Gpt {
             raw,
         };
         if header.my_lba != 1 {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: the primary GPT header says it is at LBA {}, not 1",
                 header.my_lba
             )));
         }
         if header.entry_size < 128 || !header.entry_size.is_multiple_of(8) {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: GPT entry size {} is not a multiple of 8 of at least 128",
                 header.entry_size
             )));
         }
         if header.array_bytes() > MAX_ARRAY_BYTES || header.entry_count == 0 {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "{what}: GPT entry array of {} entries of {} bytes",
                 header.entry_count, header.entry_size
             )));
@@ -195,7 +195,7 @@ impl Gpt {
             || header.first_usable > header.last_usable
             || header.last_usable >= disk_sectors - 1
         {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: GPT layout does not fit the disk of {disk_sectors} sectors (entries at \
                  LBA {}, usable LBAs {}..={}; a truncated image?)",
                 header.entries_lba, header.first_usable, header.last_usable
@@ -207,7 +207,7 @@ impl Gpt {
         let entries_crc = crc32fast::hash(&array);
         let stored = u32_at(&header.raw, 88);
         if entries_crc != stored {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: GPT entry array CRC32 is {stored:#010x}, its bytes give \
                  {entries_crc:#010x}"
             )));
@@ -225,7 +225,7 @@ impl Gpt {
                 || last_lba < first_lba
                 || last_lba > header.last_usable
             {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{what}: GPT partition {} (LBAs {first_lba}..={last_lba}) lies outside the \
                      usable LBAs {}..={}",
                     index + 1,

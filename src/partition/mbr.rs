@@ -145,7 +145,7 @@ impl Mbr {
         let mut sector = vec![0u8; SECTOR_SIZE];
         disk.read_sectors(0, &mut sector)?;
         if !has_signature(&sector) {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: sector 0 has no MBR boot signature (55 AA)"
             )));
         }
@@ -164,7 +164,7 @@ impl Mbr {
             )?;
             if is_extended(e.kind) {
                 if extended.is_some() {
-                    return Err(Error::Unsupported(format!(
+                    return Err(Error::unsupported(format!(
                         "{what}: more than one extended partition in the MBR"
                     )));
                 }
@@ -189,14 +189,14 @@ impl Mbr {
         let mut sector = vec![0u8; SECTOR_SIZE];
         loop {
             if self.logical.len() >= MAX_LOGICAL {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{what}: the chain of extended boot records is longer than \
                      {MAX_LOGICAL} (a loop?)"
                 )));
             }
             disk.read_sectors(ebr, &mut sector)?;
             if !has_signature(&sector) {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{what}: the extended boot record at sector {ebr} has no boot signature"
                 )));
             }
@@ -206,7 +206,7 @@ impl Mbr {
             if !entry.is_empty() {
                 let start = ebr + u64::from(entry.start);
                 if entry.start == 0 || start + u64::from(entry.sectors) > ext_end {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "{what}: logical partition {number} (sectors {start}..+{}) does not \
                          lie inside its extended partition (sectors {ext_start}..{ext_end})",
                         entry.sectors
@@ -219,7 +219,7 @@ impl Mbr {
             }
             let next = ext_start + u64::from(link.start);
             if next <= ebr || next >= ext_end {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{what}: the extended boot record at sector {ebr} links to sector {next}, \
                      not further inside the extended partition (sectors {ext_start}..{ext_end})"
                 )));
@@ -233,7 +233,7 @@ impl Mbr {
 pub(crate) fn check_inside(what: &str, name: &str, start: u64, len: u64, disk: u64) -> Result<()> {
     let end = start + len;
     if start == 0 || end > disk {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what}: {name} (sectors {start}..{end}) does not lie inside the disk of {disk} \
              sectors (a truncated image?)"
         )));

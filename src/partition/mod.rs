@@ -193,13 +193,13 @@ pub fn enlarge(
     let old = overlay.sector_count();
     let new = options.new_sectors;
     if new <= old {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "{what}: the new size ({new} sectors) must be larger than the current size \
              ({old} sectors)"
         )));
     }
     let table = read_table(overlay, what)?.ok_or_else(|| {
-        Error::Unsupported(format!(
+        Error::unsupported(format!(
             "{what}: no partition table (no MBR boot signature in sector 0)"
         ))
     })?;
@@ -208,7 +208,7 @@ pub fn enlarge(
     let chosen = match options.partition {
         Some(n) => *data.iter().find(|p| p.number == n).ok_or_else(|| {
             let numbers: Vec<String> = data.iter().map(|p| p.number.to_string()).collect();
-            Error::InvalidArgument(format!(
+            Error::invalid_argument(format!(
                 "{what}: no partition {n} to grow (the {} table has {})",
                 table.kind().to_uppercase(),
                 if numbers.is_empty() {
@@ -222,14 +222,14 @@ pub fn enlarge(
             .iter()
             .max_by_key(|p| (p.sectors, std::cmp::Reverse(p.number)))
             .ok_or_else(|| {
-                Error::Unsupported(format!("{what}: the partition table has no partitions"))
+                Error::unsupported(format!("{what}: the partition table has no partitions"))
             })?,
     };
     let end = chosen.end();
     for p in &before {
         let contains_chosen = p.start <= chosen.start && p.end() >= end;
         if p.number != chosen.number && !contains_chosen && p.start < end && p.end() > end {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: partition {} overlaps partition {}",
                 p.number, chosen.number
             )));
@@ -239,7 +239,7 @@ pub fn enlarge(
     let growth = new - old;
     let shift = growth / align * align;
     if shift == 0 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "{what}: growing by {growth} sectors is less than one alignment step of {align} \
              sectors; choose a larger size"
         )));
@@ -256,7 +256,7 @@ pub fn enlarge(
         for p in &before {
             let (s, e) = (map(p.start, end, shift), map(p.end(), end, shift));
             if s > limit || e - s > limit {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::unsupported(format!(
                     "{what}: an MBR cannot describe partition {} at sectors {s}..{e}: it \
                      addresses at most 2^32 sectors (2 TiB); use GPT",
                     p.number
@@ -277,7 +277,7 @@ pub fn enlarge(
         Table::Gpt(g) => rewrite_gpt(overlay, g, end, shift, new)?,
     }
     let after = read_table(overlay, what)?
-        .ok_or_else(|| Error::Internal(format!("{what}: the rewritten table does not read back")))?
+        .ok_or_else(|| Error::internal(format!("{what}: the rewritten table does not read back")))?
         .partitions();
     Ok(EnlargeReport {
         table: kind,
@@ -302,7 +302,7 @@ fn map(x: u64, end: u64, shift: u64) -> u64 {
 
 fn to_u32(x: u64) -> Result<u32> {
     u32::try_from(x).map_err(|_| {
-        Error::Unsupported(format!("{x} does not fit a 32-bit MBR field (2 TiB limit)"))
+        Error::unsupported(format!("{x} does not fit a 32-bit MBR field (2 TiB limit)"))
     })
 }
 

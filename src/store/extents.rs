@@ -224,13 +224,13 @@ impl ExtentMap {
             return Ok(index);
         }
         if self.nodes.len() >= NIL as usize {
-            return Err(Error::OutOfMemory(
+            return Err(Error::out_of_memory(
                 "the extent map holds 2^32 - 1 extents".into(),
             ));
         }
         self.nodes
             .try_reserve(1)
-            .map_err(|e| Error::OutOfMemory(format!("extent map: {e}")))?;
+            .map_err(|e| Error::out_of_memory(format!("extent map: {e}")))?;
         self.nodes.push(node);
         let index = (self.nodes.len() - 1) as u32;
         self.mark(index);
@@ -567,17 +567,17 @@ impl ExtentMap {
         what: &dyn Fn(u64) -> String,
     ) -> Result<ExtentMap> {
         if slots == NIL {
-            return Err(Error::Corrupt("node slot count is the NIL marker".into()));
+            return Err(Error::corrupt("node slot count is the NIL marker".into()));
         }
         if root != NIL && root >= slots {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "root node {root} outside {slots} node slots"
             )));
         }
         let mut nodes = Vec::new();
         nodes
             .try_reserve_exact(slots as usize)
-            .map_err(|e| Error::OutOfMemory(format!("{slots} extent map nodes: {e}")))?;
+            .map_err(|e| Error::out_of_memory(format!("{slots} extent map nodes: {e}")))?;
         let pages = u64::from(slots).div_ceil(NODES_PER_PAGE);
         for p in 0..pages {
             let payload = page(p)?;
@@ -598,7 +598,7 @@ impl ExtentMap {
                     3 => ExtentKind::StoreHole,
                     4 => ExtentKind::StoreZero,
                     k => {
-                        return Err(Error::Corrupt(format!(
+                        return Err(Error::corrupt(format!(
                             "{}: node {index} has unknown kind {k}",
                             what(p)
                         )))
@@ -652,7 +652,7 @@ impl ExtentMap {
             let n = &self.nodes[t as usize];
             if !done {
                 if seen[t as usize] {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "{}: node {t} is reachable twice (the map is not a tree)",
                         page_of(t)
                     )));
@@ -660,14 +660,14 @@ impl ExtentMap {
                 seen[t as usize] = true;
                 max_depth = max_depth.max(depth);
                 if n.extent.len == 0 {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "{}: node {t} has length 0",
                         page_of(t)
                     )));
                 }
                 for child in [n.left, n.right] {
                     if child != NIL && child as usize >= slots {
-                        return Err(Error::Corrupt(format!(
+                        return Err(Error::corrupt(format!(
                             "{}: node {t} points to node {child} outside {slots} slots",
                             page_of(t)
                         )));
@@ -696,7 +696,7 @@ impl ExtentMap {
                     .filter(|x| x.checked_mul(512).is_some());
                 let count = lc.checked_add(rc).and_then(|x| x.checked_add(1));
                 if sectors != Some(n.sectors) || count != Some(n.count) {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "{}: node {t} subtree totals ({} sectors, {} extents) do not add up",
                         page_of(t),
                         n.sectors,

@@ -58,13 +58,13 @@ pub fn seal(kind: u32, home: u64, payload: &[u8]) -> Vec<u8> {
 /// structure in errors.
 pub fn open_page(page: &[u8], kind: u32, home: u64, what: &str) -> Result<Vec<u8>> {
     if page.len() != PAGE {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what} at offset {home}: short page"
         )));
     }
     let found = u32::from_le_bytes(page[0..4].try_into().unwrap_or_default());
     if found != kind {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what} at offset {home}: wrong page type {found:#x} (expected {kind:#x})"
         )));
     }
@@ -72,13 +72,13 @@ pub fn open_page(page: &[u8], kind: u32, home: u64, what: &str) -> Result<Vec<u8
     let mut copy = page.to_vec();
     copy[4..8].fill(0);
     if crc32c::crc32c(&copy) != stored {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what} at offset {home}: CRC-32C mismatch"
         )));
     }
     let at = u64::from_le_bytes(page[8..16].try_into().unwrap_or_default());
     if at != home {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what} at offset {home}: the page belongs at offset {at}"
         )));
     }
@@ -170,7 +170,7 @@ impl Header {
             || header.log_tail >= header.log_size
             || !header.log_tail.is_multiple_of(PAGE as u64)
         {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "store header at offset {at}: log region {}+{} (tail {}) is out of bounds",
                 header.log_offset, header.log_size, header.log_tail
             )));
@@ -248,7 +248,7 @@ impl State {
         };
         let g = state.granularity;
         let bad = |what: String| {
-            Err(Error::Corrupt(format!(
+            Err(Error::corrupt(format!(
                 "store state page at offset {META_OFFSET}: {what}"
             )))
         };

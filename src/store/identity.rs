@@ -54,5 +54,5 @@ pub(crate) fn compare_identity(recorded: &SourceIdentity, found: &SourceIdentity
     } else {
         return Ok(());
     };
-    Err(Error::SourceMismatch(why))
+    Err(Error::source_mismatch(why))
 }

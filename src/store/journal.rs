@@ -220,12 +220,14 @@ impl Journal {
         log_size: u64,
     ) -> Result<Journal> {
         if !storage.is_empty()? {
-            return Err(Error::InvalidArgument("the store file is not empty".into()));
+            return Err(Error::invalid_argument(
+                "the store file is not empty".into(),
+            ));
         }
         if !(MIN_LOG_SIZE..=DEFAULT_LOG_SIZE).contains(&log_size)
             || !log_size.is_multiple_of(PAGE as u64)
         {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "log size {log_size}: a multiple of 4096 from {MIN_LOG_SIZE} to {DEFAULT_LOG_SIZE} bytes"
             )));
         }
@@ -314,7 +316,7 @@ impl Journal {
             let bitmap_capacity =
                 (TABLE_ENTRIES_PER_PAGE * BITMAP_TABLE_PAGES.count() as u64) as usize;
             if need_map > map_capacity || need_bitmap > bitmap_capacity {
-                return Err(Error::NoSpace(
+                return Err(Error::no_space(
                     "the store's metadata tables are full (too many extents or units)".into(),
                 ));
             }
@@ -546,7 +548,7 @@ impl Journal {
         let log = self.header.log_size;
         if plan_entries(&sizes, 0, &VecDeque::new(), log).is_none() {
             count(C_OVERSIZED);
-            return Err(Error::NoSpace(format!(
+            return Err(Error::no_space(format!(
                 "one transaction of {} metadata pages needs {} bytes of log entries but the store's log holds {log} bytes; the flush was not done (the overlay stays usable)",
                 pages.len(),
                 sizes.iter().sum::<u64>()
@@ -572,7 +574,7 @@ impl Journal {
                 }
                 self.checkpoint_with(storage, from_start)?;
                 plan_entries(&sizes, self.head, &self.live, log).ok_or_else(|| {
-                    Error::Internal("no room in an empty log for a transaction that fits it".into())
+                    Error::internal("no room in an empty log for a transaction that fits it".into())
                 })?
             }
         };

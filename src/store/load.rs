@@ -154,7 +154,7 @@ impl Loaded {
             &|p| format!("extent map page {p}"),
         )?;
         if map.len() != self.state.virtual_sectors {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "extent map totals {} sectors but the state page says {}",
                 map.len(),
                 self.state.virtual_sectors
@@ -184,18 +184,18 @@ impl Loaded {
 pub(super) fn load(storage: &dyn Storage) -> Result<Loaded> {
     let mut page = vec![0u8; PAGE];
     storage.read_at(&mut page, IDENTITY_OFFSET).map_err(|_| {
-        Error::Corrupt("not a cowdisk overlay store: shorter than its identity page".into())
+        Error::corrupt("not a cowdisk overlay store: shorter than its identity page".into())
     })?;
     let identity = open_page(&page, TYPE_IDENTITY, IDENTITY_OFFSET, "identity page")
-        .map_err(|e| Error::Corrupt(format!("not a cowdisk overlay store ({e})")))?;
+        .map_err(|e| Error::corrupt(format!("not a cowdisk overlay store ({e})")))?;
     if &identity[..IDENTITY_TEXT.len()] != IDENTITY_TEXT {
-        return Err(Error::Corrupt(
+        return Err(Error::corrupt(
             "not a cowdisk overlay store (identity text)".into(),
         ));
     }
     let version = Fields(&identity).u32(IDENTITY_TEXT.len());
     if version != FORMAT_VERSION {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "overlay store format version {version}"
         )));
     }
@@ -215,7 +215,7 @@ pub(super) fn load(storage: &dyn Storage) -> Result<Loaded> {
         .into_iter()
         .max_by_key(|(h, _)| h.sequence)
         .ok_or_else(|| {
-            Error::Corrupt(format!(
+            Error::corrupt(format!(
                 "both store headers are damaged: {}",
                 header_errors.join("; ")
             ))
@@ -266,7 +266,7 @@ pub(super) fn load(storage: &dyn Storage) -> Result<Loaded> {
     // Everything sized by the state is bounded by the file's real length.
     let file_units = storage.len()?.saturating_sub(DATA_OFFSET) / (g * 512);
     if loaded.state.unit_end > file_units {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "store state page at offset {META_OFFSET}: {} units recorded but the file holds only {file_units}",
             loaded.state.unit_end
         )));
@@ -289,7 +289,7 @@ pub(super) fn load(storage: &dyn Storage) -> Result<Loaded> {
                     .checked_add(chunk)
                     .is_none_or(|e| e > loaded.state.unit_end)
                 {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "chunk table page at offset {home}: chunk at unit {unit} lies outside the store's {} units",
                         loaded.state.unit_end
                     )));
@@ -311,7 +311,7 @@ pub(super) fn load(storage: &dyn Storage) -> Result<Loaded> {
         .collect();
     all_chunks.sort_unstable();
     if all_chunks.windows(2).any(|w| w[0] + chunk > w[1]) {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "chunk tables at offset {}: two metadata chunks overlap",
             META_OFFSET + PAGE as u64
         )));
@@ -319,7 +319,7 @@ pub(super) fn load(storage: &dyn Storage) -> Result<Loaded> {
     if loaded.state.unit_end.div_ceil(UNITS_PER_BITMAP_PAGE)
         > loaded.bitmap_chunks.len() as u64 * CHUNK_PAGES
     {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{} bitmap chunks cannot cover {} units",
             loaded.bitmap_chunks.len(),
             loaded.state.unit_end
@@ -333,7 +333,19 @@ pub(super) fn load(storage: &dyn Storage) -> Result<Loaded> {
 /// checkpointed otherwise), loads and validates the extent map, and
 /// rebuilds the allocation state from it.
 pub fn open_store(storage: &mut dyn Storage, read_only: bool) -> Result<OpenedStore> {
+    open_store_checked(storage, read_only, &mut |_| Ok(()))
+}
+
+/// `open_store`, asking `check` about the source identity the store
+/// recorded before anything is written to the store: a store refused by
+/// `check` (over the wrong source) is left exactly as it was.
+pub fn open_store_checked(
+    storage: &mut dyn Storage,
+    read_only: bool,
+    check: &mut dyn FnMut(&SourceIdentity) -> Result<()>,
+) -> Result<OpenedStore> {
     let loaded = load(storage)?;
+    check(&loaded.state.source)?;
     let map = loaded.load_map(storage)?;
     let g = loaded.state.granularity;
     let units = UnitMap::rebuild(

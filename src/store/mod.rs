@@ -21,12 +21,12 @@ mod journal;
 mod load;
 
 pub use check::{check_store, check_store_file, CheckReport};
-pub use file::load_store_file;
+pub use file::{load_store_file, load_store_file_checked};
 pub(crate) use identity::compare_identity;
 pub use identity::identify;
 pub use journal::Journal;
 #[cfg(feature = "test-utils")]
 pub use journal::{journal_counters, set_log_limits, set_shadow_threshold, JournalCounters};
-pub use load::{open_store, OpenedStore};
+pub use load::{open_store, open_store_checked, OpenedStore};
 
 pub use format::SourceIdentity;

@@ -43,7 +43,7 @@ impl FileStorage {
     /// overlay's store.
     pub fn anonymous() -> Result<FileStorage> {
         let file = tempfile::tempfile()
-            .map_err(|e| Error::Open(format!("temporary overlay store: {e}")))?;
+            .map_err(|e| Error::open(format!("temporary overlay store: {e}")))?;
         Ok(FileStorage {
             file,
             what: "temporary overlay store".into(),
@@ -65,7 +65,7 @@ impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.file.read_exact_at(buf, offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::Corrupt(format!(
+                Error::corrupt(format!(
                     "{}: {} bytes at offset {offset} lie past the end of the file",
                     self.what,
                     buf.len()
@@ -242,7 +242,7 @@ impl UnitMap {
                     .checked_add(units)
                     .filter(|e| e.checked_mul(g * 512).is_some())
                     .ok_or_else(|| {
-                        Error::NoSpace("overlay store would exceed 2^64 bytes".into())
+                        Error::no_space("overlay store would exceed 2^64 bytes".into())
                     })?;
                 self.end = end;
                 first
@@ -371,12 +371,12 @@ impl UnitMap {
                 .checked_add(len)
                 .filter(|&s| s <= end.saturating_mul(g))
                 .ok_or_else(|| {
-                    Error::Corrupt(format!(
+                    Error::corrupt(format!(
                         "store sectors {start}..+{len} lie outside the store's {end} units"
                     ))
                 })?;
             if start < last_end {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "store sectors {start}..{last_end} are referenced twice"
                 )));
             }

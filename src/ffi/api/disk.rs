@@ -46,7 +46,7 @@ pub unsafe extern "C" fn COW_GetDriveBlockCount(h: HVDDR, SPBshift: u32) -> u32 
     guard(|| {
         let count = block_count(h, SPBshift)?;
         u32::try_from(count).map_err(|_| {
-            Error::InvalidArgument(format!(
+            Error::invalid_argument(format!(
                 "{count} pages do not fit 32 bits; use COW_GetDriveBlockCount64"
             ))
         })
@@ -119,7 +119,7 @@ pub unsafe extern "C" fn COW_GetDriveUUID(h: HVDDR, uuid: *mut S_UUID) -> c_int 
         unsafe { uuid.write(found.map(S_UUID::from_rfc).unwrap_or_default()) };
         match found {
             Some(_) => Ok(TRUE),
-            None => Err(Error::Unsupported("this disk has no UUID".into())),
+            None => Err(Error::unsupported("this disk has no UUID".into())),
         }
     })
 }
@@ -152,7 +152,7 @@ pub unsafe extern "C" fn COW_ReadPage(
             let size = disk.sector_count();
             let start = u64::from(iPage) * per_page;
             if start >= size {
-                return Err(Error::InvalidBlock(format!(
+                return Err(Error::invalid_block(format!(
                     "page {iPage} of 2^{SPBshift} sectors starts past the end of a drive of {size} sectors"
                 )));
             }

@@ -45,7 +45,7 @@ pub unsafe extern "C" fn COW_GetExtent(h: HCOW, index: u64, extent: *mut COW_EXT
     guard_code(|| {
         let found = with_overlay(h, |ov| {
             ov.extents().nth(index).ok_or_else(|| {
-                Error::InvalidArgument(format!(
+                Error::invalid_argument(format!(
                     "extent index {index} of {}",
                     ov.extents().extent_count()
                 ))
@@ -66,7 +66,7 @@ pub unsafe extern "C" fn COW_GetExtentAt(h: HCOW, LBA: u64, extent: *mut COW_EXT
     guard_code(|| {
         let found = with_overlay(h, |ov| {
             ov.extents().find(LBA).ok_or_else(|| {
-                Error::InvalidBlock(format!(
+                Error::invalid_block(format!(
                     "sector {LBA} is past the end of a drive of {} sectors",
                     ov.extents().len()
                 ))

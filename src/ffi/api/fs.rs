@@ -4,6 +4,7 @@
 use std::os::raw::c_char;
 
 use super::open::adopt_source;
+use crate::disk::Rejected;
 use crate::error::{Error, Result};
 use crate::ffi::guard;
 use crate::ffi::handle::{self, Object};
@@ -70,7 +71,7 @@ fn check_report(report: *mut COW_FS_REPORT) -> Result<()> {
     // SAFETY: non-NULL; struct_size is the first member.
     let size = unsafe { std::ptr::addr_of!((*report).struct_size).read_unaligned() };
     if (size as usize) < std::mem::size_of::<COW_FS_REPORT>() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "COW_FS_REPORT.struct_size {size} is smaller than {}",
             std::mem::size_of::<COW_FS_REPORT>()
         )));
@@ -78,7 +79,7 @@ fn check_report(report: *mut COW_FS_REPORT) -> Result<()> {
     // SAFETY: struct_size covers the whole struct (checked above).
     let r = unsafe { report.read_unaligned() };
     if r.regions.is_null() && r.region_capacity != 0 {
-        return Err(Error::InvalidArgument(
+        return Err(Error::invalid_argument(
             "COW_FS_REPORT.regions is NULL but region_capacity is not 0".into(),
         ));
     }
@@ -152,7 +153,7 @@ pub unsafe extern "C" fn COW_OpenFilesystemView(
 ) -> HVDDR {
     guard(|| {
         if flags & !COW_FS_KEEP_UNPARTITIONED != 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "unknown COW_OpenFilesystemView flags {:#x}",
                 flags & !COW_FS_KEEP_UNPARTITIONED
             )));
@@ -161,11 +162,13 @@ pub unsafe extern "C" fn COW_OpenFilesystemView(
         let options = AnalyzeOptions {
             keep_unpartitioned: flags & COW_FS_KEEP_UNPARTITIONED != 0,
         };
-        let (view, found) = adopt_source(
-            src,
-            |disk| analyze(disk, &options),
-            |analysis, disk| FilesystemView::from_analysis(disk, analysis),
-        )?;
+        let (view, found) = adopt_source(src, |mut disk| match analyze(disk.as_mut(), &options) {
+            Ok(analysis) => Ok(FilesystemView::from_analysis(disk, analysis)),
+            Err(error) => Err(Rejected {
+                error,
+                source: disk,
+            }),
+        })?;
         // SAFETY: checked above.
         unsafe { fill_report(report, &found) };
         Ok(handle::register(Object::Disk(Box::new(view))))

@@ -36,7 +36,7 @@ fn status_code(status: SectorStatus) -> c_int {
 
 fn page_sectors(shift: u32) -> Result<u64> {
     if shift > MAX_PAGE_SHIFT {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "SPBshift {shift}: pages of more than 2^{MAX_PAGE_SHIFT} sectors are not supported"
         )));
     }

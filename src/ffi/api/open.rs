@@ -5,15 +5,14 @@ use std::os::raw::{c_char, c_int, c_uint};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::disk::Disk;
+use crate::disk::{Disk, Rejected};
 use crate::error::{Error, Result};
 use crate::ffi::handle::{self, Object};
 use crate::ffi::source::CallerDisk;
 use crate::ffi::types::*;
 use crate::ffi::{guard, guard_code, non_null};
 use crate::formats::{media_registry, OpenOptions};
-use crate::overlay::{Overlay, OverlayOptions, DEFAULT_GRANULARITY};
-use crate::store::space::FileStorage;
+use crate::overlay::{Overlay, OverlayOptions, StoreChoice, DEFAULT_GRANULARITY};
 
 /// Opens a disk image read-only as an HVDDR, choosing the reader by the
 /// file's content: every registered backend's pfnProbe first (in
@@ -48,8 +47,8 @@ pub unsafe extern "C" fn VDDR_Open(path: COW_CPFN, iChain: u32) -> HVDDR {
     }
     guard(|| {
         // SAFETY: NULL or NUL-terminated per the contract.
-        let path =
-            unsafe { c_path(path) }.ok_or_else(|| Error::InvalidArgument("path is NULL".into()))?;
+        let path = unsafe { c_path(path) }
+            .ok_or_else(|| Error::invalid_argument("path is NULL".into()))?;
         let options = OpenOptions {
             follow_parent_paths: follow != 0,
         };
@@ -78,8 +77,8 @@ pub(super) fn chain_index(i_chain: u32) -> usize {
 pub unsafe extern "C" fn VDDR_OpenMediaRegistry(path: COW_CPFN) -> c_uint {
     guard(|| {
         // SAFETY: NULL or NUL-terminated per the contract.
-        let path =
-            unsafe { c_path(path) }.ok_or_else(|| Error::InvalidArgument("path is NULL".into()))?;
+        let path = unsafe { c_path(path) }
+            .ok_or_else(|| Error::invalid_argument("path is NULL".into()))?;
         media_registry::load_for_image(&path)?;
         Ok(1)
     })
@@ -120,8 +119,8 @@ pub unsafe extern "C" fn VDDR_QuickGetUUID(path: COW_CPFN, uuid: *mut S_UUID) ->
         // SAFETY: non-NULL out pointer.
         unsafe { uuid.write_unaligned(S_UUID::default()) };
         // SAFETY: NULL or NUL-terminated per the contract.
-        let path =
-            unsafe { c_path(path) }.ok_or_else(|| Error::InvalidArgument("path is NULL".into()))?;
+        let path = unsafe { c_path(path) }
+            .ok_or_else(|| Error::invalid_argument("path is NULL".into()))?;
         let found = media_registry::quick_registry_uuid(&path)?;
         // SAFETY: non-NULL out pointer.
         unsafe { uuid.write_unaligned(S_UUID::from_rfc(found)) };
@@ -140,7 +139,7 @@ pub unsafe extern "C" fn VDDR_OpenEx(path: *const c_char, flags: u32) -> HVDDR {
     guard(|| {
         non_null(path, "path")?;
         if flags & !(COW_OPEN_FOLLOW_PARENTS | COW_OPEN_REPAIR) != 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "unknown open flags {flags:#x}"
             )));
         }
@@ -199,63 +198,43 @@ pub unsafe extern "C" fn COW_CreateCowOverlayEx(src: HVDDR, options: *const COW_
     guard(|| {
         // SAFETY: NULL or a COW_OPTIONS of at least struct_size bytes.
         let (overlay_options, store_path) = unsafe { read_options(options) }?;
-        // Everything that can fail happens before the source is taken, so
-        // on failure the caller still owns it.
-        let build = |disk: &mut dyn Disk| -> Result<Builder> {
-            match &store_path {
-                Some(path) => Ok(Builder::Persistent(Box::new(Overlay::prepare_persistent(
-                    path,
-                    disk,
-                    overlay_options,
-                )?))),
-                None => {
-                    Overlay::check_source(disk, &overlay_options)?;
-                    Ok(Builder::Anonymous(FileStorage::anonymous()?))
-                }
-            }
+        let store = match &store_path {
+            Some(path) => StoreChoice::Create(path),
+            None => StoreChoice::Anonymous,
         };
-        let finish = |builder: Builder, disk: Box<dyn Disk>| match builder {
-            Builder::Persistent(prepared) => prepared.attach(disk),
-            Builder::Anonymous(store) => Overlay::assemble(disk, Box::new(store), overlay_options),
-        };
-        let overlay = adopt_source(src, build, finish)?;
+        let overlay = adopt_source(src, |disk| Overlay::build(disk, store, overlay_options))?;
         Ok(handle::register(Object::Overlay(Box::new(overlay))))
     })
 }
 
-/// An overlay's store, prepared before the source is taken.
-enum Builder {
-    Persistent(Box<crate::overlay::PreparedStore>),
-    Anonymous(FileStorage),
-}
-
-/// Takes `src` (a handle of ours or a caller's own object) to build an
-/// overlay (or another disk on top of it): `prepare` may fail and leaves
-/// the source with the caller; `attach` cannot fail and takes it.
-pub(super) fn adopt_source<P, T>(
+/// Builds something over `src` (a handle of ours or a caller's own
+/// object) with `build`, which takes the source and, when it fails, hands
+/// it back in a [`Rejected`]: on success the result owns the source; on
+/// failure it stays the caller's (a handle of ours stays valid and keeps
+/// its kind, a caller's object is not closed).
+pub(super) fn adopt_source<T>(
     src: HVDDR,
-    prepare: impl FnOnce(&mut dyn Disk) -> Result<P>,
-    attach: impl FnOnce(P, Box<dyn Disk>) -> T,
+    build: impl FnOnce(Box<dyn Disk>) -> std::result::Result<T, Rejected>,
 ) -> Result<T> {
     if src.is_null() {
-        return Err(Error::InvalidHandle("the source handle is NULL".into()));
+        return Err(Error::invalid_handle("the source handle is NULL".into()));
     }
     if handle::is_ours(src) {
-        handle::adopt(src, |mut object| match prepare(object.disk()) {
-            Ok(prepared) => Ok(attach(prepared, object.into_disk())),
-            Err(e) => Err((object, e)),
+        handle::adopt(src, |object| {
+            build(object.into_disk())
+                .map_err(|rejected| (Object::from_disk(rejected.source), rejected.error))
         })
     } else {
         // SAFETY: not ours and not NULL: per the contract, the caller's own
         // object starting with a VDDR table.
-        let mut caller = unsafe { CallerDisk::new(src) }?;
-        match prepare(&mut caller) {
-            Ok(prepared) => Ok(attach(prepared, Box::new(caller))),
-            Err(e) => {
+        let caller = unsafe { CallerDisk::new(src) }?;
+        build(Box::new(caller)).map_err(|rejected| {
+            let source: Box<dyn std::any::Any> = rejected.source;
+            if let Ok(caller) = source.downcast::<CallerDisk>() {
                 caller.release();
-                Err(e)
             }
-        }
+            rejected.error
+        })
     }
 }
 
@@ -271,7 +250,7 @@ pub(super) unsafe fn read_options(
     // the u32 first and the rest only when struct_size covers it.
     let size = unsafe { std::ptr::addr_of!((*options).struct_size).read_unaligned() };
     if (size as usize) < std::mem::size_of::<COW_OPTIONS>() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "COW_OPTIONS.struct_size {size} is smaller than the {} bytes of its first version \
              (call COW_InitOptions first)",
             std::mem::size_of::<COW_OPTIONS>()
@@ -280,7 +259,7 @@ pub(super) unsafe fn read_options(
     // SAFETY: struct_size covers the whole first version.
     let o = unsafe { options.read_unaligned() };
     if o.flags & !COW_OPT_DETECT_ZEROS != 0 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "unknown COW_OPTIONS flags {:#x}",
             o.flags & !COW_OPT_DETECT_ZEROS
         )));

@@ -8,7 +8,7 @@ use crate::error::Error;
 use crate::ffi::handle::{self, Object};
 use crate::ffi::types::*;
 use crate::ffi::{guard, guard_code, non_null};
-use crate::overlay::Overlay;
+use crate::overlay::{Overlay, OverlayOptions, StoreChoice};
 
 /// Reopens the persistent overlay store at `store_path` over `src` (after a
 /// close or a crash): the store's log is replayed, and `src` must be the
@@ -28,20 +28,18 @@ pub unsafe extern "C" fn COW_OpenCowOverlay(
     guard(|| {
         non_null(store_path, "store_path")?;
         if flags & !COW_OPEN_READ_ONLY != 0 {
-            return Err(Error::InvalidArgument(format!("unknown flags {flags:#x}")));
+            return Err(Error::invalid_argument(format!("unknown flags {flags:#x}")));
         }
         let read_only = flags & COW_OPEN_READ_ONLY != 0;
         // SAFETY: non-NULL, NUL-terminated per the contract.
         let path = unsafe { c_path(store_path) }.unwrap_or_default();
-        let overlay = adopt_source(
-            src,
-            |disk| {
-                let (storage, opened) = Overlay::load_persistent(&path, read_only)?;
-                Overlay::check_store_source(&opened, disk)?;
-                Ok((storage, opened))
-            },
-            |(storage, opened), disk| Overlay::from_opened(storage, opened, disk, read_only),
-        )?;
+        let store = StoreChoice::Open {
+            path: &path,
+            read_only,
+        };
+        let overlay = adopt_source(src, |disk| {
+            Overlay::build(disk, store, OverlayOptions::default())
+        })?;
         Ok(handle::register(Object::Overlay(Box::new(overlay))))
     })
 }
@@ -73,7 +71,7 @@ pub unsafe extern "C" fn COW_CheckOverlayStore(
         // SAFETY: non-NULL; struct_size is the first member.
         let size = unsafe { std::ptr::addr_of!((*report).struct_size).read_unaligned() };
         if (size as usize) < std::mem::size_of::<COW_CHECK_REPORT>() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "COW_CHECK_REPORT.struct_size {size} is smaller than {}",
                 std::mem::size_of::<COW_CHECK_REPORT>()
             )));

@@ -199,7 +199,7 @@ fn new_data(backend: usize, path: PathBuf, image: Box<dyn Image>) -> *mut c_void
 /// data, which calls in flight may still hold.
 fn retire_data(data: *mut c_void) -> Result<Arc<Mutex<BuiltinData>>> {
     LIVE.retire(data as usize).ok_or_else(|| {
-        Error::InvalidHandle(format!(
+        Error::invalid_handle(format!(
             "{data:p} is not an open image of a built-in backend"
         ))
     })
@@ -209,20 +209,20 @@ fn retire_data(data: *mut c_void) -> Result<Arc<Mutex<BuiltinData>>> {
 /// its data pinned (an `Arc`) and locked.
 fn with_data<T>(data: *mut c_void, f: impl FnOnce(&mut BuiltinData) -> Result<T>) -> Result<T> {
     let cell = LIVE.get(data as usize).ok_or_else(|| {
-        Error::InvalidHandle(format!(
+        Error::invalid_handle(format!(
             "{data:p} is not an open image of a built-in backend"
         ))
     })?;
     let mut guard = cell
         .lock()
-        .map_err(|_| Error::Internal("backend data damaged by an earlier panic".into()))?;
+        .map_err(|_| Error::internal("backend data damaged by an earlier panic".into()))?;
     f(&mut guard)
 }
 
 fn with_image<T>(data: *mut c_void, f: impl FnOnce(&mut dyn Image) -> Result<T>) -> Result<T> {
     with_data(data, |d| match d.image.as_mut() {
         Some(i) => f(i.as_mut()),
-        None => Err(Error::InvalidHandle("the image is not open".into())),
+        None => Err(Error::invalid_handle("the image is not open".into())),
     })
 }
 
@@ -233,11 +233,11 @@ unsafe extern "C" fn builtin_probe<const I: usize>(filename: *const c_char) -> c
         let info = builtins()
             .infos
             .get(I)
-            .ok_or_else(|| Error::Internal("no such built-in backend".into()))?;
+            .ok_or_else(|| Error::internal("no such built-in backend".into()))?;
         if info.probe(&path) {
             Ok(())
         } else {
-            Err(Error::Unsupported(format!(
+            Err(Error::unsupported(format!(
                 "{}: not a {} image",
                 path.display(),
                 info.name()
@@ -258,7 +258,7 @@ unsafe extern "C" fn builtin_open<const I: usize>(
         let info = builtins()
             .infos
             .get(I)
-            .ok_or_else(|| Error::Internal("no such built-in backend".into()))?;
+            .ok_or_else(|| Error::internal("no such built-in backend".into()))?;
         let image = info.open(&path, flags)?;
         // SAFETY: non-NULL out pointer.
         unsafe { pp.write(new_data(I, path, image)) };
@@ -284,14 +284,14 @@ unsafe extern "C" fn builtin_create<const I: usize>(
         let info = builtins()
             .infos
             .get(I)
-            .ok_or_else(|| Error::Internal("no such built-in backend".into()))?;
+            .ok_or_else(|| Error::internal("no such built-in backend".into()))?;
         if image_flags & !(COW_IMAGE_FIXED | COW_IMAGE_DIFF) != 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "unknown image flags {image_flags:#x}"
             )));
         }
         if open_flags & !core::open_flags::ALL != 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "unknown open flags {open_flags:#x}"
             )));
         }
@@ -341,7 +341,7 @@ unsafe extern "C" fn builtin_close(data: *mut c_void, delete: c_int) -> c_int {
         };
         if delete != 0 {
             std::fs::remove_file(&path)
-                .map_err(|e| Error::Write(format!("delete {}: {e}", path.display())))?;
+                .map_err(|e| Error::write_failed(format!("delete {}: {e}", path.display())))?;
         }
         closed
     })
@@ -350,7 +350,7 @@ unsafe extern "C" fn builtin_close(data: *mut c_void, delete: c_int) -> c_int {
 /// Checks a byte range of a table call and returns it in sectors.
 fn byte_range(offset: u64, bytes: usize, disk: &dyn Disk) -> Result<(u64, u64)> {
     if !offset.is_multiple_of(SECTOR_SIZE as u64) || !bytes.is_multiple_of(SECTOR_SIZE) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "offset {offset} and size {bytes} must be multiples of 512"
         )));
     }
@@ -387,7 +387,7 @@ unsafe extern "C" fn builtin_read(
                 Ok(())
             } else {
                 out.fill(0);
-                Err(Error::BlockFree(format!(
+                Err(Error::block_free(format!(
                     "sectors {lba}..+{run} are not held in this image"
                 )))
             }
@@ -485,7 +485,7 @@ unsafe extern "C" fn builtin_get_comment(
         let text = with_image(data, |i| i.comment())?;
         non_null(out, "pszComment")?;
         if text.len() + 1 > size {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "the comment needs {} bytes",
                 text.len() + 1
             )));
@@ -514,7 +514,7 @@ unsafe extern "C" fn builtin_get_uuid(data: *mut c_void, out: *mut S_UUID) -> c_
     status(|| {
         let uuid = with_image(data, |i| {
             i.uuid()
-                .ok_or_else(|| Error::Unsupported("this image has no UUID".into()))
+                .ok_or_else(|| Error::unsupported("this image has no UUID".into()))
         })?;
         non_null(out, "pUuid")?;
         // SAFETY: non-NULL out pointer.
@@ -536,7 +536,7 @@ unsafe extern "C" fn builtin_get_modification_uuid(data: *mut c_void, out: *mut 
     status(|| {
         let uuid = with_image(data, |i| {
             i.modification_uuid()
-                .ok_or_else(|| Error::Unsupported("this image has no modification UUID".into()))
+                .ok_or_else(|| Error::unsupported("this image has no modification UUID".into()))
         })?;
         non_null(out, "pUuid")?;
         // SAFETY: non-NULL out pointer.

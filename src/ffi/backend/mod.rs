@@ -67,14 +67,14 @@ pub unsafe extern "C" fn COW_RegisterBackend(backend: *const COW_BACKEND) -> c_i
         // SAFETY: forwarded contract.
         let t = unsafe { validate(backend) }?;
         if builtin_index(backend).is_some() {
-            return Err(Error::InvalidArgument(
+            return Err(Error::invalid_argument(
                 "this is a built-in backend table; it is always available".into(),
             ));
         }
         // SAFETY: validated.
         let name = unsafe { table_name(&t) };
         if builtins().infos.iter().any(|b| b.name() == name) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "a built-in backend is already called '{name}'"
             )));
         }
@@ -82,13 +82,13 @@ pub unsafe extern "C" fn COW_RegisterBackend(backend: *const COW_BACKEND) -> c_i
         let key = backend as usize;
         for &p in &reg.0 {
             if p == key {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid_argument(format!(
                     "backend '{name}' is already registered"
                 )));
             }
             // SAFETY: registered tables are alive until unregistered.
             if unsafe { table_name(&*(p as *const COW_BACKEND)) } == name {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid_argument(format!(
                     "another backend called '{name}' is registered"
                 )));
             }
@@ -114,7 +114,7 @@ pub unsafe extern "C" fn COW_UnregisterBackend(backend: *const COW_BACKEND) -> c
                 reg.0.remove(i);
                 Ok(())
             }
-            None => Err(Error::InvalidArgument(
+            None => Err(Error::invalid_argument(
                 "this backend table is not registered".into(),
             )),
         }
@@ -143,7 +143,7 @@ pub extern "C" fn COW_GetBackend(index: u32) -> *const COW_BACKEND {
         } else if i - reg.len() < b.tables.len() {
             &b.tables[i - reg.len()] as *const COW_BACKEND
         } else {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "backend index {index} of {}",
                 reg.len() + b.tables.len()
             )));
@@ -172,7 +172,7 @@ pub unsafe extern "C" fn COW_FindBackend(name: *const c_char) -> *const COW_BACK
         let b = builtins();
         match b.infos.iter().position(|i| i.name() == wanted) {
             Some(i) => Ok((&b.tables[i] as *const COW_BACKEND).cast_mut()),
-            None => Err(Error::InvalidArgument(format!(
+            None => Err(Error::invalid_argument(format!(
                 "no backend is called '{wanted}'"
             ))),
         }
@@ -200,7 +200,7 @@ pub unsafe extern "C" fn VDDR_OpenWithBackend(
         // SAFETY: forwarded contract.
         let path = unsafe { c_path(path, "path") }?;
         if flags & !(COW_OPEN_FOLLOW_PARENTS | COW_OPEN_REPAIR) != 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "flags {flags:#x}: only COW_OPEN_FOLLOW_PARENTS and COW_OPEN_REPAIR apply to a \
                  read-only HVDDR"
             )));
@@ -219,7 +219,7 @@ pub unsafe extern "C" fn VDDR_OpenWithBackend(
                             follow_parent_paths: flags & COW_OPEN_FOLLOW_PARENTS != 0,
                         };
                         if !info.probe_path(&path) {
-                            return Err(Error::Unsupported(format!(
+                            return Err(Error::unsupported(format!(
                                 "{}: not a {} image",
                                 path.display(),
                                 info.name
@@ -256,7 +256,7 @@ pub unsafe extern "C" fn VDDR_OpenUmlCow(
         // SAFETY: forwarded contract.
         let path = unsafe { c_path(path, "path") }?;
         if flags & !COW_OPEN_FOLLOW_PARENTS != 0 {
-            return Err(Error::InvalidArgument(format!("flags {flags:#x}")));
+            return Err(Error::invalid_argument(format!("flags {flags:#x}")));
         }
         let disk: Box<dyn Disk> = if backing.is_null() {
             let options = OpenOptions {

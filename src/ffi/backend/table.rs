@@ -117,23 +117,23 @@ pub struct COW_BACKEND {
 pub(super) fn error_from_code(rc: c_int, what: String) -> Error {
     let rc_code = rc as u32;
     match rc_code {
-        code::INVHANDLE => Error::InvalidHandle(what),
-        code::OUTOFMEM => Error::OutOfMemory(what),
-        code::INVBLOCK => Error::InvalidBlock(what),
-        code::SEEK => Error::Seek(what),
-        code::READ => Error::Read(what),
-        code::WRITE => Error::Write(what),
-        code::INVALID_ARG => Error::InvalidArgument(what),
-        code::CORRUPT => Error::Corrupt(what),
-        code::UNSUPPORTED => Error::Unsupported(what),
-        code::SOURCE_MISMATCH => Error::SourceMismatch(what),
-        code::READ_ONLY => Error::ReadOnly(what),
-        code::NO_SPACE => Error::NoSpace(what),
-        code::OPEN => Error::Open(what),
-        code::BLOCK_FREE => Error::BlockFree(what),
-        code::CANCELLED => Error::Cancelled(what),
-        code::LOCKED => Error::Locked(what),
-        _ => Error::Read(format!("{what} (code {rc:#x})")),
+        code::INVHANDLE => Error::invalid_handle(what),
+        code::OUTOFMEM => Error::out_of_memory(what),
+        code::INVBLOCK => Error::invalid_block(what),
+        code::SEEK => Error::seek(what),
+        code::READ => Error::read_failed(what),
+        code::WRITE => Error::write_failed(what),
+        code::INVALID_ARG => Error::invalid_argument(what),
+        code::CORRUPT => Error::corrupt(what),
+        code::UNSUPPORTED => Error::unsupported(what),
+        code::SOURCE_MISMATCH => Error::source_mismatch(what),
+        code::READ_ONLY => Error::read_only(what),
+        code::NO_SPACE => Error::no_space(what),
+        code::OPEN => Error::open(what),
+        code::BLOCK_FREE => Error::block_free(what),
+        code::CANCELLED => Error::cancelled(what),
+        code::LOCKED => Error::locked(what),
+        _ => Error::read_failed(format!("{what} (code {rc:#x})")),
     }
 }
 
@@ -142,7 +142,7 @@ pub(super) unsafe fn c_path(p: *const c_char, name: &str) -> Result<PathBuf> {
     // SAFETY: non-NULL, NUL-terminated per the contract.
     let bytes = unsafe { CStr::from_ptr(p) }.to_bytes();
     if bytes.is_empty() {
-        return Err(Error::InvalidArgument(format!("{name} is empty")));
+        return Err(Error::invalid_argument(format!("{name} is empty")));
     }
     Ok(PathBuf::from(OsStr::from_bytes(bytes)))
 }
@@ -167,14 +167,14 @@ pub(super) unsafe fn validate(table: *const COW_BACKEND) -> Result<COW_BACKEND> 
     if t.u32Version >> 16 != magic
         || (t.u32Version >> 8) & 0xFF != (COW_BACKEND_VERSION >> 8) & 0xFF
     {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "COW_BACKEND.u32Version is {:#x}; this library implements {COW_BACKEND_VERSION:#x} \
              (fill the table with COW_InitBackend)",
             t.u32Version
         )));
     }
     if t.u32VersionEnd != t.u32Version {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "COW_BACKEND.u32VersionEnd ({:#x}) differs from u32Version ({:#x}): the table was \
              built against another layout of COW_BACKEND",
             t.u32VersionEnd, t.u32Version
@@ -183,12 +183,12 @@ pub(super) unsafe fn validate(table: *const COW_BACKEND) -> Result<COW_BACKEND> 
     // SAFETY: the name pointer is NULL or a C string.
     let name = unsafe { table_name(&t) };
     if name.is_empty() || name.len() > 64 {
-        return Err(Error::InvalidArgument(
+        return Err(Error::invalid_argument(
             "COW_BACKEND.pszBackendName must be a name of 1 to 64 bytes".into(),
         ));
     }
     if t.uBackendCaps & !core::caps::ALL != 0 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "backend '{name}': unknown caps {:#x}",
             t.uBackendCaps & !core::caps::ALL
         )));
@@ -231,7 +231,7 @@ pub(super) unsafe fn validate(table: *const COW_BACKEND) -> Result<COW_BACKEND> 
         );
     }
     if !missing.is_empty() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "backend '{name}' lacks required members: {}",
             missing.join(", ")
         )));

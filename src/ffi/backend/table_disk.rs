@@ -36,10 +36,10 @@ impl TableDisk {
         // SAFETY: validated table.
         let name = unsafe { table_name(&table) };
         let c = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| Error::InvalidArgument("path contains a NUL byte".into()))?;
+            .map_err(|_| Error::invalid_argument("path contains a NUL byte".into()))?;
         let open = table
             .pfnOpen
-            .ok_or_else(|| Error::Internal("validated table lacks pfnOpen".into()))?;
+            .ok_or_else(|| Error::internal("validated table lacks pfnOpen".into()))?;
         let mut data: *mut c_void = std::ptr::null_mut();
         // SAFETY: the caller's backend, called as the table documents.
         let rc = unsafe { open(c.as_ptr(), flags, &mut data) };
@@ -68,7 +68,7 @@ impl TableDisk {
         let read = self
             .table
             .pfnRead
-            .ok_or_else(|| Error::Internal("validated table lacks pfnRead".into()))?;
+            .ok_or_else(|| Error::internal("validated table lacks pfnRead".into()))?;
         let mut status = SectorStatus::NotAlloc;
         let mut done = 0usize;
         while done < buf.len() {
@@ -97,7 +97,7 @@ impl TableDisk {
                 }
             };
             if got == 0 || got > want {
-                return Err(Error::Read(format!(
+                return Err(Error::read_failed(format!(
                     "backend '{}' pfnRead at byte {at} reported {got} bytes of {want}",
                     self.name
                 )));
@@ -179,7 +179,7 @@ impl Drop for TableDisk {
 /// last). Used by VDDR_Open/VDDR_OpenEx.
 pub(crate) fn open_probing(path: &Path, flags: u32) -> Result<Box<dyn Disk>> {
     let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| Error::InvalidArgument("path contains a NUL byte".into()))?;
+        .map_err(|_| Error::invalid_argument("path contains a NUL byte".into()))?;
     for table in registered() {
         // SAFETY: registered tables are kept alive by the caller until
         // unregistered (documented), and were validated at registration.

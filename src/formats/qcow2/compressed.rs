@@ -22,7 +22,7 @@ impl Qcow2Disk {
             // sector it names; it is at most two clusters, so bounded.
             let stored = (extra_sectors + 1) * SECTOR_BYTES - (host % SECTOR_BYTES);
             if host >= self.file_len {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{}: compressed cluster at host byte offset {host} lies past the end of the {}-byte file",
                     self.describe(),
                     self.file_len
@@ -37,7 +37,7 @@ impl Qcow2Disk {
             })?;
             let mut output = vec![0u8; cluster_size as usize];
             inflate_exact(&input, &mut output, false).map_err(|why| {
-                Error::Corrupt(format!(
+                Error::corrupt(format!(
                     "{}: compressed cluster at host byte offset {host}: {why}",
                     self.describe()
                 ))
@@ -46,7 +46,7 @@ impl Qcow2Disk {
         }
         match &self.last_inflated {
             Some((_, data)) => Ok(data),
-            None => Err(Error::Internal("inflated cluster cache is empty".into())),
+            None => Err(Error::internal("inflated cluster cache is empty".into())),
         }
     }
 }

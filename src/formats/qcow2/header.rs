@@ -57,7 +57,7 @@ pub(super) struct Header {
 /// allocated.
 pub(super) fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Header> {
     let name = path.display();
-    let corrupt = |what: String| Error::Corrupt(format!("{name}: qcow2 header: {what}"));
+    let corrupt = |what: String| Error::corrupt(format!("{name}: qcow2 header: {what}"));
     let mut raw = [0u8; V3_MIN_HEADER_LEN as usize + 8];
     let have = (file_len.min(raw.len() as u64)) as usize;
     if (have as u64) < V2_HEADER_LEN {
@@ -70,7 +70,7 @@ pub(super) fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Hea
     }
     let version = BigEndian::read_u32(&raw[4..]);
     if version != 2 && version != 3 {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{name}: qcow2 version {version} (only 2 and 3 are read)"
         )));
     }
@@ -94,7 +94,7 @@ pub(super) fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Hea
             2 => "LUKS",
             _ => "unknown",
         };
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{name}: encrypted qcow2 image ({method} encryption, method {crypt_method}) is not supported"
         )));
     }
@@ -116,12 +116,12 @@ pub(super) fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Hea
         }
         let unknown = incompatible & !INCOMPAT_KNOWN;
         if unknown != 0 {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "{name}: qcow2 incompatible feature bits {unknown:#x} are unknown to this reader"
             )));
         }
         if incompatible & INCOMPAT_DATA_FILE != 0 {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "{name}: qcow2 image with an external data file (data_file) is not supported"
             )));
         }
@@ -133,7 +133,7 @@ pub(super) fn read_header(file: &File, file_len: u64, path: &Path) -> Result<Hea
             };
             if kind != 0 {
                 let label = if kind == 1 { "zstd" } else { "unknown" };
-                return Err(Error::Unsupported(format!(
+                return Err(Error::unsupported(format!(
                     "{name}: qcow2 compression type {kind} ({label}) is not supported; only deflate"
                 )));
             }

@@ -148,7 +148,7 @@ impl Qcow2Disk {
     pub fn open_with_parent(path: &Path, parent: Box<dyn Disk>) -> Result<Qcow2Disk> {
         let mut disk = Self::open_without_parent(path)?;
         if disk.backing_name.is_none() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "{}: a parent was supplied but the image has no backing file",
                 path.display()
             )));
@@ -172,7 +172,7 @@ impl Qcow2Disk {
         let file = open_read_only(path)?;
         let file_len = file
             .metadata()
-            .map_err(|e| Error::Open(format!("{}: {e}", path.display())))?
+            .map_err(|e| Error::open(e.to_string()).with_path(path))?
             .len();
         let header = read_header(&file, file_len, path)?;
         let cluster_size = 1u64 << header.cluster_bits;
@@ -215,7 +215,7 @@ impl Qcow2Disk {
     /// a run that starts past the end is corruption.
     fn read_host(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         if offset >= self.file_len {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{}: data cluster at host byte offset {offset} lies past the end of the {}-byte file",
                 self.describe(),
                 self.file_len
@@ -276,12 +276,12 @@ impl MappedImage for Qcow2Disk {
                 let cluster = self.inflate_cluster(token)?;
                 let from = within as usize;
                 let slice = cluster.get(from..from + buf.len()).ok_or_else(|| {
-                    Error::Internal("compressed run crosses a cluster boundary".into())
+                    Error::internal("compressed run crosses a cluster boundary".into())
                 })?;
                 buf.copy_from_slice(slice);
                 Ok(())
             }
-            _ => Err(Error::Internal(format!(
+            _ => Err(Error::internal(format!(
                 "read_mapped called for {mapping:?}"
             ))),
         }

@@ -110,7 +110,7 @@ impl Qcow2Disk {
         let span = self.l2_span();
         let l1_index = pos / span;
         let l1_entry = *self.l1.get(l1_index as usize).ok_or_else(|| {
-            Error::Internal(format!(
+            Error::internal(format!(
                 "{}: virtual byte {pos} past the L1 table",
                 self.describe()
             ))
@@ -131,7 +131,7 @@ impl Qcow2Disk {
         let name = self.describe();
         let table = self.l2_table(l1_index, l2_offset)?;
         let first = layout.unit(table, first_index).map_err(|why| {
-            Error::Corrupt(format!(
+            Error::corrupt(format!(
                 "{name}: L2 table at byte offset {l2_offset}: {why}"
             ))
         })?;
@@ -176,7 +176,7 @@ impl Qcow2Disk {
                 .checked_add(cluster_size)
                 .is_some_and(|end| end <= self.file_len);
             if l2_offset & (cluster_size - 1) != 0 || !in_file {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{}: L1 entry {l1_index} points at an L2 table at byte offset {l2_offset}, \
                      which is unaligned or not inside the {}-byte file",
                     self.describe(),
@@ -192,7 +192,7 @@ impl Qcow2Disk {
         }
         self.l2_cache
             .get(l2_offset)
-            .ok_or_else(|| Error::Internal("L2 cache lost a table it just stored".into()))
+            .ok_or_else(|| Error::internal("L2 cache lost a table it just stored".into()))
     }
 }
 
@@ -216,7 +216,7 @@ pub(super) fn read_l1(
             .checked_add(cluster_size)
             .is_some_and(|end| end <= file_len);
         if l2 != 0 && (l2 & (cluster_size - 1) != 0 || !inside) {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{}: L1 entry {index} (table at byte offset {offset}) points at an L2 table at \
                  byte offset {l2}, which is unaligned or not inside the {file_len}-byte file",
                 path.display()

@@ -16,7 +16,7 @@ impl UmlCow {
     pub(super) fn set_bit(&mut self, n: u64) -> Result<()> {
         let byte = (n / 8) as usize;
         if byte >= self.bitmap.len() {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "COW sector {n} has no bit inside this file's bitmap area (the v1/v2 \
                  rounding bug); it cannot be written"
             )));

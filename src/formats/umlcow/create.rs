@@ -36,19 +36,19 @@ impl UmlCow {
     /// with that backing file. Fails if `path` exists.
     pub fn create(path: &Path, backing: &Path, options: &CreateOptions) -> Result<UmlCow> {
         if options.version != 2 && options.version != 3 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "UML COW version {} cannot be written (2 or 3)",
                 options.version
             )));
         }
         if !valid_sector_size(options.sector_size) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "sector size {} is not a power of two in 512..={MAX_SECTOR_SIZE}",
                 options.sector_size
             )));
         }
         if options.version == 3 && (options.alignment == 0 || options.alignment > MAX_ALIGNMENT) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "alignment {} is not in 1..={MAX_ALIGNMENT}",
                 options.alignment
             )));
@@ -57,16 +57,16 @@ impl UmlCow {
         use std::os::unix::ffi::OsStrExt;
         let name = absolute.as_os_str().as_bytes().to_vec();
         if name.len() > 4095 || name.contains(&0) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "backing path '{}' does not fit the header's 4095 bytes",
                 absolute.display()
             )));
         }
         let meta = std::fs::metadata(&absolute)
-            .map_err(|e| Error::Open(format!("{}: {e}", absolute.display())))?;
+            .map_err(|e| Error::open(e.to_string()).with_path(&absolute))?;
         let size = meta.len();
         if size == 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "backing file '{}' is empty",
                 absolute.display()
             )));

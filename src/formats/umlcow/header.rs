@@ -95,7 +95,7 @@ pub(super) fn round_up(x: u64, to: u64) -> Option<u64> {
 fn c_path(field: &[u8], what: &str) -> Result<Vec<u8>> {
     match field.iter().position(|&b| b == 0) {
         Some(end) => Ok(field[..end].to_vec()),
-        None => Err(Error::Corrupt(format!(
+        None => Err(Error::corrupt(format!(
             "UML COW {what}: the backing file name is not NUL-terminated"
         ))),
     }
@@ -113,14 +113,14 @@ pub fn has_magic(bytes: &[u8]) -> bool {
 /// field and that bitmap and data offsets are consistent.
 pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<UmlCowHeader> {
     if bytes.len() < 8 {
-        return Err(Error::Corrupt("UML COW: file shorter than a header".into()));
+        return Err(Error::corrupt("UML COW: file shorter than a header".into()));
     }
     let big_endian = if BigEndian::read_u32(&bytes[0..]) == MAGIC {
         true
     } else if LittleEndian::read_u32(&bytes[0..]) == MAGIC {
         false
     } else {
-        return Err(Error::Unsupported("not a UML COW file (no magic)".into()));
+        return Err(Error::unsupported("not a UML COW file (no magic)".into()));
     };
     let version = if big_endian {
         BigEndian::read_u32(&bytes[4..])
@@ -129,7 +129,7 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<UmlCowHeader> {
     };
     let need = |n: u64, what: &str| -> Result<()> {
         if (bytes.len() as u64) < n {
-            Err(Error::Corrupt(format!(
+            Err(Error::corrupt(format!(
                 "UML COW {what}: the file ends inside the {n}-byte header"
             )))
         } else {
@@ -161,7 +161,7 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<UmlCowHeader> {
         }
         2 => {
             if !big_endian {
-                return Err(Error::Unsupported(
+                return Err(Error::unsupported(
                     "UML COW v2 with a little-endian magic".into(),
                 ));
             }
@@ -197,7 +197,7 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<UmlCowHeader> {
         }
         3 => {
             if !big_endian {
-                return Err(Error::Unsupported(
+                return Err(Error::unsupported(
                     "UML COW v3 with a little-endian magic".into(),
                 ));
             }
@@ -216,29 +216,29 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<UmlCowHeader> {
             align = BigEndian::read_u32(&bytes[24 + base..]);
             let format = BigEndian::read_u32(&bytes[28 + base..]);
             if format != 0 {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::unsupported(format!(
                     "UML COW v3 with COW format {format} (only 0, the bitmap, exists)"
                 )));
             }
             backing = c_path(&bytes[32 + base..32 + base + 4096], "v3")?;
             if align == 0 || align > MAX_ALIGNMENT {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "UML COW v3: alignment {align} is not in 1..={MAX_ALIGNMENT}"
                 )));
             }
             bitmap_offset = round_up(hdr, u64::from(align)).unwrap_or(u64::MAX);
         }
         v => {
-            return Err(Error::Unsupported(format!("UML COW version {v}")));
+            return Err(Error::unsupported(format!("UML COW version {v}")));
         }
     }
     if !valid_sector_size(ss) {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "UML COW: sector size {ss} is not a power of two in 512..={MAX_SECTOR_SIZE}"
         )));
     }
     if size == 0 {
-        return Err(Error::Corrupt("UML COW: the disk size is 0".into()));
+        return Err(Error::corrupt("UML COW: the disk size is 0".into()));
     }
     let ss64 = u64::from(ss);
     let bitmap_len = match layout {
@@ -246,9 +246,9 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<UmlCowHeader> {
         Layout::V2Qemu => Some((size / 512).div_ceil(8)),
         Layout::V3 | Layout::V3Broken => Some(size.div_ceil(ss64).div_ceil(8)),
     }
-    .ok_or_else(|| Error::Corrupt(format!("UML COW: size {size} overflows")))?;
+    .ok_or_else(|| Error::corrupt(format!("UML COW: size {size} overflows")))?;
     if bitmap_len > MAX_BITMAP_BYTES {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "UML COW: a bitmap of {bitmap_len} bytes (disk of {size} bytes) is larger than \
              this library keeps in memory"
         )));
@@ -260,14 +260,14 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<UmlCowHeader> {
     let data_offset = bitmap_offset
         .checked_add(bitmap_len)
         .and_then(|v| round_up(v, data_align))
-        .ok_or_else(|| Error::Corrupt("UML COW: data offset overflows".into()))?;
+        .ok_or_else(|| Error::corrupt("UML COW: data offset overflows".into()))?;
     if data_offset.checked_add(size).is_none() {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "UML COW: size {size} overflows the file's offsets"
         )));
     }
     if file_len < data_offset {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "UML COW: the file ({file_len} bytes) ends before its data area at {data_offset}"
         )));
     }

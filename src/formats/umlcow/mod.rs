@@ -76,7 +76,7 @@ use crate::disk::{
     check_range, sectors_in, Disk, DriveType, ImageFile, ImageMetadata, SectorStatus, WritableDisk,
     SECTOR_BYTES, SECTOR_SIZE,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 
 /// Where the data of unchanged sectors comes from.
 #[derive(Debug, Clone, Default)]
@@ -151,7 +151,7 @@ pub fn open_boxed(
         let named = String::from_utf8_lossy(&cow.header.backing_file).into_owned();
         return Err(match super::open_parent(path, &named, options, 0) {
             Err(e) => e,
-            Ok(_) => Error::Internal("backing path refused but not reported".into()),
+            Ok(_) => Error::internal("backing path refused but not reported".into()),
         });
     }
     Ok(Box::new(UmlCow::open(
@@ -192,13 +192,13 @@ impl UmlCow {
                 .read(true)
                 .write(true)
                 .open(path)
-                .map_err(|e| Error::Open(format!("{}: {e}", path.display())))?
+                .map_err(|e| Error::open(e.to_string()).with_path(path))?
         } else {
             open_read_only(path)?
         };
         let file_len = file
             .metadata()
-            .map_err(|e| Error::Open(format!("{}: {e}", path.display())))?
+            .map_err(|e| Error::open(e.to_string()).with_path(path))?
             .len();
         let mut head = vec![0u8; HEADER_READ.min(file_len as usize)];
         file.read_exact_at(&mut head, 0)
@@ -278,7 +278,7 @@ impl UmlCow {
 
     fn check_writable(&self) -> Result<()> {
         if !self.writable {
-            return Err(Error::ReadOnly(format!(
+            return Err(Error::read_only(format!(
                 "{} is open read-only",
                 self.path.display()
             )));
@@ -288,10 +288,9 @@ impl UmlCow {
 }
 
 fn prefix_error(e: Error, path: &str) -> Error {
-    match e {
-        Error::Corrupt(m) => Error::Corrupt(format!("{path}: {m}")),
-        Error::Unsupported(m) => Error::Unsupported(format!("{path}: {m}")),
-        other => other,
+    match e.kind() {
+        ErrorCode::Corrupt | ErrorCode::Unsupported => e.with_path(path),
+        _ => e,
     }
 }
 
@@ -300,27 +299,27 @@ fn prefix_error(e: Error, path: &str) -> Error {
 pub(super) fn absolute_path(path: &Path) -> Result<PathBuf> {
     let name = path
         .file_name()
-        .ok_or_else(|| Error::InvalidArgument(format!("'{}' names no file", path.display())))?;
+        .ok_or_else(|| Error::invalid_argument(format!("'{}' names no file", path.display())))?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let dir =
-        std::fs::canonicalize(&dir).map_err(|e| Error::Open(format!("{}: {e}", dir.display())))?;
+        std::fs::canonicalize(&dir).map_err(|e| Error::open(e.to_string()).with_path(&dir))?;
     Ok(dir.join(name))
 }
 
 /// Opens the backing file read-only after Linux's size and mtime checks.
 fn open_backing(path: &Path, header: &UmlCowHeader, cow: &Path) -> Result<RawDisk> {
     let meta = std::fs::metadata(path).map_err(|e| {
-        Error::Open(format!(
+        Error::open(format!(
             "{}: backing file '{}': {e}",
             cow.display(),
             path.display()
         ))
     })?;
     if meta.len() != header.size {
-        return Err(Error::SourceMismatch(format!(
+        return Err(Error::source_mismatch(format!(
             "{}: backing file '{}' is {} bytes, the COW header says {} (size mismatch)",
             cow.display(),
             path.display(),
@@ -331,7 +330,7 @@ fn open_backing(path: &Path, header: &UmlCowHeader, cow: &Path) -> Result<RawDis
     let actual = mtime_secs(&meta);
     let skip = header.layout == Layout::V2Qemu && header.mtime == 0;
     if !skip && actual != header.mtime as i64 {
-        return Err(Error::SourceMismatch(format!(
+        return Err(Error::source_mismatch(format!(
             "{}: backing file '{}' was modified at {actual}, the COW header says {} \
              (mtime mismatch: the backing file changed after the COW file was made)",
             cow.display(),
@@ -425,7 +424,7 @@ impl WritableDisk for UmlCow {
                 // First write to a COW sector that only partly covers it:
                 // the rest comes from what the disk showed before.
                 if self.backing.is_none() {
-                    return Err(Error::Unsupported(format!(
+                    return Err(Error::unsupported(format!(
                         "a first write to part of COW sector {cs} ({ss} bytes) needs the \
                          backing file to fill the rest; open with the backing file"
                     )));

@@ -65,7 +65,7 @@ impl Vci {
                 return Ok(r);
             }
         }
-        Err(Error::NoSpace(format!(
+        Err(Error::no_space(format!(
             "{}: the cache ({} blocks) is full",
             self.path.display(),
             self.header.blocks
@@ -119,7 +119,7 @@ pub(super) fn read_blkmap(file: &File, header: &VciHeader) -> Result<Vec<u8>> {
     if LittleEndian::read_u32(&h[0..]) != BLKMAP_MAGIC
         || LittleEndian::read_u32(&h[4..]) != BLKMAP_VERSION
     {
-        return Err(Error::Corrupt(
+        return Err(Error::corrupt(
             "VCI: bad block bitmap magic or version".into(),
         ));
     }
@@ -131,7 +131,7 @@ pub(super) fn read_blkmap(file: &File, header: &VciHeader) -> Result<Vec<u8>> {
     );
     let sum = free.checked_add(meta).and_then(|v| v.checked_add(data));
     if blocks != header.blocks || sum != Some(blocks) {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "VCI: block bitmap counts {blocks} = {free} free + {meta} meta + {data} data \
              do not add up for a cache of {} blocks",
             header.blocks
@@ -143,14 +143,14 @@ pub(super) fn read_blkmap(file: &File, header: &VciHeader) -> Result<Vec<u8>> {
     // Bits past the cache's end must be clear.
     for n in header.blocks..bits.len() as u64 * 8 {
         if bits[(n / 8) as usize] & (1 << (n % 8)) != 0 {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "VCI: bitmap marks block {n}, past the cache's end"
             )));
         }
     }
     let set: u64 = bits.iter().map(|b| u64::from(b.count_ones())).sum();
     if set != meta + data {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "VCI: bitmap has {set} blocks set but its header counts {}",
             meta + data
         )));

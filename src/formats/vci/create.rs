@@ -45,16 +45,16 @@ impl Vci {
     /// writing. Fails if `path` exists.
     pub fn create(path: &Path, params: &CreateParams) -> Result<Vci> {
         if params.size == 0 {
-            return Err(Error::InvalidArgument("VCI: disk size 0".into()));
+            return Err(Error::invalid_argument("VCI: disk size 0".into()));
         }
         if params.differencing {
-            return Err(Error::Unsupported(
+            return Err(Error::unsupported(
                 "VCI: a cache image cannot be a differencing image".into(),
             ));
         }
         let disk_blocks = params.size.div_ceil(BLOCK);
         if disk_blocks > MAX_BLOCKS / 2 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "VCI: disk size {} too large",
                 params.size
             )));

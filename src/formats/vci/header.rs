@@ -36,36 +36,36 @@ pub struct VciHeader {
 /// Parses and validates the 1024-byte header of a file `file_len` long.
 pub fn parse_header(b: &[u8], file_len: u64) -> Result<VciHeader> {
     if b.len() < HEADER_BYTES || file_len < HEADER_BYTES as u64 {
-        return Err(Error::Corrupt("VCI: file shorter than its header".into()));
+        return Err(Error::corrupt("VCI: file shorter than its header".into()));
     }
     if LittleEndian::read_u32(&b[H_SIG..]) != SIGNATURE {
-        return Err(Error::Unsupported("not a VCI image (no signature)".into()));
+        return Err(Error::unsupported("not a VCI image (no signature)".into()));
     }
     let version = LittleEndian::read_u32(&b[H_VERSION..]);
     if version != VERSION {
-        return Err(Error::Unsupported(format!("VCI version {version}")));
+        return Err(Error::unsupported(format!("VCI version {version}")));
     }
     let blocks = LittleEndian::read_u64(&b[H_BLOCKS..]);
     if blocks == 0 || blocks > MAX_BLOCKS {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "VCI: cache of {blocks} blocks is not in 1..={MAX_BLOCKS}"
         )));
     }
     let unclean = match b[H_UNCLEAN] {
         0 => false,
         1 => true,
-        v => return Err(Error::Corrupt(format!("VCI: unclean-shutdown flag {v}"))),
+        v => return Err(Error::corrupt(format!("VCI: unclean-shutdown flag {v}"))),
     };
     let fixed = match LittleEndian::read_u32(&b[H_TYPE..]) {
         TYPE_DYNAMIC => false,
         TYPE_FIXED => true,
-        t => return Err(Error::Corrupt(format!("VCI: cache type {t}"))),
+        t => return Err(Error::corrupt(format!("VCI: cache type {t}"))),
     };
     let root = LittleEndian::read_u64(&b[H_ROOT..]);
     let blkmap = LittleEndian::read_u64(&b[H_BLKMAP..]);
     let cblkmap = LittleEndian::read_u32(&b[H_CBLKMAP..]);
     if u64::from(cblkmap) != blkmap_blocks(blocks) {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "VCI: bitmap of {cblkmap} blocks for a cache of {blocks} blocks (expected {})",
             blkmap_blocks(blocks)
         )));
@@ -74,7 +74,7 @@ pub fn parse_header(b: &[u8], file_len: u64) -> Result<VciHeader> {
     let inside = |start: u64, len: u64, what: &str| -> Result<()> {
         match start.checked_add(len) {
             Some(end) if start >= HEADER_BLOCKS && end <= blocks && end <= file_blocks => Ok(()),
-            _ => Err(Error::Corrupt(format!(
+            _ => Err(Error::corrupt(format!(
                 "VCI: {what} at block {start} (+{len}) lies outside the cache \
                  ({blocks} blocks) or the file ({file_blocks} blocks)"
             ))),
@@ -93,7 +93,7 @@ pub fn parse_header(b: &[u8], file_len: u64) -> Result<VciHeader> {
         stored_size
     };
     if disk_size.div_ceil(BLOCK) > MAX_BLOCKS {
-        return Err(Error::Corrupt(format!("VCI: disk size {disk_size}")));
+        return Err(Error::corrupt(format!("VCI: disk size {disk_size}")));
     }
     Ok(VciHeader {
         blocks,

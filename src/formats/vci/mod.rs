@@ -90,7 +90,7 @@ use crate::disk::{
     check_range, sectors_in, DiscardDisk, Disk, DriveType, ImageFile, ImageMetadata, SectorStatus,
     WritableDisk, SECTOR_SIZE,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 
 pub(super) const BLOCK: u64 = 512;
 pub const SIGNATURE: u32 = 0x0049_4356;
@@ -206,26 +206,25 @@ impl Vci {
                 .read(true)
                 .write(true)
                 .open(path)
-                .map_err(|e| Error::Open(format!("{}: {e}", path.display())))?
+                .map_err(|e| Error::open(e.to_string()).with_path(path))?
         } else {
             open_read_only(path)?
         };
         let name = path.display().to_string();
-        let with_path = |e: Error| match e {
-            Error::Corrupt(m) => Error::Corrupt(format!("{name}: {m}")),
-            Error::Unsupported(m) => Error::Unsupported(format!("{name}: {m}")),
-            other => other,
+        let with_path = |e: Error| match e.kind() {
+            ErrorCode::Corrupt | ErrorCode::Unsupported => e.with_path(path),
+            _ => e,
         };
         let file_len = file
             .metadata()
-            .map_err(|e| Error::Open(format!("{name}: {e}")))?
+            .map_err(|e| Error::open(format!("{name}: {e}")))?
             .len();
         let mut hb = vec![0u8; HEADER_BYTES.min(file_len as usize)];
         file.read_exact_at(&mut hb, 0)
             .map_err(|e| Error::read(&name, 0, e))?;
         let header = parse_header(&hb, file_len).map_err(with_path)?;
         if header.unclean && !options.repair {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: the VCI image was not closed cleanly (its unclean-shutdown flag is set: \
                  a writer crashed, or still has it open); open it with the repair flag \
                  (COW_OPEN_REPAIR) to check its tree and rebuild its block bitmap"
@@ -239,7 +238,7 @@ impl Vci {
             for n in start..start + len {
                 let (byte, bit) = ((n / 8) as usize, 1u8 << (n % 8));
                 if bitmap[byte] & bit != 0 {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "{name}: block {n} ({what}) is used twice"
                     )));
                 }
@@ -256,7 +255,7 @@ impl Vci {
             mark(e.addr, e.len, "data")?;
         }
         if !header.unclean && bitmap != on_disk {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: the block bitmap disagrees with the tree"
             )));
         }
@@ -309,7 +308,7 @@ impl Vci {
 
     fn check_writable(&self) -> Result<()> {
         if !self.writable {
-            return Err(Error::ReadOnly(format!(
+            return Err(Error::read_only(format!(
                 "{} is open read-only",
                 self.path.display()
             )));
@@ -374,7 +373,7 @@ impl Disk for Vci {
     fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         check_range(lba, count, self.sector_count())?;
         if count == 0 {
-            return Err(Error::InvalidArgument(
+            return Err(Error::invalid_argument(
                 "the status run of zero sectors was asked".into(),
             ));
         }

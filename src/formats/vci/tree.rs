@@ -152,7 +152,7 @@ impl Vci {
                 for &n in nodes.iter() {
                     self.set_bits(n, NODE_BLOCKS, false);
                 }
-                return Err(Error::NoSpace(format!(
+                return Err(Error::no_space(format!(
                     "{}: no room for the tree in the cache",
                     self.path.display()
                 )));
@@ -202,7 +202,7 @@ pub(super) fn walk(
     leaf_depth: &mut Option<u32>,
 ) -> Result<()> {
     if depth > MAX_DEPTH {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "VCI: tree deeper than {MAX_DEPTH} levels"
         )));
     }
@@ -210,24 +210,24 @@ pub(super) fn walk(
     match addr.checked_add(NODE_BLOCKS) {
         Some(end) if addr >= HEADER_BLOCKS && end <= file_blocks => {}
         _ => {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "VCI: tree node at block {addr} lies outside the cache"
             )))
         }
     }
     if !seen.insert(addr) {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "VCI: tree node at block {addr} is reached twice (a loop or shared node)"
         )));
     }
     nodes.push(addr);
     let mut node = vec![0u8; NODE_BYTES];
     file.read_exact_at(&mut node, addr * BLOCK)
-        .map_err(|e| Error::Corrupt(format!("VCI: tree node at block {addr}: {e}")))?;
+        .map_err(|e| Error::corrupt(format!("VCI: tree node at block {addr}: {e}")))?;
     match node[0] {
         NODE_LEAF => {
             if *leaf_depth.get_or_insert(depth) != depth {
-                return Err(Error::Corrupt("VCI: leaves at different depths".into()));
+                return Err(Error::corrupt("VCI: leaves at different depths".into()));
             }
             let disk_blocks = header.disk_size.div_ceil(BLOCK);
             let mut prev_end = lo;
@@ -244,18 +244,18 @@ pub(super) fn walk(
                     continue;
                 }
                 if ended {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "VCI: leaf at block {addr} has a used entry after an unused one"
                     )));
                 }
                 if flags != 0 {
-                    return Err(Error::Unsupported(format!(
+                    return Err(Error::unsupported(format!(
                         "VCI: extent flags {flags:#x} (compression/encryption) are not supported"
                     )));
                 }
                 let end = start.saturating_add(len);
                 if start < prev_end || end > hi || end > disk_blocks {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "VCI: extent {start}+{len} in leaf {addr} overlaps, is out of order, \
                          or lies outside its parent's range or the disk"
                     )));
@@ -263,7 +263,7 @@ pub(super) fn walk(
                 match data.checked_add(len) {
                     Some(de) if data >= HEADER_BLOCKS && de <= file_blocks => {}
                     _ => {
-                        return Err(Error::Corrupt(format!(
+                        return Err(Error::corrupt(format!(
                             "VCI: extent data at block {data}+{len} lies outside the cache \
                              or the file"
                         )))
@@ -287,21 +287,21 @@ pub(super) fn walk(
                     continue;
                 }
                 if ended {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "VCI: internal node at block {addr} has a used entry after an unused one"
                     )));
                 }
                 children.push((first, span, child));
             }
             if children.is_empty() {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "VCI: internal node at block {addr} has no children"
                 )));
             }
             for (i, &(first, span, child)) in children.iter().enumerate() {
                 let next = children.get(i + 1).map_or(hi, |c| c.0);
                 if first < lo || first >= next || next > hi {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "VCI: internal node at block {addr}: keys out of order"
                     )));
                 }
@@ -323,14 +323,14 @@ pub(super) fn walk(
                     leaf_depth,
                 )?;
                 if extents.len() == before {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "VCI: internal node at block {addr} points to an empty child"
                     )));
                 }
             }
             Ok(())
         }
-        t => Err(Error::Corrupt(format!(
+        t => Err(Error::corrupt(format!(
             "VCI: tree node at block {addr} has type {t}"
         ))),
     }

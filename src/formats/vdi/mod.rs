@@ -134,21 +134,21 @@ pub(crate) fn guid_to_rfc_bytes(stored: &[u8]) -> [u8; 16] {
 /// of a file. `what` names the file in errors.
 pub fn parse_header(bytes: &[u8], what: &str) -> Result<VdiHeader> {
     if bytes.len() < HEADER_BYTES {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what}: {} bytes is too short for a VDI header ({HEADER_BYTES} bytes)",
             bytes.len()
         )));
     }
     let signature = le_u32(bytes, SIGNATURE_AT);
     if signature != SIGNATURE {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what}: VDI signature at byte offset {SIGNATURE_AT:#x} is {signature:#010x}, \
              not {SIGNATURE:#010x}"
         )));
     }
     let version = le_u32(bytes, VERSION_AT);
     if version >> 16 != 1 {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{what}: VDI version {}.{} (byte offset {VERSION_AT:#x}); only version 1.x is read",
             version >> 16,
             version & 0xFFFF
@@ -156,7 +156,7 @@ pub fn parse_header(bytes: &[u8], what: &str) -> Result<VdiHeader> {
     }
     let header_size = le_u32(bytes, HEADER_SIZE_AT);
     if header_size < MIN_HEADER_SIZE {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what}: VDI header size at byte offset {HEADER_SIZE_AT:#x} is {header_size}, \
              less than the {MIN_HEADER_SIZE} bytes of a version-1 header"
         )));
@@ -165,12 +165,12 @@ pub fn parse_header(bytes: &[u8], what: &str) -> Result<VdiHeader> {
     match image_type {
         TYPE_DYNAMIC | TYPE_FIXED | TYPE_DIFFERENCING => {}
         TYPE_UNDO => {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "{what}: VDI \"undo\" images (type 3) are not supported"
             )))
         }
         other => {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: VDI image type at byte offset {IMAGE_TYPE_AT:#x} is {other}, \
                  not 1 (dynamic), 2 (fixed) or 4 (differencing)"
             )))
@@ -181,14 +181,14 @@ pub fn parse_header(bytes: &[u8], what: &str) -> Result<VdiHeader> {
         || u64::from(block_bytes) % SECTOR_BYTES != 0
         || block_bytes > MAX_BLOCK_SIZE
     {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what}: VDI block size at byte offset {BLOCK_SIZE_AT:#x} is {block_bytes}, \
              not a non-zero multiple of 512 up to {MAX_BLOCK_SIZE}"
         )));
     }
     let block_extra = le_u32(bytes, BLOCK_EXTRA_AT);
     if block_extra != 0 {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{what}: VDI blocks with {block_extra} bytes of extra data \
              (byte offset {BLOCK_EXTRA_AT:#x}) are not supported"
         )));
@@ -205,14 +205,14 @@ pub fn parse_header(bytes: &[u8], what: &str) -> Result<VdiHeader> {
     };
     let needed = header.blocks_in_disk();
     if needed > u64::from(header.block_count) {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what}: VDI disk of {} bytes needs {needed} blocks of {block_bytes} bytes, but \
              the block count at byte offset {BLOCK_COUNT_AT:#x} is {}",
             header.disk_bytes, header.block_count
         )));
     }
     if needed > MAX_BLOCK_MAP_ENTRIES {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{what}: VDI block map of {needed} entries is larger than the \
              {MAX_BLOCK_MAP_ENTRIES} this reader holds in memory"
         )));
@@ -225,7 +225,7 @@ fn read_header(file: &File, what: &str) -> Result<VdiHeader> {
     let mut bytes = [0u8; HEADER_BYTES];
     file.read_exact_at(&mut bytes, 0)
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => Error::Corrupt(format!(
+            std::io::ErrorKind::UnexpectedEof => Error::corrupt(format!(
                 "{what}: file is shorter than a VDI header ({HEADER_BYTES} bytes)"
             )),
             _ => Error::read(&format!("{what}: VDI header"), 0, e),
@@ -305,7 +305,7 @@ impl VdiDisk {
     pub fn open_with_parent(path: &Path, parent: Box<dyn Disk>) -> Result<VdiDisk> {
         let mut disk = Self::open_detached(path)?;
         if !disk.header.is_differencing() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "{}: not a differencing VDI image, so it takes no parent",
                 path.display()
             )));
@@ -333,7 +333,7 @@ impl VdiDisk {
         let file = open_read_only(path)?;
         let file_bytes = file
             .metadata()
-            .map_err(|e| Error::Open(format!("{what}: {e}")))?
+            .map_err(|e| Error::open(format!("{what}: {e}")))?
             .len();
         let header = read_header(&file, &what)?;
         let block_map = read_block_map(&file, &what, &header, file_bytes)?;
@@ -353,7 +353,7 @@ impl VdiDisk {
                 self.parent = Some(parent);
                 Ok(())
             }
-            found => Err(Error::SourceMismatch(format!(
+            found => Err(Error::source_mismatch(format!(
                 "{}: differencing VDI image was made on a parent with UUID {}, but the \
                  parent supplied has {}",
                 self.path.display(),
@@ -399,7 +399,7 @@ fn read_block_map(
     let map_bytes = entries * 4; // entries <= 2^26: no overflow
     let map_end = header.block_map_offset + map_bytes;
     if map_end > file_bytes {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{what}: VDI block map at byte offset {} ({entries} entries) runs past the \
              end of the {file_bytes}-byte file",
             header.block_map_offset
@@ -425,7 +425,7 @@ fn read_block_map(
         }
         let entry_at = header.block_map_offset + index as u64 * 4;
         if entry >= header.block_count {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: VDI block map entry {index} (byte offset {entry_at}) points at data \
                  block {entry}, beyond the image's {} blocks",
                 header.block_count
@@ -437,7 +437,7 @@ fn read_block_map(
             .min(block_bytes);
         let end = header.data_offset + u64::from(entry) * block_bytes + used; // < 2^32 * 2^30 * 2
         if end > file_bytes {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{what}: VDI block map entry {index} (byte offset {entry_at}) points at data \
                  ending at byte {end}, past the end of the {file_bytes}-byte file"
             )));
@@ -457,7 +457,7 @@ fn find_and_open_parent(
 ) -> Result<Box<dyn Disk>> {
     let wanted = header.parent_uuid;
     if !options.follow_parent_paths {
-        return Err(Error::Open(format!(
+        return Err(Error::open(format!(
             "{}: differencing VDI image needs its parent image with UUID {}; looking for \
              parent images is off (enable it with the follow-parent-paths open flag, or \
              supply the parent yourself)",
@@ -478,7 +478,7 @@ fn find_and_open_parent(
                 (path.display().to_string(), parent)
             }
             None => {
-                return Err(Error::Open(format!(
+                return Err(Error::open(format!(
                     "{}: differencing VDI image needs its parent image with UUID {}; no \
                      .vdi file in its folder has that UUID, and no loaded media registry \
                      names it (load the VirtualBox media registry that describes the \
@@ -490,7 +490,7 @@ fn find_and_open_parent(
         },
     };
     if !is_linked_parent(parent.as_ref(), &wanted) {
-        return Err(Error::SourceMismatch(format!(
+        return Err(Error::source_mismatch(format!(
             "{}: parent '{name}' does not have the UUID {} the child was made on",
             child.display(),
             uuid_text(&wanted)
@@ -595,7 +595,7 @@ impl MappedImage for VdiDisk {
                     e,
                 )
             }),
-            other => Err(Error::Internal(format!(
+            other => Err(Error::internal(format!(
                 "VDI reader asked to read a {other:?} run"
             ))),
         }
@@ -681,11 +681,15 @@ mod tests {
 
         let mut b = header_bytes();
         b[BLOCK_COUNT_AT..BLOCK_COUNT_AT + 4].copy_from_slice(&2u32.to_le_bytes());
-        assert!(matches!(parse_header(&b, "t"), Err(Error::Corrupt(_))));
+        assert!(
+            matches!(parse_header(&b, "t"), Err(ref e) if e.kind() == crate::error::ErrorCode::Corrupt)
+        );
 
         let mut b = header_bytes();
         b[IMAGE_TYPE_AT..IMAGE_TYPE_AT + 4].copy_from_slice(&3u32.to_le_bytes());
-        assert!(matches!(parse_header(&b, "t"), Err(Error::Unsupported(_))));
+        assert!(
+            matches!(parse_header(&b, "t"), Err(ref e) if e.kind() == crate::error::ErrorCode::Unsupported)
+        );
 
         let mut b = header_bytes();
         b[DISK_SIZE_AT..DISK_SIZE_AT + 8].copy_from_slice(&u64::MAX.to_le_bytes());

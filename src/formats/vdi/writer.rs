@@ -44,7 +44,7 @@ impl DynamicVdi {
     pub fn new(virtual_bytes: u64, block_bytes: u64, what: &str) -> Result<DynamicVdi> {
         let blocks = virtual_bytes.div_ceil(block_bytes);
         if blocks > MAX_BLOCK_MAP_ENTRIES {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "{what}: a VDI image of {blocks} blocks of {block_bytes} bytes is larger than \
                  this writer makes ({MAX_BLOCK_MAP_ENTRIES} blocks)"
             )));

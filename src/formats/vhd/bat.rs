@@ -28,7 +28,7 @@ impl VhdDisk {
     /// The sector bitmap of allocated block `block` stored at `block_at`.
     pub(super) fn bitmap(&mut self, block: u64, block_at: u64) -> Result<&[u8]> {
         let Layout::Sparse(layout) = &mut self.layout else {
-            return Err(Error::Internal("sector bitmap of a fixed VHD".into()));
+            return Err(Error::internal("sector bitmap of a fixed VHD".into()));
         };
         if layout.cached_bitmap.as_ref().map(|(b, _)| *b) != Some(block) {
             // Size bounded by the validated block size (at most 64 KiB).
@@ -55,7 +55,7 @@ impl VhdDisk {
 
     pub(super) fn map_sparse(&mut self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
         let Layout::Sparse(layout) = &self.layout else {
-            return Err(Error::Internal("sparse mapping of a fixed VHD".into()));
+            return Err(Error::internal("sparse mapping of a fixed VHD".into()));
         };
         let per_block = layout.sectors_per_block;
         let bitmap_bytes = layout.bitmap_bytes;
@@ -76,7 +76,7 @@ impl VhdDisk {
         let block_at = u64::from(entry) * SECTOR_BYTES;
         let data_at = block_at + bitmap_bytes; // < 2^41 + 2^16: no overflow
         if data_at > self.file_len {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{}: BAT entry {block} puts the sector bitmap at byte offset {block_at}, past \
                  the end of the {}-byte file",
                 self.path.display(),
@@ -108,7 +108,7 @@ impl VhdDisk {
         let offset = data_at + in_block * SECTOR_BYTES;
         let end = offset + run * SECTOR_BYTES;
         if end > self.file_len {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{}: BAT entry {block} puts data at byte offset {offset}..{end}, past the end \
                  of the {}-byte file",
                 self.path.display(),

@@ -46,7 +46,7 @@ impl VhdDisk {
         let header_at = footer.data_offset;
         let header_end = header_at.checked_add(DYNAMIC_HEADER_BYTES as u64);
         if !matches!(header_end, Some(end) if end <= self.file_len) {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: dynamic header offset {header_at} (footer data offset) lies outside \
                  the {}-byte file",
                 self.file_len
@@ -55,14 +55,14 @@ impl VhdDisk {
         let mut header = [0u8; DYNAMIC_HEADER_BYTES];
         self.read_exact("dynamic header", header_at, &mut header)?;
         if &header[0..8] != DYNAMIC_COOKIE {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: no 'cxsparse' dynamic header cookie at byte offset {header_at}"
             )));
         }
         let stored = BigEndian::read_u32(&header[DYNAMIC_CHECKSUM_AT..]);
         let computed = ones_complement_checksum(&header, DYNAMIC_CHECKSUM_AT);
         if stored != computed {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: dynamic header checksum at byte offset {} is {stored:#010x}, \
                  expected {computed:#010x}",
                 header_at + DYNAMIC_CHECKSUM_AT as u64
@@ -74,14 +74,14 @@ impl VhdDisk {
         if !block_bytes.is_power_of_two()
             || !(SECTOR_BYTES..=MAX_BLOCK_BYTES).contains(&block_bytes)
         {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: block size {block_bytes} (dynamic header at byte offset {header_at}) \
                  is not a power of two between 512 bytes and 256 MiB"
             )));
         }
         let blocks_needed = footer.current_size.div_ceil(block_bytes);
         if blocks_needed > max_entries {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: {} bytes need {blocks_needed} blocks but the BAT has {max_entries} \
                  entries (dynamic header at byte offset {header_at})",
                 footer.current_size
@@ -90,7 +90,7 @@ impl VhdDisk {
         let bat_bytes = blocks_needed * 4; // cannot overflow: blocks_needed <= u32::MAX
         let bat_end = bat_at.checked_add(bat_bytes);
         if !matches!(bat_end, Some(end) if end <= self.file_len) {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: BAT of {bat_bytes} bytes at byte offset {bat_at} runs past the end \
                  of the {}-byte file",
                 self.file_len
@@ -140,14 +140,14 @@ fn read_footer_at(file: &File, name: &str, at: u64) -> Result<Footer> {
     file.read_exact_at(&mut raw, at)
         .map_err(|e| Error::read(&format!("{name}: VHD footer"), at, e))?;
     if &raw[0..8] != FOOTER_COOKIE {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: no 'conectix' VHD footer cookie at byte offset {at}"
         )));
     }
     let stored = BigEndian::read_u32(&raw[FOOTER_CHECKSUM_AT..]);
     let computed = ones_complement_checksum(&raw, FOOTER_CHECKSUM_AT);
     if stored != computed {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: VHD footer checksum at byte offset {} is {stored:#010x}, expected \
              {computed:#010x}",
             at + FOOTER_CHECKSUM_AT as u64

@@ -44,7 +44,7 @@ impl VhdDisk {
             }
             let end = offset.checked_add(length);
             if length > MAX_LOCATOR_BYTES || !matches!(end, Some(end) if end <= self.file_len) {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{}: parent locator {index} (dynamic header byte offset {}) points at \
                      {length} bytes at byte offset {offset}, outside the file or too long",
                     self.name(),
@@ -103,7 +103,7 @@ impl VhdDisk {
             }
         }
         if unique.is_empty() {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{}: differencing VHD (dynamic header at byte offset {header_at}) names no \
                  parent file this reader can decode",
                 self.name()

@@ -52,7 +52,7 @@ use super::guid::hex;
 use super::mapped::{self, MappedImage, Mapping};
 use super::{media_registry, open_parent, open_parent_at_path, open_read_only, OpenOptions};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 
 use bat::SparseLayout;
 use footer::{
@@ -142,7 +142,7 @@ impl VhdDisk {
     pub fn open_with_parent(path: &Path, parent: Box<dyn Disk>) -> Result<VhdDisk> {
         let mut disk = Self::open_without_parent(path)?;
         if disk.parent_info.is_none() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "{}: not a differencing VHD, it takes no parent",
                 path.display()
             )));
@@ -178,7 +178,7 @@ impl VhdDisk {
                 self.parent = Some(parent);
                 Ok(())
             }
-            found => Err(Error::SourceMismatch(format!(
+            found => Err(Error::source_mismatch(format!(
                 "{}: parent has unique id {}, but the differencing image was made on {}",
                 self.path.display(),
                 found.map_or_else(|| "(none)".to_string(), |id| hex(&id)),
@@ -193,17 +193,17 @@ impl VhdDisk {
         let file = open_read_only(path)?;
         let file_len = file
             .metadata()
-            .map_err(|e| Error::Open(format!("{}: {e}", path.display())))?
+            .map_err(|e| Error::open(e.to_string()).with_path(path))?
             .len();
         let name = path.display().to_string();
         if file_len < FOOTER_BYTES {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: {file_len} bytes is too short for a VHD footer"
             )));
         }
         let footer = read_footer(&file, &name, file_len)?;
         if footer.current_size % SECTOR_BYTES != 0 {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "{name}: VHD size {} is not a whole number of sectors",
                 footer.current_size
             )));
@@ -221,7 +221,7 @@ impl VhdDisk {
             DISK_TYPE_FIXED => {
                 let data_end = file_len - FOOTER_BYTES;
                 if footer.current_size > data_end {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(format!(
                         "{name}: fixed VHD footer at byte offset {data_end} declares {} bytes \
                          of data but only {data_end} precede it",
                         footer.current_size
@@ -236,7 +236,7 @@ impl VhdDisk {
                 }
             }
             other => {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::unsupported(format!(
                     "{name}: VHD disk type {other} (footer byte offset {}) is not fixed (2), \
                      dynamic (3) or differencing (4)",
                     file_len - FOOTER_BYTES + 60
@@ -286,12 +286,12 @@ fn open_named_parent(
         if let Some(path) = media_registry::registry_parent(child, Some(key), None) {
             return open_parent_at_path(child, &path, options, depth);
         }
-        return open_parent(child, &names[0], options, depth).map_err(|e| match e {
-            Error::Open(text) => Error::Open(format!(
-                "{text}; no loaded media registry names the parent's unique id {}",
+        return open_parent(child, &names[0], options, depth).map_err(|e| match e.kind() {
+            ErrorCode::Open => e.with_detail(&format!(
+                "; no loaded media registry names the parent's unique id {}",
                 media_registry::uuid_text(&key)
             )),
-            other => other,
+            _ => e,
         });
     }
     open_parent(child, &names[0], options, depth)
@@ -304,10 +304,10 @@ pub fn footer_unique_id(path: &Path) -> Result<[u8; 16]> {
     let name = path.display().to_string();
     let file_len = file
         .metadata()
-        .map_err(|e| Error::Open(format!("{name}: {e}")))?
+        .map_err(|e| Error::open(format!("{name}: {e}")))?
         .len();
     if file_len < FOOTER_BYTES {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: {file_len} bytes is too short for a VHD footer"
         )));
     }
@@ -335,7 +335,7 @@ impl MappedImage for VhdDisk {
     fn read_mapped(&mut self, mapping: Mapping, _lba: u64, buf: &mut [u8]) -> Result<()> {
         match mapping {
             Mapping::Data { offset, .. } => self.read_exact("data", offset, buf),
-            other => Err(Error::Internal(format!(
+            other => Err(Error::internal(format!(
                 "VHD asked to read a {other:?} run"
             ))),
         }

@@ -39,7 +39,7 @@ impl VhdxDisk {
     pub(super) fn entry_offset(&self, entry: u64, what: &str, index: u64) -> Result<u64> {
         let offset = (entry >> 20) * MIB; // < 2^64: 44 bits times 2^20
         if offset < MIB {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{}: BAT entry for {what} {index} ({entry:#018x}) is present at file offset 0",
                 self.path.display()
             )));
@@ -59,7 +59,7 @@ impl VhdxDisk {
         let offset = block_at
             .checked_add(in_block * SECTOR_BYTES)
             .ok_or_else(|| {
-                Error::Corrupt(format!(
+                Error::corrupt(format!(
                     "{}: block {block} lies past the largest file offset",
                     self.path.display()
                 ))
@@ -70,7 +70,7 @@ impl VhdxDisk {
 
     pub(super) fn check_inside(&self, offset: u64, len: u64, what: &str, index: u64) -> Result<()> {
         if !matches!(offset.checked_add(len), Some(end) if end <= self.view.len()) {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{}: {what} {index} at byte offset {offset} (+{len}) runs past the end of the \
                  {}-byte file",
                 self.path.display(),
@@ -87,7 +87,7 @@ impl VhdxDisk {
             let index = chunk * (self.chunk_ratio + 1) + self.chunk_ratio;
             let entry = self.bat[index as usize];
             if entry & STATE_MASK != SECTOR_BITMAP_PRESENT {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{}: block {block} is partially present but the sector bitmap entry of \
                      chunk {chunk} is in state {}",
                     self.path.display(),

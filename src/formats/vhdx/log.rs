@@ -105,7 +105,7 @@ impl FileView {
     pub(super) fn read_exact(&self, what: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset.checked_add(buf.len() as u64);
         if !matches!(end, Some(end) if end <= self.view_len) {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{}: {what} at byte offset {offset} (+{} bytes) lies past the end of the \
                  {}-byte file",
                 self.name,
@@ -239,14 +239,14 @@ pub(super) fn replay(
         || log_offset < MIB
         || !matches!(log_offset.checked_add(log_len), Some(end) if end <= view.file_len)
     {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: header's log ({log_len} bytes at byte offset {log_offset}) is not a \
              whole number of MiB inside the {}-byte file",
             view.file_len
         )));
     }
     if log_len > MAX_LOG_BYTES {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{name}: a {log_len}-byte log needs replay; logs over {MAX_LOG_BYTES} bytes are \
              not replayed"
         )));
@@ -265,7 +265,7 @@ pub(super) fn replay(
     };
     let head = active[active.len() - 1];
     if head.flushed_file_offset > view.file_len {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: log entry {} says the file was flushed at {} bytes but it has only {} \
              (truncated?)",
             head.seq, head.flushed_file_offset, view.file_len
@@ -274,7 +274,7 @@ pub(super) fn replay(
     view.view_len = view.file_len.max(head.last_file_offset);
     for entry in &active {
         let (_, ops) = parse_entry(&log, entry.position, log_guid)
-            .ok_or_else(|| Error::Internal("log entry changed between scans".into()))?;
+            .ok_or_else(|| Error::internal("log entry changed between scans".into()))?;
         for op in ops {
             match op {
                 Op::Zero { offset, len } => view.apply(offset, len, Patch::Zeros),

@@ -9,31 +9,46 @@ use super::{MAX_TABLE_ENTRIES, MIB};
 use crate::error::{Error, Result};
 use crate::formats::guid::swap_guid_fields;
 
-const METADATA_TABLE_BYTES: usize = 64 * 1024;
+/// The metadata table: at the start of the region, 64 KiB; items follow.
+pub(super) const METADATA_TABLE_BYTES: usize = 64 * 1024;
+const METADATA_SIGNATURE: &[u8; 8] = b"metadata";
+const METADATA_COUNT_AT: usize = 10;
+const METADATA_ENTRIES_AT: usize = 32;
+const METADATA_ENTRY_BYTES: usize = 32;
+// Entry fields: item GUID at 0, then these.
+const ENTRY_OFFSET_AT: usize = 16;
+const ENTRY_LENGTH_AT: usize = 20;
+const ENTRY_FLAGS_AT: usize = 24;
+/// Entry flags: the item describes the virtual disk (kept when forking a
+/// differencing child) rather than this file; the item must be understood.
+const ENTRY_IS_VIRTUAL_DISK: u32 = 2;
+const ENTRY_IS_REQUIRED: u32 = 4;
+/// File parameters flag: a differencing image.
+const HAS_PARENT: u32 = 2;
 /// The specification's largest virtual disk.
 const MAX_VIRTUAL_BYTES: u64 = 64 << 40;
 /// A parent locator is a handful of paths; anything larger is not one.
 const MAX_LOCATOR_BYTES: u64 = MIB;
 
-const ITEM_FILE_PARAMETERS: [u8; 16] = ms_guid(
+pub(super) const ITEM_FILE_PARAMETERS: [u8; 16] = ms_guid(
     0xCAA1_6737,
     0xFA36,
     0x4D43,
     [0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7, 0x6B],
 );
-const ITEM_VIRTUAL_DISK_SIZE: [u8; 16] = ms_guid(
+pub(super) const ITEM_VIRTUAL_DISK_SIZE: [u8; 16] = ms_guid(
     0x2FA5_4224,
     0xCD1B,
     0x4876,
     [0xB2, 0x11, 0x5D, 0xBE, 0xD8, 0x3B, 0xF4, 0xB8],
 );
-const ITEM_PAGE83: [u8; 16] = ms_guid(
+pub(super) const ITEM_PAGE83: [u8; 16] = ms_guid(
     0xBECA_12AB,
     0xB2E6,
     0x4523,
     [0x93, 0xEF, 0xC3, 0x09, 0xE0, 0x00, 0xC7, 0x46],
 );
-const ITEM_LOGICAL_SECTOR_SIZE: [u8; 16] = ms_guid(
+pub(super) const ITEM_LOGICAL_SECTOR_SIZE: [u8; 16] = ms_guid(
     0x8141_BF1D,
     0xA96F,
     0x4709,
@@ -78,20 +93,20 @@ pub(super) fn read_metadata(
 ) -> Result<Metadata> {
     let name = view.name().to_string();
     if region_len < METADATA_TABLE_BYTES as u64 {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: metadata region at byte offset {region_at} is only {region_len} bytes"
         )));
     }
     let mut table = vec![0u8; METADATA_TABLE_BYTES];
     view.read_exact("metadata table", region_at, &mut table)?;
-    if &table[0..8] != b"metadata" {
-        return Err(Error::Corrupt(format!(
+    if &table[0..8] != METADATA_SIGNATURE {
+        return Err(Error::corrupt(format!(
             "{name}: no 'metadata' signature at byte offset {region_at}"
         )));
     }
-    let count = usize::from(LittleEndian::read_u16(&table[10..]));
+    let count = usize::from(LittleEndian::read_u16(&table[METADATA_COUNT_AT..]));
     if count > MAX_TABLE_ENTRIES {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: metadata table at byte offset {region_at} has {count} entries"
         )));
     }
@@ -101,15 +116,16 @@ pub(super) fn read_metadata(
     let mut page83 = None;
     let mut locator_item = None;
     for index in 0..count {
-        let entry = &table[32 + index * 32..32 + (index + 1) * 32];
-        let entry_at = region_at + 32 + index as u64 * 32;
-        let item_offset = u64::from(LittleEndian::read_u32(&entry[16..]));
-        let item_len = u64::from(LittleEndian::read_u32(&entry[20..]));
-        let required = LittleEndian::read_u32(&entry[24..]) & 4 != 0;
+        let from = METADATA_ENTRIES_AT + index * METADATA_ENTRY_BYTES;
+        let entry = &table[from..from + METADATA_ENTRY_BYTES];
+        let entry_at = region_at + from as u64;
+        let item_offset = u64::from(LittleEndian::read_u32(&entry[ENTRY_OFFSET_AT..]));
+        let item_len = u64::from(LittleEndian::read_u32(&entry[ENTRY_LENGTH_AT..]));
+        let required = LittleEndian::read_u32(&entry[ENTRY_FLAGS_AT..]) & ENTRY_IS_REQUIRED != 0;
         if item_len > 0
             && (item_offset < METADATA_TABLE_BYTES as u64 || item_offset + item_len > region_len)
         {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: metadata entry at byte offset {entry_at}: {item_len} bytes at \
                  region offset {item_offset} are outside the {region_len}-byte region"
             )));
@@ -118,7 +134,7 @@ pub(super) fn read_metadata(
         let id = &entry[0..16];
         let fixed_item = |want: usize| -> Result<Vec<u8>> {
             if item_len < want as u64 {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{name}: metadata item {} at byte offset {item_at} is {item_len} bytes, \
                      needs {want}",
                     guid_text(id)
@@ -146,14 +162,14 @@ pub(super) fn read_metadata(
         } else if id == ITEM_PARENT_LOCATOR {
             locator_item = Some((item_at, item_len));
         } else if required && id != ms_guid_physical_sector_size() {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "{name}: required metadata item {} (entry at byte offset {entry_at})",
                 guid_text(id)
             )));
         }
     }
     let missing = |what: &str| {
-        Error::Corrupt(format!(
+        Error::corrupt(format!(
             "{name}: metadata region at byte offset {region_at} has no {what} item"
         ))
     };
@@ -164,24 +180,24 @@ pub(super) fn read_metadata(
         logical_sector_bytes.ok_or_else(|| missing("logical sector size"))?;
     let block_bytes = u64::from(block_bytes);
     if !block_bytes.is_power_of_two() || !(MIB..=256 * MIB).contains(&block_bytes) {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: block size {block_bytes} at byte offset {params_at} is not a power of two \
              from 1 MiB to 256 MiB"
         )));
     }
     let logical = u64::from(logical);
     if logical != 512 && logical != 4096 {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: logical sector size {logical} at byte offset {logical_at} is not 512 or 4096"
         )));
     }
     if virtual_bytes == 0 || virtual_bytes > MAX_VIRTUAL_BYTES || virtual_bytes % logical != 0 {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: virtual disk size {virtual_bytes} at byte offset {size_at} is not a \
              non-zero multiple of the {logical}-byte sector up to 64 TiB"
         )));
     }
-    let has_parent = flags & 2 != 0;
+    let has_parent = flags & HAS_PARENT != 0;
     let locator = if has_parent {
         let (at, len) = locator_item.ok_or_else(|| missing("parent locator"))?;
         Some(read_parent_locator(view, at, len)?)
@@ -199,7 +215,7 @@ pub(super) fn read_metadata(
 
 /// The physical sector size item: required by the specification but only
 /// informational for a reader.
-fn ms_guid_physical_sector_size() -> [u8; 16] {
+pub(super) fn ms_guid_physical_sector_size() -> [u8; 16] {
     ms_guid(
         0xCDA3_48C7,
         0x445D,
@@ -211,21 +227,21 @@ fn ms_guid_physical_sector_size() -> [u8; 16] {
 fn read_parent_locator(view: &FileView, at: u64, len: u64) -> Result<VhdxParentLocator> {
     let name = view.name().to_string();
     if !(20..=MAX_LOCATOR_BYTES).contains(&len) {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: parent locator at byte offset {at} is {len} bytes"
         )));
     }
     let mut item = vec![0u8; len as usize];
     view.read_exact("parent locator", at, &mut item)?;
     if item[0..16] != LOCATOR_TYPE_VHDX {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{name}: parent locator type {} at byte offset {at} (only VHDX parents are read)",
             guid_text(&item[0..16])
         )));
     }
     let count = usize::from(LittleEndian::read_u16(&item[18..]));
     if 20 + count * 12 > item.len() {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: parent locator at byte offset {at} declares {count} entries in {len} bytes"
         )));
     }
@@ -233,7 +249,7 @@ fn read_parent_locator(view: &FileView, at: u64, len: u64) -> Result<VhdxParentL
         let from = offset as usize;
         let to = from + usize::from(length);
         if to > item.len() || !length.is_multiple_of(2) {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: parent locator string of {length} bytes at item offset {offset} \
                  (locator at byte offset {at}) is outside the item"
             )));
@@ -267,7 +283,7 @@ fn read_parent_locator(view: &FileView, at: u64, len: u64) -> Result<VhdxParentL
     for key in ["parent_linkage", "parent_linkage2"] {
         if let Some(v) = value(key) {
             let guid = parse_guid_text(&v).ok_or_else(|| {
-                Error::Corrupt(format!(
+                Error::corrupt(format!(
                     "{name}: parent locator at byte offset {at}: {key} '{v}' is not a GUID"
                 ))
             })?;
@@ -275,7 +291,7 @@ fn read_parent_locator(view: &FileView, at: u64, len: u64) -> Result<VhdxParentL
         }
     }
     if locator.linkages.is_empty() {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: parent locator at byte offset {at} has no parent_linkage"
         )));
     }
@@ -302,7 +318,7 @@ fn read_parent_locator(view: &FileView, at: u64, len: u64) -> Result<VhdxParentL
         }
     }
     if locator.names.is_empty() {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{name}: parent locator at byte offset {at} has no usable parent path"
         )));
     }
@@ -338,6 +354,64 @@ fn parse_guid_text(text: &str) -> Option<[u8; 16]> {
 pub(super) fn guid_text(g: &[u8]) -> String {
     let r = swap_guid_fields(g);
     uuid::Uuid::from_bytes(r).braced().to_string()
+}
+
+/// What the writer puts in the metadata region of a non-differencing image.
+pub(super) struct NewMetadata {
+    pub(super) block_bytes: u32,
+    pub(super) virtual_bytes: u64,
+    pub(super) logical_sector_bytes: u32,
+    pub(super) physical_sector_bytes: u32,
+    /// On-disk GUID bytes.
+    pub(super) page83: [u8; 16],
+}
+
+/// The metadata region's first bytes: the table and, from 64 KiB on, the
+/// items (file parameters, virtual disk size, page 83 data, logical and
+/// physical sector sizes), each required; all but the file parameters
+/// describe the virtual disk. The rest of the region is zeros.
+pub(super) fn build_metadata(new: &NewMetadata) -> Vec<u8> {
+    let mut file_parameters = new.block_bytes.to_le_bytes().to_vec();
+    file_parameters.extend_from_slice(&0u32.to_le_bytes()); // no parent, not fixed
+    let items: [([u8; 16], Vec<u8>, u32); 5] = [
+        (ITEM_FILE_PARAMETERS, file_parameters, ENTRY_IS_REQUIRED),
+        (
+            ITEM_VIRTUAL_DISK_SIZE,
+            new.virtual_bytes.to_le_bytes().to_vec(),
+            ENTRY_IS_REQUIRED | ENTRY_IS_VIRTUAL_DISK,
+        ),
+        (
+            ITEM_PAGE83,
+            new.page83.to_vec(),
+            ENTRY_IS_REQUIRED | ENTRY_IS_VIRTUAL_DISK,
+        ),
+        (
+            ITEM_LOGICAL_SECTOR_SIZE,
+            new.logical_sector_bytes.to_le_bytes().to_vec(),
+            ENTRY_IS_REQUIRED | ENTRY_IS_VIRTUAL_DISK,
+        ),
+        (
+            ms_guid_physical_sector_size(),
+            new.physical_sector_bytes.to_le_bytes().to_vec(),
+            ENTRY_IS_REQUIRED | ENTRY_IS_VIRTUAL_DISK,
+        ),
+    ];
+    let items_bytes: usize = items.iter().map(|(_, data, _)| data.len()).sum();
+    let mut raw = vec![0u8; METADATA_TABLE_BYTES + items_bytes];
+    raw[0..8].copy_from_slice(METADATA_SIGNATURE);
+    LittleEndian::write_u16(&mut raw[METADATA_COUNT_AT..], items.len() as u16);
+    let mut item_at = METADATA_TABLE_BYTES;
+    for (index, (id, data, flags)) in items.iter().enumerate() {
+        let from = METADATA_ENTRIES_AT + index * METADATA_ENTRY_BYTES;
+        let entry = &mut raw[from..from + METADATA_ENTRY_BYTES];
+        entry[0..16].copy_from_slice(id);
+        LittleEndian::write_u32(&mut entry[ENTRY_OFFSET_AT..], item_at as u32);
+        LittleEndian::write_u32(&mut entry[ENTRY_LENGTH_AT..], data.len() as u32);
+        LittleEndian::write_u32(&mut entry[ENTRY_FLAGS_AT..], *flags);
+        raw[item_at..item_at + data.len()].copy_from_slice(data);
+        item_at += data.len();
+    }
+    raw
 }
 
 #[cfg(test)]

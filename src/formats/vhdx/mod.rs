@@ -48,6 +48,7 @@ mod bat;
 mod header;
 mod log;
 mod metadata;
+pub mod writer;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -128,7 +129,7 @@ pub fn data_write_guid(path: &Path) -> Result<[u8; 16]> {
 pub fn page83_uuid(path: &Path) -> Result<[u8; 16]> {
     let disk = VhdxDisk::open_without_parent(path)?;
     disk.page83.map(|g| swap_guid_fields(&g)).ok_or_else(|| {
-        Error::Corrupt(format!(
+        Error::corrupt(format!(
             "{}: VHDX metadata has no page 83 data item",
             path.display()
         ))
@@ -159,7 +160,7 @@ impl VhdxDisk {
     pub fn open_with_parent(path: &Path, parent: Box<dyn Disk>) -> Result<VhdxDisk> {
         let mut disk = Self::open_without_parent(path)?;
         if disk.locator.is_none() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "{}: not a differencing VHDX, it takes no parent",
                 path.display()
             )));
@@ -198,16 +199,16 @@ impl VhdxDisk {
         let file = open_read_only(path)?;
         let file_len = file
             .metadata()
-            .map_err(|e| Error::Open(format!("{name}: {e}")))?
+            .map_err(|e| Error::open(format!("{name}: {e}")))?
             .len();
         if !probe(&file) {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: no 'vhdxfile' identifier at byte offset 0"
             )));
         }
         let header = read_header(&file, &name)?;
         if header.version != 1 {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "{name}: VHDX version {} (header sequence {})",
                 header.version, header.sequence
             )));
@@ -216,7 +217,7 @@ impl VhdxDisk {
         let mut replay = ReplaySummary::default();
         if header.log_guid != [0u8; 16] {
             if header.log_version != 0 {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::unsupported(format!(
                     "{name}: log version {} needs replay",
                     header.log_version
                 )));
@@ -242,7 +243,7 @@ impl VhdxDisk {
         };
         let bat_bytes = entries * 8; // <= 2^26 blocks * 8: no overflow
         if bat_bytes > regions.bat.1 {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{name}: BAT region at byte offset {} holds {} bytes but {entries} entries \
                  are needed",
                 regions.bat.0, regions.bat.1
@@ -293,14 +294,14 @@ fn open_located_parent(
                 continue;
             }
             let found = data_write_guid(&resolved).map_err(|e| {
-                Error::Open(format!(
+                Error::open(format!(
                     "{}: parent '{}' is not a readable VHDX: {e}",
                     child.display(),
                     resolved.display()
                 ))
             })?;
             if !locator.linkages.contains(&found) {
-                return Err(Error::SourceMismatch(format!(
+                return Err(Error::source_mismatch(format!(
                     "{}: parent '{}' has data-write GUID {} but the differencing image links \
                      to {}",
                     child.display(),
@@ -370,7 +371,7 @@ impl MappedImage for VhdxDisk {
                 let offset = self.run_offset(block_at, in_block, run, block)?;
                 Ok((Mapping::Data { file: 0, offset }, run))
             }
-            other => Err(Error::Corrupt(format!(
+            other => Err(Error::corrupt(format!(
                 "{}: BAT entry of block {block} ({entry:#018x}) has state {other}, not valid \
                  for this {} image",
                 self.path.display(),
@@ -386,7 +387,7 @@ impl MappedImage for VhdxDisk {
     fn read_mapped(&mut self, mapping: Mapping, _lba: u64, buf: &mut [u8]) -> Result<()> {
         match mapping {
             Mapping::Data { offset, .. } => self.view.read_exact("block data", offset, buf),
-            other => Err(Error::Internal(format!(
+            other => Err(Error::internal(format!(
                 "VHDX asked to read a {other:?} run"
             ))),
         }

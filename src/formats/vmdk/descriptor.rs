@@ -69,7 +69,7 @@ pub(super) fn read_embedded_descriptor(
         let (bytes, start) = match (bytes, start) {
             (Some(b), Some(s)) if s.checked_add(b).is_some_and(|e| e <= file_len) => (b, s),
             _ => {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{}: embedded descriptor at sector {} ({} sectors) is too large or past the end of the file",
                     path.display(),
                     header.descriptor_sector,
@@ -92,7 +92,7 @@ pub(super) fn read_embedded_descriptor(
 /// A descriptor that is its own small text file.
 pub(super) fn read_text_descriptor(file: &File, path: &Path, file_len: u64) -> Result<Descriptor> {
     if file_len > MAX_DESCRIPTOR_BYTES {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{}: not a sparse extent, and at {file_len} bytes too large for a VMDK descriptor",
             path.display()
         )));
@@ -123,7 +123,7 @@ pub fn descriptor_uuids(path: &Path) -> Result<VmdkUuids> {
     let mut magic = [0u8; 4];
     let have = read_prefix(&file, &mut magic).map_err(|e| Error::read(&name(path), 0, e))?;
     if have == 4 && magic == COWD_MAGIC {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{}: COWD (ESX/legacy) sparse VMDK extents are not supported",
             path.display()
         )));
@@ -156,14 +156,14 @@ pub(super) fn parse_descriptor(text: &[u8], path: &Path) -> Result<Descriptor> {
             .any(|a| first.eq_ignore_ascii_case(a))
         {
             let extent = parse_extent_line(line).ok_or_else(|| {
-                Error::Corrupt(format!(
+                Error::corrupt(format!(
                     "{}: descriptor line {}: malformed extent line '{line}'",
                     path.display(),
                     number + 1
                 ))
             })?;
             if descriptor.extents.len() >= MAX_EXTENTS {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::unsupported(format!(
                     "{}: VMDK descriptor lists more than {MAX_EXTENTS} extents",
                     path.display()
                 )));
@@ -249,6 +249,59 @@ pub(super) fn parse_uuid(text: &str) -> Option<[u8; 16]> {
         out[i] = u8::from_str_radix(hex, 16).ok()?;
     }
     Some(out)
+}
+
+/// What the writer puts in the descriptor of a one-extent sparse image.
+pub(super) struct NewDescriptor<'a> {
+    /// `monolithicSparse` or `streamOptimized`.
+    pub(super) create_type: &'a str,
+    /// Capacity in sectors.
+    pub(super) sectors: u64,
+    /// The extent file's name (the image itself).
+    pub(super) file_name: &'a str,
+    /// The content ID: a random 32-bit value that changes with the data.
+    pub(super) cid: u32,
+    /// `ddb.uuid.image`, in text byte order.
+    pub(super) uuid: [u8; 16],
+}
+
+/// Descriptor text for a base image of one sparse extent: the `version=1`
+/// line readers recognise, content IDs (`parentCID=ffffffff`: no parent),
+/// the extent line `RW SECTORS SPARSE "FILE"`, and the disk database with
+/// the hardware version, a legacy IDE geometry (16 heads, 63 sectors,
+/// cylinders capped at 16383) and the image UUID.
+pub(super) fn build_descriptor(new: &NewDescriptor) -> String {
+    const HEADS: u64 = 16;
+    const SECTORS_PER_TRACK: u64 = 63;
+    let cylinders = (new.sectors / (HEADS * SECTORS_PER_TRACK)).clamp(1, 16383);
+    // A quote or line break would end the extent line early.
+    let name = new
+        .file_name
+        .replace(|c: char| c == '"' || c.is_control(), "_");
+    let uuid = uuid::Uuid::from_bytes(new.uuid).hyphenated().to_string();
+    format!(
+        "# Disk DescriptorFile\n\
+         version=1\n\
+         CID={cid:08x}\n\
+         parentCID=ffffffff\n\
+         createType=\"{create_type}\"\n\
+         \n\
+         # Extent description\n\
+         RW {sectors} SPARSE \"{name}\"\n\
+         \n\
+         # The Disk Data Base\n\
+         #DDB\n\
+         \n\
+         ddb.virtualHWVersion = \"4\"\n\
+         ddb.adapterType = \"ide\"\n\
+         ddb.geometry.cylinders = \"{cylinders}\"\n\
+         ddb.geometry.heads = \"{HEADS}\"\n\
+         ddb.geometry.sectors = \"{SECTORS_PER_TRACK}\"\n\
+         ddb.uuid.image = \"{uuid}\"\n",
+        cid = new.cid,
+        create_type = new.create_type,
+        sectors = new.sectors,
+    )
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ pub(super) fn resolve_extent_path(
 ) -> Result<PathBuf> {
     let named_path = Path::new(named);
     if named.is_empty() {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{}: extent line with an empty file name",
             descriptor.display()
         )));
@@ -57,7 +57,7 @@ pub(super) fn resolve_extent_path(
             )
         });
     if escapes && !options.follow_parent_paths {
-        return Err(Error::Open(format!(
+        return Err(Error::open(format!(
             "{}: extent file '{named}' is outside the descriptor's folder; following paths \
              named inside an image is off (enable it with the follow-parent-paths open flag)",
             descriptor.display()
@@ -77,7 +77,7 @@ pub(super) fn open_extent(
     options: &OpenOptions,
 ) -> Result<ExtentKind> {
     if line.access.eq_ignore_ascii_case("NOACCESS") {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{}: NOACCESS extents cannot be read",
             descriptor.display()
         )));
@@ -87,7 +87,7 @@ pub(super) fn open_extent(
         return Ok(ExtentKind::Zero);
     }
     let named = line.file.as_deref().ok_or_else(|| {
-        Error::Corrupt(format!(
+        Error::corrupt(format!(
             "{}: {kind} extent line without a file name",
             descriptor.display()
         ))
@@ -106,7 +106,7 @@ pub(super) fn open_extent(
                     len,
                     base,
                 })),
-                _ => Err(Error::Corrupt(format!(
+                _ => Err(Error::corrupt(format!(
                     "{}: flat extent '{named}' ({} sectors from sector {}) does not fit in its {len}-byte file",
                     descriptor.display(),
                     line.sectors,
@@ -122,14 +122,14 @@ pub(super) fn open_extent(
             let have =
                 read_prefix(&file, &mut magic).map_err(|e| Error::read(&name(&path), 0, e))?;
             if have == 4 && magic == COWD_MAGIC {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::unsupported(format!(
                     "{}: COWD (ESX/legacy) sparse extents are not supported",
                     path.display()
                 )));
             }
             let header = read_sparse_header(&file, &path, len)?;
             if header.capacity < line.sectors {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{}: sparse extent '{named}' holds {} sectors but the descriptor lists {}",
                     descriptor.display(),
                     header.capacity,
@@ -140,7 +140,7 @@ pub(super) fn open_extent(
                 file, &path, len, header,
             )?)))
         }
-        other => Err(Error::Unsupported(format!(
+        other => Err(Error::unsupported(format!(
             "{}: VMDK extent type {other} is not supported (only FLAT, VMFS, SPARSE and ZERO)",
             descriptor.display()
         ))),
@@ -157,7 +157,7 @@ pub(super) fn read_extent_bytes(
     buf: &mut [u8],
 ) -> Result<()> {
     if offset >= len {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(format!(
             "{}: data at byte offset {offset} lies past the end of the {len}-byte file",
             path.display()
         )));

@@ -46,6 +46,7 @@
 mod descriptor;
 mod extent;
 mod sparse;
+pub mod writer;
 
 pub use descriptor::{descriptor_uuids, VmdkUuids};
 
@@ -62,7 +63,7 @@ use self::extent::{open_extent, read_extent_bytes, Extent, ExtentKind};
 use self::sparse::{read_sparse_header, SparseExtent, Unit, COWD_MAGIC, SPARSE_MAGIC};
 use super::{media_registry, open_parent, open_parent_at_path, open_read_only, OpenOptions};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 
 /// Each extent holds an open file; cap how many a descriptor may list.
 pub(super) const MAX_EXTENTS: usize = 4096;
@@ -157,7 +158,7 @@ impl VmdkDisk {
     ) -> Result<VmdkDisk> {
         let mut disk = Self::open_without_parent(path, options)?;
         if disk.parent_hint.is_none() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "{}: a parent was supplied but the image names no parent",
                 path.display()
             )));
@@ -182,7 +183,7 @@ impl VmdkDisk {
         let mut magic = [0u8; 4];
         let have = read_prefix(&file, &mut magic).map_err(|e| Error::read(&name(path), 0, e))?;
         if have == 4 && magic == COWD_MAGIC {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "{}: COWD (ESX/legacy) sparse VMDK extents are not supported",
                 path.display()
             )));
@@ -225,13 +226,13 @@ impl VmdkDisk {
         options: &OpenOptions,
     ) -> Result<VmdkDisk> {
         if descriptor.extents.is_empty() {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::corrupt(format!(
                 "{}: VMDK descriptor lists no extents",
                 path.display()
             )));
         }
         if descriptor.extents.len() > MAX_EXTENTS {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::unsupported(format!(
                 "{}: VMDK descriptor lists {} extents (at most {MAX_EXTENTS} are opened)",
                 path.display(),
                 descriptor.extents.len()
@@ -251,7 +252,7 @@ impl VmdkDisk {
                 .checked_add(line.sectors)
                 .filter(|total| total.checked_mul(SECTOR_BYTES).is_some())
                 .ok_or_else(|| {
-                    Error::Corrupt(format!(
+                    Error::corrupt(format!(
                         "{}: extent sizes add up to more sectors than a disk can have",
                         path.display()
                     ))
@@ -276,7 +277,7 @@ impl VmdkDisk {
         if index < self.extents.len() {
             Ok(index)
         } else {
-            Err(Error::Internal(format!(
+            Err(Error::internal(format!(
                 "{}: sector {lba} is past the last extent",
                 self.path.display()
             )))
@@ -299,9 +300,9 @@ pub(super) fn name(path: &Path) -> String {
 pub(super) fn file_length(file: &File, path: &Path) -> Result<u64> {
     let meta = file
         .metadata()
-        .map_err(|e| Error::Open(format!("{}: {e}", path.display())))?;
+        .map_err(|e| Error::open(e.to_string()).with_path(path))?;
     if !meta.is_file() {
-        return Err(Error::Open(format!(
+        return Err(Error::open(format!(
             "{}: not a regular file",
             path.display()
         )));
@@ -335,21 +336,21 @@ fn open_hinted_parent(
         return open_parent(child, hint, options, depth);
     }
     let Some(path) = media_registry::registry_parent(child, ids.parent, ids.image) else {
-        return open_parent(child, hint, options, depth).map_err(|e| match e {
-            Error::Open(text) => Error::Open(format!(
-                "{text}; no loaded media registry names the parent{}",
+        return open_parent(child, hint, options, depth).map_err(|e| match e.kind() {
+            ErrorCode::Open => e.with_detail(&format!(
+                "; no loaded media registry names the parent{}",
                 ids.parent.map_or_else(
                     || " of this image".to_string(),
                     |u| format!(" UUID {}", media_registry::uuid_text(&u))
                 )
             )),
-            other => other,
+            _ => e,
         });
     };
     let parent = open_parent_at_path(child, &path, options, depth)?;
     if let (Some(wanted), Some(found)) = (ids.parent, parent.uuid()) {
         if wanted != found {
-            return Err(Error::SourceMismatch(format!(
+            return Err(Error::source_mismatch(format!(
                 "{}: the media registry names '{}' as parent {}, but that image's \
                  ddb.uuid.image is {}",
                 child.display(),
@@ -431,7 +432,7 @@ impl MappedImage for VmdkDisk {
                 Some(ExtentKind::Sparse(sparse)) => {
                     read_extent_bytes(&sparse.file, &sparse.path, sparse.file_len, offset, buf)
                 }
-                _ => Err(Error::Internal(format!("no data extent number {file}"))),
+                _ => Err(Error::internal(format!("no data extent number {file}"))),
             },
             Mapping::Encoded { token } => {
                 let index = (token >> 32) as usize;
@@ -439,9 +440,9 @@ impl MappedImage for VmdkDisk {
                 let extent = self
                     .extents
                     .get(index)
-                    .ok_or_else(|| Error::Internal(format!("no extent number {index}")))?;
+                    .ok_or_else(|| Error::internal(format!("no extent number {index}")))?;
                 let ExtentKind::Sparse(sparse) = &extent.kind else {
-                    return Err(Error::Internal(
+                    return Err(Error::internal(
                         "compressed run outside a sparse extent".into(),
                     ));
                 };
@@ -454,16 +455,16 @@ impl MappedImage for VmdkDisk {
                 }
                 let grain = match &self.last_inflated {
                     Some((_, grain)) => grain,
-                    None => return Err(Error::Internal("inflated grain cache is empty".into())),
+                    None => return Err(Error::internal("inflated grain cache is empty".into())),
                 };
                 let from = ((local - grain_start) * SECTOR_BYTES) as usize;
                 let slice = grain.get(from..from + buf.len()).ok_or_else(|| {
-                    Error::Internal("compressed run crosses a grain boundary".into())
+                    Error::internal("compressed run crosses a grain boundary".into())
                 })?;
                 buf.copy_from_slice(slice);
                 Ok(())
             }
-            _ => Err(Error::Internal(format!(
+            _ => Err(Error::internal(format!(
                 "read_mapped called for {mapping:?}"
             ))),
         }

@@ -15,6 +15,26 @@ use crate::formats::inflate::inflate_exact;
 use crate::formats::table_cache::TableCache;
 
 pub(super) const SPARSE_MAGIC: [u8; 4] = *b"KDMV";
+// Header fields (byte offsets in the 512-byte header; all little-endian).
+const VERSION_AT: usize = 4;
+const FLAGS_AT: usize = 8;
+const CAPACITY_AT: usize = 12;
+const GRAIN_SECTORS_AT: usize = 20;
+const DESCRIPTOR_SECTOR_AT: usize = 28;
+const DESCRIPTOR_SECTORS_AT: usize = 36;
+const GTES_PER_GT_AT: usize = 44;
+const RGD_SECTOR_AT: usize = 48;
+const GD_SECTOR_AT: usize = 56;
+const OVERHEAD_SECTORS_AT: usize = 64;
+/// The four line-ending check characters (`\n`, ` `, `\r`, `\n`) that
+/// let a reader detect a file mangled by a text-mode transfer.
+const NEWLINE_CHECK_AT: usize = 73;
+const NEWLINE_CHECK: [u8; 4] = *b"\n \r\n";
+const COMPRESSION_AT: usize = 77;
+/// Flags: the newline check characters are valid; a redundant grain
+/// directory is kept.
+pub(super) const FLAG_NEWLINE_CHECK: u32 = 1;
+pub(super) const FLAG_REDUNDANT_GD: u32 = 1 << 1;
 pub(super) const COWD_MAGIC: [u8; 4] = *b"COWD";
 pub(super) const FLAG_COMPRESSED: u32 = 1 << 16;
 pub(super) const FLAG_MARKERS: u32 = 1 << 17;
@@ -22,6 +42,14 @@ pub(super) const COMPRESSION_DEFLATE: u16 = 1;
 pub(super) const GD_AT_END: u64 = u64::MAX;
 pub(super) const GRAIN_ZERO: u32 = 1;
 pub(super) const MARKER_HEADER: u64 = 12;
+/// Metadata markers of stream-optimized extents: a sector holding the
+/// number of sectors that follow (u64), a zero size (u32) and the type
+/// (u32 at 12).
+pub(super) const MARKER_TYPE_AT: usize = 12;
+pub(super) const MARKER_EOS: u32 = 0;
+pub(super) const MARKER_GT: u32 = 1;
+pub(super) const MARKER_GD: u32 = 2;
+pub(super) const MARKER_FOOTER: u32 = 3;
 /// Largest grain accepted: 16 MiB (VMware uses 64 KiB); bounds the
 /// decompression buffer.
 pub(super) const MAX_GRAIN_SECTORS: u64 = 1 << 15;
@@ -44,13 +72,16 @@ pub(super) enum Unit {
 /// The fields of a sparse extent header this reader uses.
 #[derive(Debug, Clone)]
 pub(super) struct SparseHeader {
+    pub(super) version: u32,
     pub(super) flags: u32,
     pub(super) capacity: u64,
     pub(super) grain_sectors: u64,
     pub(super) descriptor_sector: u64,
     pub(super) descriptor_sectors: u64,
     pub(super) gtes_per_gt: u32,
+    pub(super) rgd_sector: u64,
     pub(super) gd_sector: u64,
+    pub(super) overhead_sectors: u64,
     pub(super) compression: u16,
 }
 
@@ -70,22 +101,45 @@ pub(super) struct SparseExtent {
 
 pub(super) fn parse_sparse_header(raw: &[u8; SECTOR_SIZE]) -> SparseHeader {
     SparseHeader {
-        flags: LittleEndian::read_u32(&raw[8..]),
-        capacity: LittleEndian::read_u64(&raw[12..]),
-        grain_sectors: LittleEndian::read_u64(&raw[20..]),
-        descriptor_sector: LittleEndian::read_u64(&raw[28..]),
-        descriptor_sectors: LittleEndian::read_u64(&raw[36..]),
-        gtes_per_gt: LittleEndian::read_u32(&raw[44..]),
-        gd_sector: LittleEndian::read_u64(&raw[56..]),
-        compression: LittleEndian::read_u16(&raw[77..]),
+        version: LittleEndian::read_u32(&raw[VERSION_AT..]),
+        flags: LittleEndian::read_u32(&raw[FLAGS_AT..]),
+        capacity: LittleEndian::read_u64(&raw[CAPACITY_AT..]),
+        grain_sectors: LittleEndian::read_u64(&raw[GRAIN_SECTORS_AT..]),
+        descriptor_sector: LittleEndian::read_u64(&raw[DESCRIPTOR_SECTOR_AT..]),
+        descriptor_sectors: LittleEndian::read_u64(&raw[DESCRIPTOR_SECTORS_AT..]),
+        gtes_per_gt: LittleEndian::read_u32(&raw[GTES_PER_GT_AT..]),
+        rgd_sector: LittleEndian::read_u64(&raw[RGD_SECTOR_AT..]),
+        gd_sector: LittleEndian::read_u64(&raw[GD_SECTOR_AT..]),
+        overhead_sectors: LittleEndian::read_u64(&raw[OVERHEAD_SECTORS_AT..]),
+        compression: LittleEndian::read_u16(&raw[COMPRESSION_AT..]),
     }
+}
+
+/// The 512-byte header (or stream-optimized footer) holding `header`'s
+/// fields, with the newline check characters and a clean-shutdown mark.
+pub(super) fn build_sparse_header(header: &SparseHeader) -> [u8; SECTOR_SIZE] {
+    let mut raw = [0u8; SECTOR_SIZE];
+    raw[..4].copy_from_slice(&SPARSE_MAGIC);
+    LittleEndian::write_u32(&mut raw[VERSION_AT..], header.version);
+    LittleEndian::write_u32(&mut raw[FLAGS_AT..], header.flags);
+    LittleEndian::write_u64(&mut raw[CAPACITY_AT..], header.capacity);
+    LittleEndian::write_u64(&mut raw[GRAIN_SECTORS_AT..], header.grain_sectors);
+    LittleEndian::write_u64(&mut raw[DESCRIPTOR_SECTOR_AT..], header.descriptor_sector);
+    LittleEndian::write_u64(&mut raw[DESCRIPTOR_SECTORS_AT..], header.descriptor_sectors);
+    LittleEndian::write_u32(&mut raw[GTES_PER_GT_AT..], header.gtes_per_gt);
+    LittleEndian::write_u64(&mut raw[RGD_SECTOR_AT..], header.rgd_sector);
+    LittleEndian::write_u64(&mut raw[GD_SECTOR_AT..], header.gd_sector);
+    LittleEndian::write_u64(&mut raw[OVERHEAD_SECTORS_AT..], header.overhead_sectors);
+    raw[NEWLINE_CHECK_AT..NEWLINE_CHECK_AT + 4].copy_from_slice(&NEWLINE_CHECK);
+    LittleEndian::write_u16(&mut raw[COMPRESSION_AT..], header.compression);
+    raw
 }
 
 /// Reads a sparse extent header, taking the footer copy when the header
 /// defers the grain directory to the end of a stream-optimized file.
 pub(super) fn read_sparse_header(file: &File, path: &Path, file_len: u64) -> Result<SparseHeader> {
     let corrupt = |what: String| {
-        Error::Corrupt(format!(
+        Error::corrupt(format!(
             "{}: VMDK sparse extent header: {what}",
             path.display()
         ))
@@ -99,9 +153,9 @@ pub(super) fn read_sparse_header(file: &File, path: &Path, file_len: u64) -> Res
     if raw[..4] != SPARSE_MAGIC {
         return Err(corrupt("bad magic at byte offset 0".into()));
     }
-    let version = LittleEndian::read_u32(&raw[4..]);
+    let version = LittleEndian::read_u32(&raw[VERSION_AT..]);
     if !(1..=3).contains(&version) {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{}: VMDK sparse extent version {version} (only 1 to 3 are read)",
             path.display()
         )));
@@ -133,7 +187,7 @@ pub(super) fn read_sparse_header(file: &File, path: &Path, file_len: u64) -> Res
     }
     validate_sparse_header(&header, file_len).map_err(corrupt)?;
     if header.flags & FLAG_COMPRESSED != 0 && header.compression != COMPRESSION_DEFLATE {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "{}: VMDK grain compression algorithm {} (only deflate, 1)",
             path.display(),
             header.compression
@@ -201,7 +255,7 @@ impl SparseExtent {
         for (index, table) in directory.iter().enumerate() {
             let table_at = u64::from(*table) * SECTOR_BYTES;
             if *table != 0 && table_at + table_bytes > file_len {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{}: grain directory entry {index} (directory at byte offset {at}) points at a \
                      grain table at byte offset {table_at}, past the end of the {file_len}-byte file",
                     path.display()
@@ -235,7 +289,7 @@ impl SparseExtent {
         let table_index = grain / self.gtes_per_gt;
         let table_span = self.grain_sectors * self.gtes_per_gt;
         let table_sector = *self.directory.get(table_index as usize).ok_or_else(|| {
-            Error::Internal(format!(
+            Error::internal(format!(
                 "{}: sector {sector} past the grain directory",
                 self.describe()
             ))
@@ -284,7 +338,7 @@ impl SparseExtent {
             let at = u64::from(table_sector) * SECTOR_BYTES;
             let bytes = self.gtes_per_gt * 4;
             if at + bytes > self.file_len {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(format!(
                     "{}: grain directory entry {table_index} points at a grain table at byte offset {at}, \
                      past the end of the {}-byte file",
                     self.describe(),
@@ -302,7 +356,7 @@ impl SparseExtent {
         }
         self.tables
             .get(table_index)
-            .ok_or_else(|| Error::Internal("grain table cache lost a table it just stored".into()))
+            .ok_or_else(|| Error::internal("grain table cache lost a table it just stored".into()))
     }
 
     /// Inflates the compressed grain that starts at local sector
@@ -311,7 +365,7 @@ impl SparseExtent {
         let grain_bytes = self.grain_sectors * SECTOR_BYTES;
         let offset = at * SECTOR_BYTES;
         let bad = |what: String| {
-            Error::Corrupt(format!(
+            Error::corrupt(format!(
                 "{}: compressed grain at byte offset {offset}: {what}",
                 self.describe()
             ))
