@@ -25,6 +25,7 @@ fn main() {
         "src/ffi/api/edit.rs",
         "src/ffi/api/extents.rs",
         "src/ffi/api/store.rs",
+        "src/ffi/api/fs.rs",
         "src/ffi/backend/table.rs",
         "src/ffi/backend/mod.rs",
         "src/ffi/clone.rs",
@@ -61,6 +62,7 @@ fn main() {
         .with_src(dir.join("src/ffi/api/edit.rs"))
         .with_src(dir.join("src/ffi/api/extents.rs"))
         .with_src(dir.join("src/ffi/api/store.rs"))
+        .with_src(dir.join("src/ffi/api/fs.rs"))
         .with_src(dir.join("src/ffi/backend/table.rs"))
         .with_src(dir.join("src/ffi/backend/mod.rs"))
         .with_src(dir.join("src/ffi/clone.rs"))

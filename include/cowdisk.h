@@ -367,6 +367,64 @@
  * known-zero source sectors: reads zero, BLANKPAGE.
  */
 #define COW_EXTENT_STORE_ZERO 4
+
+/**
+ * COW_FS_REGION.filesystem: no filesystem this library reads
+ * (kept whole).
+ */
+#define COW_FS_UNKNOWN 0
+
+/**
+ * COW_FS_REGION.filesystem: ext2.
+ */
+#define COW_FS_EXT2 1
+
+/**
+ * COW_FS_REGION.filesystem: ext3 (ext2 with a journal).
+ */
+#define COW_FS_EXT3 2
+
+/**
+ * COW_FS_REGION.filesystem: ext4 (extents, flex_bg, 64bit, ...).
+ */
+#define COW_FS_EXT4 3
+
+/**
+ * COW_FS_REGION.filesystem: FAT12.
+ */
+#define COW_FS_FAT12 4
+
+/**
+ * COW_FS_REGION.filesystem: FAT16.
+ */
+#define COW_FS_FAT16 5
+
+/**
+ * COW_FS_REGION.filesystem: FAT32.
+ */
+#define COW_FS_FAT32 6
+
+/**
+ * COW_FS_REGION.filesystem: NTFS.
+ */
+#define COW_FS_NTFS 7
+
+/**
+ * COW_FS_REGION.filesystem: Linux swap.
+ */
+#define COW_FS_SWAP 8
+
+/**
+ * COW_FS_REGION.filesystem: the space after the last partition
+ * (number 0).
+ */
+#define COW_FS_UNPARTITIONED 9
+
+/**
+ * COW_OpenFilesystemView flags: keep the space after the last
+ * partition (by default it reads as unallocated).
+ */
+#define COW_FS_KEEP_UNPARTITIONED 0x1
 /* Handles: a pointer to an object whose first member is the method table
  * (the legacy CLASS(VDDR) is struct t_VDDR, CLASS(COWOVL) struct t_COWOVL). */
 typedef struct t_VDDR *HVDDR;
@@ -496,6 +554,79 @@ typedef struct COW_CHECK_REPORT {
    */
   char problems[512];
 } COW_CHECK_REPORT;
+
+/**
+ * One region of a disk as COW_OpenFilesystemView found it: a partition,
+ * or (number 0, filesystem COW_FS_UNPARTITIONED) the space after the last
+ * partition, or (number 0) a whole disk without a partition table.
+ */
+typedef struct COW_FS_REGION {
+  /**
+   * The partition's number as Linux numbers them (MBR 1..4, logical
+   * 5..; GPT entry index + 1), 0 for a region that is not a partition.
+   */
+  uint32_t number;
+  /**
+   * COW_FS_* (COW_FS_UNKNOWN when no filesystem was recognised).
+   */
+  uint32_t filesystem;
+  /**
+   * First sector and length in sectors.
+   */
+  uint64_t start;
+  uint64_t sectors;
+  /**
+   * Sectors kept in a clone through the view, and sectors read as
+   * unallocated (used + free = sectors).
+   */
+  uint64_t used_sectors;
+  uint64_t free_sectors;
+  /**
+   * Why the region is kept whole although it might hold free space
+   * (unknown filesystem, journal needing recovery, a checksum that does
+   * not match, ...), NUL-terminated; empty when it was read.
+   */
+  char reason[256];
+} COW_FS_REGION;
+
+/**
+ * What COW_OpenFilesystemView found. Set struct_size to
+ * sizeof(COW_FS_REPORT) and point `regions` at an array of
+ * `region_capacity` COW_FS_REGIONs (or NULL and 0 for the totals only)
+ * before the call; a later, larger version of this struct (struct_size)
+ * also tells which COW_FS_REGION layout the array has.
+ */
+typedef struct COW_FS_REPORT {
+  /**
+   * sizeof(COW_FS_REPORT) as the caller compiled it.
+   */
+  uint32_t struct_size;
+  /**
+   * In: entries the `regions` array holds.
+   */
+  uint32_t region_capacity;
+  /**
+   * In: the caller's array (filled with the first `region_capacity`
+   * regions), or NULL.
+   */
+  struct COW_FS_REGION *regions;
+  /**
+   * Out: regions found (may be more than region_capacity).
+   */
+  uint32_t region_count;
+  /**
+   * Out: nonzero when the disk has a partition table that was read.
+   */
+  uint32_t has_table;
+  /**
+   * Out: the disk's size in sectors.
+   */
+  uint64_t disk_sectors;
+  /**
+   * Out: sectors read as unallocated through the view, over the disk.
+   */
+  uint64_t free_sectors;
+} COW_FS_REPORT;
 
 /**
  * A progress callback: called with the caller's `user` pointer and a
@@ -1032,6 +1163,31 @@ int COW_Flush(HCOW h);
  * locked by a writer (COW_ERR_LOCKED).
  */
 int COW_CheckOverlayStore(const char *store_path, struct COW_CHECK_REPORT *report);
+
+/**
+ * Opens a view of `src` in which the blocks its filesystems do not use
+ * read as unallocated zeros (VDDR_RSLT_NOTALLOC), so a clone through it
+ * (COW_CloneToFile, or the caller's own ReadPage loop skipping NOTALLOC)
+ * leaves them out. The partitions are found in the MBR (with logical
+ * partitions) or GPT; free space is read from ext2/3/4 block bitmaps,
+ * FAT12/16/32 allocation tables, NTFS $Bitmap and Linux swap headers, and the space
+ * after the last partition is free (not the GPT backup structures;
+ * COW_FS_KEEP_UNPARTITIONED keeps it). Anything not fully understood - an
+ * unknown filesystem, a journal that needs recovery, an unclean or damaged
+ * filesystem - is kept whole, and the report says why.
+ *
+ * `src` is a disk or overlay handle of this library or the caller's own
+ * object starting with a VDDR table; it must not change while the view is
+ * open (the free map is read once, here). `report` may be NULL; else it
+ * is filled on success (see COW_FS_REPORT). On success the view owns
+ * `src` (closing the view closes it; do not use or close `src`
+ * afterwards), as COW_CreateCowOverlay; the view is read-only (edit
+ * methods fail with COW_ERR_NOT_OVERLAY; put an overlay on top to edit).
+ * On failure returns NULL and the caller still owns `src`:
+ * COW_ERR_INVALID_ARG for unknown flags or a bad report, or the error of
+ * reading the disk.
+ */
+HVDDR COW_OpenFilesystemView(HVDDR src, uint32_t flags, struct COW_FS_REPORT *report);
 
 /**
  * Fills `backend` for a caller's own table: all members zero/NULL, both

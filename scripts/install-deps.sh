@@ -19,6 +19,11 @@ declare -A package_of=(
   [sgdisk]=gdisk
   [c++]=g++
   [strace]=strace
+  [mke2fs]=e2fsprogs
+  [mkfs.fat]=dosfstools
+  [fsck.fat]=dosfstools
+  [mcopy]=mtools
+  [mkswap]=util-linux
 )
 # Headers the C harness builds against: the nbdkit plugin and its libnbd
 # test client (nbdkit/).

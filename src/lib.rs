@@ -16,6 +16,7 @@ pub mod clone;
 pub mod disk;
 pub mod error;
 pub mod formats;
+pub mod fs;
 pub mod newfile;
 pub mod numbers;
 pub mod overlay;

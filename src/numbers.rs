@@ -357,6 +357,44 @@ c_consts! {
     }
 }
 
+c_enum! {
+    /// What a region of a disk holds, as the filesystem view reports it
+    /// (`COW_FS_REGION.filesystem`). Stable once shipped.
+    pub enum FsKind in fs_kinds (hex: false) {
+        /// COW_FS_REGION.filesystem: no filesystem this library reads
+        /// (kept whole).
+        Unknown = 0 as COW_FS_UNKNOWN,
+        /// COW_FS_REGION.filesystem: ext2.
+        Ext2 = 1 as COW_FS_EXT2,
+        /// COW_FS_REGION.filesystem: ext3 (ext2 with a journal).
+        Ext3 = 2 as COW_FS_EXT3,
+        /// COW_FS_REGION.filesystem: ext4 (extents, flex_bg, 64bit, ...).
+        Ext4 = 3 as COW_FS_EXT4,
+        /// COW_FS_REGION.filesystem: FAT12.
+        Fat12 = 4 as COW_FS_FAT12,
+        /// COW_FS_REGION.filesystem: FAT16.
+        Fat16 = 5 as COW_FS_FAT16,
+        /// COW_FS_REGION.filesystem: FAT32.
+        Fat32 = 6 as COW_FS_FAT32,
+        /// COW_FS_REGION.filesystem: NTFS.
+        Ntfs = 7 as COW_FS_NTFS,
+        /// COW_FS_REGION.filesystem: Linux swap.
+        Swap = 8 as COW_FS_SWAP,
+        /// COW_FS_REGION.filesystem: the space after the last partition
+        /// (number 0).
+        Unpartitioned = 9 as COW_FS_UNPARTITIONED,
+    }
+}
+
+c_consts! {
+    /// COW_OpenFilesystemView flags.
+    pub mod fs_view_flags as u32, hex: true, {
+        /// COW_OpenFilesystemView flags: keep the space after the last
+        /// partition (by default it reads as unallocated).
+        COW_FS_KEEP_UNPARTITIONED = 0x1,
+    }
+}
+
 /// Every define of the header, in the order it lists them.
 pub const ALL_C_DEFINES: &[&[CDefine]] = &[
     results::C_DEFINES,
@@ -371,4 +409,6 @@ pub const ALL_C_DEFINES: &[&[CDefine]] = &[
     image_flags::C_DEFINES,
     clone_flags::C_DEFINES,
     extent_kinds::C_DEFINES,
+    FsKind::C_DEFINES,
+    fs_view_flags::C_DEFINES,
 ];

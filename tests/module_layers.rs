@@ -19,7 +19,9 @@ const LAYERS: &[&[&str]] = &[
     &["disk", "newfile"],
     &["formats", "store"],
     &["overlay"],
-    &["partition", "clone"],
+    &["partition"],
+    &["fs"],
+    &["clone"],
     &["ffi"],
 ];
 

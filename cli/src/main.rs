@@ -4,6 +4,7 @@
 //! never written. See docs/CLI.md.
 
 mod bench;
+mod fs;
 mod overlay;
 mod sample;
 mod serve;
@@ -72,6 +73,8 @@ enum Command {
         write: WriteArgs,
         #[command(flatten)]
         open: OpenArgs,
+        #[command(flatten)]
+        compact: fs::CompactArgs,
     },
     /// Grow a disk: insert new space after a partition, slide the
     /// following partitions, rewrite the partition table (MBR or GPT), and
@@ -94,6 +97,8 @@ enum Command {
         write: WriteArgs,
         #[command(flatten)]
         open: OpenArgs,
+        #[command(flatten)]
+        compact: fs::CompactArgs,
     },
     /// Convert an image to another format, as `qemu-img convert` does (no
     /// edits): the format from -O or DEST's extension; then verify it.
@@ -242,7 +247,8 @@ fn main() -> ExitCode {
             dest,
             write,
             open,
-        } => clone_command(&source, &dest, &write, &open),
+            compact,
+        } => clone_command(&source, &dest, &write, &open, &compact),
         Command::Convert {
             source,
             dest,
@@ -260,7 +266,14 @@ fn main() -> ExitCode {
                 force,
                 no_verify,
             };
-            clone_command(&source, &dest, &write, &open)
+            // A plain conversion: no filesystem-aware compaction.
+            clone_command(
+                &source,
+                &dest,
+                &write,
+                &open,
+                &fs::CompactArgs { compact: false },
+            )
         }
         Command::Enlarge {
             source,
@@ -270,7 +283,10 @@ fn main() -> ExitCode {
             align,
             write,
             open,
-        } => enlarge(&source, &dest, &size, partition, align, &write, &open),
+            compact,
+        } => enlarge(
+            &source, &dest, &size, partition, align, &write, &open, &compact,
+        ),
         Command::Overlay(command) => {
             let edit = matches
                 .subcommand_matches("overlay")
@@ -434,6 +450,7 @@ fn info(path: &Path, open: &OpenArgs, as_json: bool) -> Fallible<()> {
             "disk_usage": on_disk,
             "partition_table": table.as_ref().map(Table::kind),
             "partitions": partitions.iter().map(partition_json).collect::<Vec<_>>(),
+            "filesystems": fs::info_json(disk.as_mut(), path)?,
         });
         println!(
             "{}",
@@ -478,7 +495,7 @@ fn info(path: &Path, open: &OpenArgs, as_json: bool) -> Fallible<()> {
             print_partitions("  ", &partitions);
         }
     }
-    Ok(())
+    fs::print_info(disk.as_mut(), path)
 }
 
 fn map(
@@ -627,12 +644,22 @@ pub(crate) fn write_and_verify(
     }
 }
 
-fn clone_command(source: &Path, dest: &Path, write: &WriteArgs, open: &OpenArgs) -> Fallible<()> {
+fn clone_command(
+    source: &Path,
+    dest: &Path,
+    write: &WriteArgs,
+    open: &OpenArgs,
+    compact: &fs::CompactArgs,
+) -> Fallible<()> {
     check_distinct(source, dest)?;
-    let mut disk = open_image(source, open)?;
+    let disk = open_image(source, open)?;
+    let mut disk = fs::maybe_compact(disk, compact, source)?;
     write_and_verify(disk.as_mut(), dest, write)
 }
 
+// One argument per command-line option group; a struct would only repeat
+// the clap variant.
+#[allow(clippy::too_many_arguments)]
 fn enlarge(
     source: &Path,
     dest: &Path,
@@ -641,6 +668,7 @@ fn enlarge(
     align: AlignArg,
     write: &WriteArgs,
     open: &OpenArgs,
+    compact: &fs::CompactArgs,
 ) -> Fallible<()> {
     check_distinct(source, dest)?;
     let bytes = parse_size(size_text).map_err(|e| format!("--size: {e}"))?;
@@ -690,5 +718,6 @@ fn enlarge(
     print_partitions("  ", &report.before);
     println!("after:");
     print_partitions("  ", &report.after);
-    write_and_verify(&mut overlay, dest, write)
+    let mut disk = fs::maybe_compact(Box::new(overlay), compact, source)?;
+    write_and_verify(disk.as_mut(), dest, write)
 }

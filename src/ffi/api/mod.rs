@@ -12,6 +12,7 @@ mod disk;
 mod edit;
 mod errors;
 mod extents;
+mod fs;
 mod open;
 mod store;
 
@@ -19,6 +20,7 @@ pub use disk::*;
 pub use edit::*;
 pub use errors::*;
 pub use extents::*;
+pub use fs::*;
 pub use open::*;
 pub use store::*;
 
