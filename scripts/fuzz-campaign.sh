@@ -61,9 +61,49 @@ seed_images() {
         head -c 65536 /dev/zero >"$tmp/base" && (cd "$tmp" && uml_mkcow a base >/dev/null) && rm -f "$tmp/base"
       fi ;;
     store_fixed) seed_stores "$tmp" ;;
+    fs) seed_filesystems "$tmp" ;;
   esac
   find "$tmp" -type f -size -12M -exec cp {} "$c/" \; 2>/dev/null || true
   rm -rf "$tmp"
+}
+
+# Disks with a partition table and real filesystems (FAT16, ext4, NTFS,
+# swap; and GPT with FAT32 and ext2), in the sparse encoding of the fs
+# target.
+seed_filesystems() {
+  local tmp=$1 part
+  python3 - "$tmp" <<'PY'
+import subprocess, sys, os
+tmp = sys.argv[1]
+def encode(b):
+    out = bytearray()
+    for i in range(0, len(b), 4096):
+        page = b[i:i + 4096]
+        if any(page) or i + 4096 >= len(b):
+            out += (i // 4096).to_bytes(4, 'little') + page.ljust(4096, b'\0')
+    return bytes(out)
+def disk(name, label, parts):
+    img = os.path.join(tmp, name + '.img')
+    end = max(s + n for s, n, _, _ in parts) + 2048
+    with open(img, 'wb') as f: f.truncate(end * 512)
+    table = 'label: %s\n' % label + ''.join('start=%d, size=%d, type=%s\n' % (s, n, t) for s, n, t, _ in parts)
+    subprocess.run(['sfdisk', '-q', img], input=table.encode(), check=True)
+    data = bytearray(open(img, 'rb').read())
+    for s, n, _, mkfs in parts:
+        p = img + '.part'
+        with open(p, 'wb') as f: f.truncate(n * 512)
+        subprocess.run(mkfs + [p], check=True, stdout=subprocess.DEVNULL)
+        data[s * 512:(s + n) * 512] = open(p, 'rb').read()
+        os.remove(p)
+    os.remove(img)
+    open(os.path.join(tmp, name), 'wb').write(encode(bytes(data)))
+disk('mbr', 'dos', [(2048, 14336, 'c', ['mkfs.fat', '-F', '16', '-s', '1']),
+                    (16384, 16384, '83', ['mke2fs', '-q', '-t', 'ext4', '-F']),
+                    (32768, 24576, '7', ['mkntfs', '-q', '-F', '-f', '-s', '512']),
+                    (57344, 4096, '82', ['mkswap'])])
+disk('gpt', 'gpt', [(2048, 69632, 'U', ['mkfs.fat', '-F', '32', '-s', '1']),
+                    (71680, 8192, 'L', ['mke2fs', '-q', '-t', 'ext2', '-F'])])
+PY
 }
 
 # Stores made by the real binary, in the sparse encoding of the store_fixed
@@ -122,6 +162,8 @@ for t in "$@"; do
   case $t in
     capi) extra=(-max_len=2048) ;;
     store|store_fixed) extra=(-max_len=262144) ;;
+    # The seed disks' metadata pages, encoded, are about 1-2 MiB.
+    fs) extra=(-max_len=4194304) ;;
     # A qemu-made VHDX is 9 MiB (1 MiB-aligned regions): let the fuzzer
     # keep whole images (libFuzzer's default cap is 1 MiB).
     vhdx|vhdx_fixed) extra=(-max_len=12582912) ;;

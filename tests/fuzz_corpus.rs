@@ -12,6 +12,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use cowdisk::fs::FsKind;
 use support::fuzz::{fix_vhd, fix_vhdx, run, Target, DESCRIPTOR_EXTENT};
 
 /// Cases per target, unless the time budget runs out first.
@@ -546,4 +547,110 @@ fn store_fixed_opens_an_encoded_store() {
     let mut damaged = encoded.clone();
     damaged[4 + 100] ^= 1;
     assert!(support::fuzz::run_store_fixed(&damaged));
+}
+
+/// A disk image made by the real tools for the `fs` target: `sfdisk` makes
+/// an MBR with one partition per filesystem, each made by its mkfs.
+fn fs_seed(dir: &Path) -> Vec<u8> {
+    const DISK_MIB: usize = 40;
+    let disk = dir.join("fs.img");
+    std::fs::write(&disk, vec![0u8; DISK_MIB * MIB]).unwrap();
+    let layout = "label: dos\nstart=2048, size=14336, type=c\nstart=16384, size=16384, type=83\nstart=32768, size=24576, type=7\nstart=57344, size=4096, type=82\n";
+    let mut sfdisk = std::process::Command::new("sfdisk")
+        .args(["-q", &disk.display().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("sfdisk (fdisk package)");
+    use std::io::Write;
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(layout.as_bytes())
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    // Each filesystem made in its own file, then copied into its partition.
+    let parts: [(&str, u64, u64, &[&str]); 4] = [
+        ("mkfs.fat", 2048, 14336, &["-F", "16", "-s", "1"]),
+        ("mke2fs", 16384, 16384, &["-q", "-t", "ext4", "-F"]),
+        ("mkntfs", 32768, 24576, &["-q", "-F", "-f", "-s", "512"]),
+        ("mkswap", 57344, 4096, &[]),
+    ];
+    let mut image = std::fs::read(&disk).unwrap();
+    for (tool, start, sectors, args) in parts {
+        let part = dir.join(format!("{tool}.part"));
+        std::fs::write(&part, vec![0u8; sectors as usize * 512]).unwrap();
+        let status = std::process::Command::new(tool)
+            .args(args)
+            .arg(&part)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        assert!(status.success(), "{tool} failed");
+        let bytes = std::fs::read(&part).unwrap();
+        let at = start as usize * 512;
+        image[at..at + bytes.len()].copy_from_slice(&bytes);
+    }
+    image
+}
+
+/// The `fs` fuzz target's harness on a disk made by the real tools, in its
+/// sparse encoding: all four filesystems are found (so the coverage-guided
+/// campaign starts from inputs that reach the parsers), and mutated
+/// encodings - damaged pages, pages moved elsewhere - never panic. (The
+/// filesystem layer's own damage test is tests/fs_fuzz.rs.)
+#[test]
+fn fs_target_reaches_every_filesystem_of_an_encoded_disk() {
+    let dir = support::temp_dir();
+    let image = fs_seed(dir.path());
+    let encoded = support::fuzz::encode_sparse_store(&image);
+    let report = support::fuzz::run_fs(&encoded).expect("the seed disk is analysed");
+    let kinds: Vec<_> = report.regions.iter().map(|r| r.filesystem).collect();
+    for kind in [FsKind::Fat16, FsKind::Ext4, FsKind::Ntfs, FsKind::Swap] {
+        assert!(kinds.contains(&kind), "{kind:?} not found: {report:?}");
+    }
+    assert!(
+        report
+            .regions
+            .iter()
+            .all(|r| r.reason.is_none() || r.number == 0),
+        "a seed partition was refused: {report:?}"
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let body = std::fs::read_to_string(root.join("fuzz_targets/fs.rs")).unwrap();
+    assert!(body.contains("run_fs"));
+    let records = encoded.len() / 4100;
+    let mut rng = Rng(0xF5F5_0000_1234_5678);
+    let started = Instant::now();
+    let mut cases = 0usize;
+    while cases < 300 && started.elapsed() < BUDGET {
+        let mut input = encoded.clone();
+        for _ in 0..1 + rng.below(6) {
+            let record = rng.below(records) * 4100;
+            if rng.below(4) == 0 {
+                // The page moved to another place on the disk.
+                let page = (rng.next() % 16384) as u32;
+                input[record..record + 4].copy_from_slice(&page.to_le_bytes());
+            } else {
+                let at = record + 4 + rng.below(4096);
+                input[at] = rng.next() as u8;
+            }
+        }
+        let case_started = Instant::now();
+        if std::panic::catch_unwind(|| support::fuzz::run_fs(&input)).is_err() {
+            let saved = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fs-{cases}.bin"));
+            std::fs::write(&saved, &input).unwrap();
+            panic!(
+                "fs: case {cases} panicked; input saved as {}",
+                saved.display()
+            );
+        }
+        assert!(
+            case_started.elapsed() < SLOW_CASE,
+            "fs: case {cases} was slow"
+        );
+        cases += 1;
+    }
+    assert!(cases >= 30, "fs: only {cases} cases");
+    eprintln!("fs: {cases} cases in {:?}", started.elapsed());
 }

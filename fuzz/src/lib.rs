@@ -879,3 +879,41 @@ pub fn run_capi(data: &[u8]) {
         }
     })
 }
+
+/// Largest disk the `fs` target builds from its input (64 MiB).
+pub const FS_MAX_BYTES: u64 = 64 << 20;
+
+/// The filesystem layer (`cowdisk::fs`: partition tables, ext2/3/4
+/// superblocks, group descriptors and bitmaps, FAT tables, NTFS boot
+/// sector, MFT records, fixups and data runs, swap headers) on a disk built
+/// from `data` in the sparse encoding of [`decode_sparse_store`] (4 KiB
+/// pages at page numbers; pages past [`FS_MAX_BYTES`] dropped). See
+/// [`run_fs_image`].
+pub fn run_fs(data: &[u8]) -> Option<cowdisk::fs::Report> {
+    const PAGE: u64 = 4096;
+    let (pages, len) = decode_sparse_store(data);
+    let len = len.min(FS_MAX_BYTES);
+    let mut image = vec![0u8; len as usize];
+    for (page, bytes) in pages {
+        let at = page * PAGE;
+        if at + PAGE <= len {
+            image[at as usize..(at + PAGE) as usize].copy_from_slice(&bytes);
+        }
+    }
+    run_fs_image(image)
+}
+
+/// `image` (whole sectors) analysed by the filesystem layer, then read and
+/// queried through its free-space view. Any verdict is fine; a panic or a
+/// hang is a bug. Returns the report when the analysis ran.
+pub fn run_fs_image(image: Vec<u8>) -> Option<cowdisk::fs::Report> {
+    let sectors = image.len() / 512;
+    let mut image = image;
+    image.truncate(sectors * 512);
+    let statuses = vec![cowdisk::SectorStatus::Normal; sectors];
+    let mut disk = cowdisk::MemDisk::new(image, statuses).ok()?;
+    let analysis = cowdisk::fs::analyze(&mut disk, &cowdisk::fs::AnalyzeOptions::default()).ok()?;
+    let (mut view, report) = cowdisk::fs::FilesystemView::from_analysis(Box::new(disk), analysis);
+    exercise(&mut view);
+    Some(report)
+}
