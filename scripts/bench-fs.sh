@@ -12,7 +12,7 @@ size_mib="${1:-4096}"
 work="${2:-$(mktemp -d)}"
 mkdir -p "$work"
 cowdisk="$PWD/target/release/cowdisk"
-[ -x "$cowdisk" ] || cargo build --release --bin cowdisk
+cargo build --release --quiet --bin cowdisk
 export MTOOLS_SKIP_CHECK=1
 
 part_mib=$(( (size_mib - 2) / 3 ))
