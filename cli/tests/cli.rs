@@ -393,7 +393,7 @@ fn bad_input_gives_one_clear_line_and_leaves_nothing() {
     // Usage errors (clap): non-zero too.
     cowdisk().args(["enlarge", &src]).assert().failure();
     cowdisk()
-        .args(["clone", &src, "x", "--format", "vmdk"])
+        .args(["clone", &src, "x", "--format", "parallels"])
         .assert()
         .failure();
 }
