@@ -28,7 +28,7 @@ pub mod view;
 pub mod volume;
 
 pub use crate::numbers::FsKind;
-pub use grow::{grow_filesystem, GrowReport};
+pub use grow::{grow_filesystem, grow_filesystem_with, GrowOptions, GrowReport};
 pub use view::FilesystemView;
 
 use crate::disk::{Disk, SECTOR_BYTES, SECTOR_SIZE};

@@ -156,7 +156,12 @@ fn max_total_sectors(boot: &BootSector, limit: u64) -> u64 {
 
 /// Grows the FAT volume at `part_start` to `new_sectors` sectors as the
 /// module doc describes.
-pub fn grow(overlay: &mut Overlay, part_start: u64, new_sectors: u64) -> Result<GrowReport> {
+pub fn grow(
+    overlay: &mut Overlay,
+    part_start: u64,
+    new_sectors: u64,
+    dry_run: bool,
+) -> Result<GrowReport> {
     // Everything is read and checked before the first write.
     let mut vol = Volume::new(overlay as &mut dyn Disk, part_start, new_sectors)?;
     let raw = vol.read(0, 512, "FAT boot sector")?;
@@ -211,7 +216,22 @@ pub fn grow(overlay: &mut Overlay, part_start: u64, new_sectors: u64) -> Result<
     } else {
         None
     };
+    let new_free_clusters = old_free_clusters + (plan.clusters - boot.clusters);
+    let report = GrowReport {
+        filesystem: boot.kind,
+        old_sectors: boot.total_sectors,
+        new_sectors: plan.total_sectors,
+        cluster_bytes: boot.cluster_bytes(),
+        old_clusters: boot.clusters,
+        new_clusters: plan.clusters,
+        inserted_sectors: inserted,
+        old_free_bytes: free_bytes,
+        new_free_bytes: new_free_clusters * boot.cluster_bytes(),
+    };
     drop(vol);
+    if dry_run {
+        return Ok(report);
+    }
 
     // Writes from here on.
     if grow_by > 0 {
@@ -240,7 +260,6 @@ pub fn grow(overlay: &mut Overlay, part_start: u64, new_sectors: u64) -> Result<
             overlay.write(lba, sector)?;
         }
     }
-    let new_free_clusters = old_free_clusters + (plan.clusters - boot.clusters);
     overlay.write(part_start, &new_boot)?;
     if let Some(info) = fsinfo {
         for &(lba, ref bytes) in &info.sectors {
@@ -253,17 +272,7 @@ pub fn grow(overlay: &mut Overlay, part_start: u64, new_sectors: u64) -> Result<
             overlay.write(part_start + backup, &new_boot)?;
         }
     }
-    Ok(GrowReport {
-        filesystem: boot.kind,
-        old_sectors: boot.total_sectors,
-        new_sectors: plan.total_sectors,
-        cluster_bytes: boot.cluster_bytes(),
-        old_clusters: boot.clusters,
-        new_clusters: plan.clusters,
-        inserted_sectors: inserted,
-        old_free_bytes: free_bytes,
-        new_free_bytes: new_free_clusters * boot.cluster_bytes(),
-    })
+    Ok(report)
 }
 
 /// FAT32's FSInfo sectors (the primary and the backup's copy) as read,

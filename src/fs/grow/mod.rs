@@ -38,6 +38,14 @@ pub struct GrowReport {
     pub new_free_bytes: u64,
 }
 
+/// Options of [`grow_filesystem_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GrowOptions {
+    /// Read and check everything and report what growing would do, but
+    /// write nothing.
+    pub dry_run: bool,
+}
+
 /// Grows the filesystem of the partition that starts at `part_start` (a
 /// sector of the overlay) so that it fills `new_sectors` sectors, the
 /// partition's size (the partition table must already say so, e.g. after
@@ -49,15 +57,25 @@ pub fn grow_filesystem(
     part_start: u64,
     new_sectors: u64,
 ) -> Result<GrowReport> {
+    grow_filesystem_with(overlay, part_start, new_sectors, &GrowOptions::default())
+}
+
+/// [`grow_filesystem`] with options.
+pub fn grow_filesystem_with(
+    overlay: &mut Overlay,
+    part_start: u64,
+    new_sectors: u64,
+    options: &GrowOptions,
+) -> Result<GrowReport> {
     let kind = {
         let mut vol = Volume::new(overlay as &mut dyn Disk, part_start, new_sectors)?;
         super::probe(&mut vol)?
     };
     match kind {
         Some(FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32) => {
-            fat::grow(overlay, part_start, new_sectors)
+            fat::grow(overlay, part_start, new_sectors, options.dry_run)
         }
-        Some(FsKind::Ntfs) => ntfs::grow(overlay, part_start, new_sectors),
+        Some(FsKind::Ntfs) => ntfs::grow(overlay, part_start, new_sectors, options.dry_run),
         Some(k @ (FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4)) => Err(Error::Unsupported(format!(
             "growing {} is not supported yet (grow it with resize2fs after cloning)",
             k.name()

@@ -268,7 +268,12 @@ struct Write {
 
 /// Grows the NTFS volume at `part_start` to fill `new_sectors` sectors as
 /// the module doc describes.
-pub fn grow(overlay: &mut Overlay, part_start: u64, new_sectors: u64) -> Result<GrowReport> {
+pub fn grow(
+    overlay: &mut Overlay,
+    part_start: u64,
+    new_sectors: u64,
+    dry_run: bool,
+) -> Result<GrowReport> {
     let mut vol = Volume::new(overlay as &mut dyn Disk, part_start, new_sectors)?;
     let ntfs = Ntfs::open(&mut vol)?;
     let boot: BootSector = ntfs.boot.clone();
@@ -450,14 +455,8 @@ pub fn grow(overlay: &mut Overlay, part_start: u64, new_sectors: u64) -> Result<
         offset: (new_sectors - 1) * SECTOR_BYTES,
         bytes: new_boot,
     });
-    drop(vol);
-
-    // Writes from here on.
-    for w in writes {
-        overlay.write(part_start + w.offset / SECTOR_BYTES, &w.bytes)?;
-    }
     let new_free = old_free + (new_clusters - old_clusters) - extra;
-    Ok(GrowReport {
+    let report = GrowReport {
         filesystem: FsKind::Ntfs,
         old_sectors: boot.total_sectors,
         new_sectors: new_clusters * spc,
@@ -467,7 +466,17 @@ pub fn grow(overlay: &mut Overlay, part_start: u64, new_sectors: u64) -> Result<
         inserted_sectors: 0,
         old_free_bytes: old_free * cb,
         new_free_bytes: new_free * cb,
-    })
+    };
+    drop(vol);
+    if dry_run {
+        return Ok(report);
+    }
+
+    // Writes from here on.
+    for w in writes {
+        overlay.write(part_start + w.offset / SECTOR_BYTES, &w.bytes)?;
+    }
+    Ok(report)
 }
 
 /// The cluster holding VCN `vcn` of a run list without sparse runs, and
