@@ -5,6 +5,7 @@
 
 mod bench;
 mod fs;
+mod grow;
 mod overlay;
 mod sample;
 mod size;
@@ -94,6 +95,8 @@ enum Command {
         open: OpenArgs,
         #[command(flatten)]
         compact: fs::CompactArgs,
+        #[command(flatten)]
+        grow: grow::GrowArgs,
     },
     /// Work with a persistent overlay store step by step: create, edit,
     /// info, commit (clone it out).
@@ -195,8 +198,9 @@ fn main() -> ExitCode {
             write,
             open,
             compact,
+            grow,
         } => enlarge(
-            &source, &dest, &size, partition, align, &write, &open, &compact,
+            &source, &dest, &size, partition, align, &write, &open, &compact, &grow,
         ),
         Command::Overlay(command) => {
             let edit = matches
@@ -563,6 +567,7 @@ fn enlarge(
     write: &WriteArgs,
     open: &OpenArgs,
     compact: &fs::CompactArgs,
+    grow: &grow::GrowArgs,
 ) -> Fallible<()> {
     check_distinct(source, dest)?;
     let bytes = parse_size(size_text).map_err(|e| format!("--size: {e}"))?;
@@ -612,6 +617,7 @@ fn enlarge(
     print_partitions("  ", &report.before);
     println!("after:");
     print_partitions("  ", &report.after);
+    grow::after_enlarge(&mut overlay, &report, grow);
     let mut disk = fs::maybe_compact(Box::new(overlay), compact, source)?;
     write_and_verify(disk.as_mut(), dest, write)
 }
