@@ -190,6 +190,12 @@ pub fn grow(
     } else {
         None
     };
+    if plan.clusters < boot.clusters {
+        return Err(Error::Unsupported(format!(
+            "FAT: {new_sectors} sectors would hold {} clusters, fewer than the {} the volume has",
+            plan.clusters, boot.clusters
+        )));
+    }
     let grow_by = plan.fat_sectors - boot.fat_sectors;
     let inserted = boot.fats * grow_by;
     if boot.total_sectors + inserted > new_sectors {

@@ -189,6 +189,12 @@ fn find_attribute(record: &[u8], kind: u32, name: &str, what: &str) -> Result<us
             "{what}: attribute {kind:#x} {name:?} is resident"
         )));
     }
+    let runs_at = usize::from(le16(record, at + 0x20));
+    if runs_at < 0x40 || runs_at >= le32(record, at + 4) as usize {
+        return Err(bad(format!(
+            "attribute {kind:#x} {name:?}: mapping pairs at {runs_at}"
+        )));
+    }
     if le64(record, at + 0x10) != 0 || le16(record, at + 0x0C) & 0xC001 != 0 {
         return Err(Error::Unsupported(format!(
             "{what}: attribute {kind:#x} {name:?} is split, compressed, encrypted or sparse"
@@ -321,7 +327,14 @@ pub fn grow(
     if runs.iter().any(|r| r.0.is_none()) {
         return Err(Error::Unsupported("NTFS $Bitmap has a sparse run".into()));
     }
-    let old_alloc_clusters: u64 = runs.iter().map(|r| r.1).sum();
+    // Each run lies inside the volume, but a damaged list could repeat
+    // them: the sums saturate rather than overflow.
+    let old_alloc_clusters: u64 = runs.iter().fold(0u64, |a, r| a.saturating_add(r.1));
+    if old_alloc_clusters > old_clusters {
+        return Err(Error::Corrupt(format!(
+            "NTFS $Bitmap: {old_alloc_clusters} clusters in a volume of {old_clusters}"
+        )));
+    }
     if old_alloc_clusters * cb < old_size || old_size < old_clusters.div_ceil(8) {
         return Err(Error::Corrupt(format!(
             "NTFS $Bitmap: {old_size} bytes in {old_alloc_clusters} clusters for \
