@@ -232,6 +232,10 @@ fn grow_case(case: Case) {
     let cloned = dir.join("grown.raw");
     clone_raw(&mut overlay, &cloned);
     let fs_img = extract(dir, &cloned, part.start, part.sectors, "part.img");
+    // The partition table around it is still sound (sfdisk checks MBR and
+    // GPT, both GPT headers and arrays included).
+    let verify = sh_ok(&format!("sfdisk --verify '{}' 2>&1", cloned.display()));
+    assert!(verify.contains("No errors detected"), "{verify}");
 
     assert_fsck_clean(&fs_img);
     let after = fsck_fat(&fs_img);

@@ -190,6 +190,10 @@ fn grow_case(fs_mib: u64, cluster: u64, disk_mib: u64, table: &str, new_mib: u64
     )
     .unwrap();
     let grown = extract(dir, &cloned, part.start, part.sectors, "part.img");
+    // The partition table around it is still sound (sfdisk checks MBR and
+    // GPT, both GPT headers and arrays included).
+    let verify = sh_ok(&format!("sfdisk --verify '{}' 2>&1", cloned.display()));
+    assert!(verify.contains("No errors detected"), "{verify}");
     assert_clean(&grown);
     let (clusters, free, cb) = counts(&grown);
     assert_eq!(clusters, (part.sectors - 1) * 512 / cb);
