@@ -468,3 +468,62 @@ fn fat12_growth_past_4084_clusters_is_refused_and_nothing_is_written() {
     let text = err.to_string();
     assert!(text.contains("FAT12") && text.contains("4085"), "{text}");
 }
+
+#[test]
+fn fat12_grows_to_exactly_4084_clusters_the_largest_size_it_names() {
+    let dir = support::temp_dir();
+    let dir = dir.path();
+    let image = make_fat(dir, "-F 12 -s 1", 1024);
+    let disk = disk_with(
+        dir,
+        2,
+        "label: dos\\nstart=2048, size=2048, type=1\\n",
+        &image,
+    );
+    // The refusal names the largest size that keeps FAT12.
+    let err = refused(&disk, 6);
+    let text = err.to_string();
+    let max: u64 = text
+        .rsplit("grow to at most ")
+        .next()
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {text}"));
+    let mut overlay = Overlay::new(open(&disk), OverlayOptions::default()).unwrap();
+    let part = enlarge_to(&mut overlay, 6);
+    assert!(max < part.sectors);
+    assert_eq!(
+        grow_filesystem(&mut overlay, part.start, max + 1)
+            .unwrap_err()
+            .kind(),
+        ErrorCode::Unsupported
+    );
+    let report = grow_filesystem(&mut overlay, part.start, max).unwrap();
+    assert_eq!(report.new_clusters, 4084);
+    let cloned = dir.join("grown.raw");
+    clone_raw(&mut overlay, &cloned);
+    let fs_img = extract(dir, &cloned, part.start, max, "part.img");
+    assert_fsck_clean(&fs_img);
+    let after = fsck_fat(&fs_img);
+    // fsck.fat counts 4084 clusters: the most FAT12 can have.
+    assert_eq!(after.clusters, 4084, "{after:?}");
+    assert_eq!(after.total_sectors, max);
+    assert_files_intact(dir, &fs_img);
+}
+
+fn enlarge_to(overlay: &mut Overlay, new_mib: u64) -> cowdisk::partition::Partition {
+    partition::enlarge(
+        overlay,
+        &EnlargeOptions {
+            new_sectors: new_mib * MIB / 512,
+            partition: Some(1),
+            alignment: Alignment::MiB,
+        },
+        "disk",
+    )
+    .unwrap()
+    .after
+    .into_iter()
+    .find(|p| p.number == 1)
+    .unwrap()
+}

@@ -58,45 +58,7 @@ pub struct Plan {
 /// error when the type would change or the size does not fit the fields.
 pub fn plan(boot: &BootSector, new_sectors: u64) -> Result<Plan> {
     let total = new_sectors.min(u64::from(u32::MAX));
-    let root_sectors = (boot.root_entries * 32).div_ceil(boot.bytes_per_sector);
-    let bits = boot.entry_bits();
-    let clusters_with = |fat_sectors: u64| -> Result<u64> {
-        let meta = boot.reserved_sectors + boot.fats * fat_sectors + root_sectors;
-        if meta >= total {
-            return Err(Error::Unsupported(format!(
-                "FAT: {total} sectors leave no room for data after {meta} sectors of metadata"
-            )));
-        }
-        Ok((total - meta) / boot.sectors_per_cluster)
-    };
-    let fits = |fat_sectors: u64| -> Result<bool> {
-        let clusters = clusters_with(fat_sectors)?;
-        let needed = ((clusters + 2) * bits)
-            .div_ceil(8)
-            .div_ceil(boot.bytes_per_sector);
-        Ok(needed <= fat_sectors)
-    };
-    // A larger FAT leaves fewer clusters, so "the FAT holds every entry"
-    // holds from some size on: find the smallest such size, starting from
-    // the current one (a FAT never shrinks) and bisecting up to a size
-    // that is large enough for the clusters of the current FAT size.
-    let mut fat_sectors = boot.fat_sectors;
-    if !fits(fat_sectors)? {
-        let upper = ((clusters_with(fat_sectors)? + 2) * bits)
-            .div_ceil(8)
-            .div_ceil(boot.bytes_per_sector);
-        let (mut lo, mut hi) = (fat_sectors + 1, upper);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if fits(mid)? {
-                hi = mid;
-            } else {
-                lo = mid + 1;
-            }
-        }
-        fat_sectors = hi;
-    }
-    let clusters = clusters_with(fat_sectors)?;
+    let (fat_sectors, clusters) = layout(boot, total)?;
     let (range, limit) = match boot.kind {
         FsKind::Fat12 => ("FAT12", FAT16_MIN_CLUSTERS - 1),
         FsKind::Fat16 => ("FAT16", FAT32_MIN_CLUSTERS - 1),
@@ -124,28 +86,55 @@ pub fn plan(boot: &BootSector, new_sectors: u64) -> Result<Plan> {
     })
 }
 
-/// The largest volume (in sectors) with at most `limit` clusters, for the
-/// error message: found by bisection over [`plan`]'s arithmetic.
-fn max_total_sectors(boot: &BootSector, limit: u64) -> u64 {
+/// The smallest FAT (never smaller than the current one) that holds an
+/// entry for every cluster of a volume of `total` sectors, and the
+/// clusters that leaves.
+fn layout(boot: &BootSector, total: u64) -> Result<(u64, u64)> {
     let root_sectors = (boot.root_entries * 32).div_ceil(boot.bytes_per_sector);
-    let clusters_of = |total: u64| {
-        let mut fat = boot.fat_sectors;
-        loop {
-            let meta = boot.reserved_sectors + boot.fats * fat + root_sectors;
-            let c = total.saturating_sub(meta) / boot.sectors_per_cluster;
-            let needed = ((c + 2) * boot.entry_bits())
-                .div_ceil(8)
-                .div_ceil(boot.bytes_per_sector);
-            if needed <= fat {
-                return c;
-            }
-            fat = needed;
+    let bits = boot.entry_bits();
+    let clusters_with = |fat_sectors: u64| -> Result<u64> {
+        let meta = boot.reserved_sectors + boot.fats * fat_sectors + root_sectors;
+        if meta >= total {
+            return Err(Error::Unsupported(format!(
+                "FAT: {total} sectors leave no room for data after {meta} sectors of metadata"
+            )));
         }
+        Ok((total - meta) / boot.sectors_per_cluster)
     };
+    let fat_for = |clusters: u64| {
+        ((clusters + 2) * bits)
+            .div_ceil(8)
+            .div_ceil(boot.bytes_per_sector)
+    };
+    // A larger FAT leaves fewer clusters, so "the FAT holds every entry"
+    // holds from some size on: bisect for the smallest such size between
+    // the current one and one large enough for the clusters the current
+    // size leaves.
+    let mut fat_sectors = boot.fat_sectors;
+    if fat_for(clusters_with(fat_sectors)?) > fat_sectors {
+        let (mut lo, mut hi) = (fat_sectors + 1, fat_for(clusters_with(fat_sectors)?));
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if fat_for(clusters_with(mid)?) <= mid {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        fat_sectors = hi;
+    }
+    Ok((fat_sectors, clusters_with(fat_sectors)?))
+}
+
+/// The largest volume (in sectors) with at most `limit` clusters, for the
+/// error message: bisection keeping a size that is known to fit (the
+/// current one to begin with).
+fn max_total_sectors(boot: &BootSector, limit: u64) -> u64 {
+    let fits = |total: u64| layout(boot, total).is_ok_and(|(_, c)| c <= limit);
     let (mut lo, mut hi) = (boot.total_sectors, u64::from(u32::MAX));
     while lo < hi {
         let mid = lo + (hi - lo).div_ceil(2);
-        if clusters_of(mid) <= limit {
+        if fits(mid) {
             lo = mid;
         } else {
             hi = mid - 1;
