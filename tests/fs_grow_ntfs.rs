@@ -334,3 +334,41 @@ fn set_dirty(image: &Path) {
     }
     fs::write(image, raw).unwrap();
 }
+
+#[test]
+fn ntfs_grows_by_a_single_cluster() {
+    let dir = support::temp_dir();
+    let dir = dir.path();
+    let image = make_ntfs(dir, 24, 4096);
+    let (old_clusters, old_free, cb) = counts(&image);
+    // The partition holds the 24 MiB volume and 8 sectors more: with the
+    // last sector kept for the backup boot sector, one more cluster.
+    let part_sectors = 24 * MIB / 512 + 8;
+    let disk = disk_with(
+        dir,
+        26,
+        &format!("label: dos\\nstart=2048, size={part_sectors}, type=7\\n"),
+        &image,
+    );
+    let mut overlay = Overlay::new(open(&disk), OverlayOptions::default()).unwrap();
+    let report = grow_filesystem(&mut overlay, P1, part_sectors).unwrap();
+    assert_eq!(report.new_clusters, old_clusters + 1);
+    let cloned = dir.join("grown.raw");
+    clone_to_file(
+        &mut overlay,
+        &cloned,
+        &CloneOptions {
+            format: CloneFormat::Raw,
+            replace: false,
+        },
+        &mut no_progress(),
+    )
+    .unwrap();
+    let grown = extract(dir, &cloned, P1, part_sectors, "part.img");
+    assert_clean(&grown);
+    let (clusters, free, _) = counts(&grown);
+    assert_eq!(clusters, (part_sectors - 1) * 512 / cb);
+    assert_eq!(clusters, old_clusters + 1);
+    assert_eq!(free, old_free + 1);
+    assert_files(dir, &grown);
+}
