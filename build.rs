@@ -26,6 +26,7 @@ fn main() {
         "src/ffi/api/extents.rs",
         "src/ffi/api/store.rs",
         "src/ffi/api/fs.rs",
+        "src/ffi/api/grow.rs",
         "src/ffi/backend/table.rs",
         "src/ffi/backend/mod.rs",
         "src/ffi/clone.rs",
@@ -63,6 +64,7 @@ fn main() {
         .with_src(dir.join("src/ffi/api/extents.rs"))
         .with_src(dir.join("src/ffi/api/store.rs"))
         .with_src(dir.join("src/ffi/api/fs.rs"))
+        .with_src(dir.join("src/ffi/api/grow.rs"))
         .with_src(dir.join("src/ffi/backend/table.rs"))
         .with_src(dir.join("src/ffi/backend/mod.rs"))
         .with_src(dir.join("src/ffi/clone.rs"))

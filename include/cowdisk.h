@@ -425,6 +425,12 @@
  * partition (by default it reads as unallocated).
  */
 #define COW_FS_KEEP_UNPARTITIONED 0x1
+
+/**
+ * COW_GrowFilesystem flags: check the filesystem and fill the
+ * report with what growing would do, but write nothing.
+ */
+#define COW_GROW_DRY_RUN 0x1
 /* Handles: a pointer to an object whose first member is the method table
  * (the legacy CLASS(VDDR) is struct t_VDDR, CLASS(COWOVL) struct t_COWOVL). */
 typedef struct t_VDDR *HVDDR;
@@ -627,6 +633,47 @@ typedef struct COW_FS_REPORT {
    */
   uint64_t free_sectors;
 } COW_FS_REPORT;
+
+/**
+ * What COW_GrowFilesystem did (or, with COW_GROW_DRY_RUN, would do). Set
+ * struct_size to sizeof(COW_GROW_REPORT) before the call; the rest is
+ * filled on success.
+ */
+typedef struct COW_GROW_REPORT {
+  /**
+   * sizeof(COW_GROW_REPORT) as the caller compiled it.
+   */
+  uint32_t struct_size;
+  /**
+   * COW_FS_* of the filesystem grown.
+   */
+  uint32_t filesystem;
+  /**
+   * Bytes per allocation unit (cluster).
+   */
+  uint64_t cluster_bytes;
+  /**
+   * The filesystem's size before and after, in 512-byte sectors.
+   */
+  uint64_t old_sectors;
+  uint64_t new_sectors;
+  /**
+   * Allocation units before and after.
+   */
+  uint64_t old_clusters;
+  uint64_t new_clusters;
+  /**
+   * Sectors inserted into the partition for metadata (a larger FAT);
+   * the data behind them moved up without being copied, and as many
+   * were removed from the partition's end.
+   */
+  uint64_t inserted_sectors;
+  /**
+   * Free bytes before and after.
+   */
+  uint64_t old_free_bytes;
+  uint64_t new_free_bytes;
+} COW_GROW_REPORT;
 
 /**
  * A progress callback: called with the caller's `user` pointer and a
@@ -1188,6 +1235,27 @@ int COW_CheckOverlayStore(const char *store_path, struct COW_CHECK_REPORT *repor
  * reading the disk.
  */
 HVDDR COW_OpenFilesystemView(HVDDR src, uint32_t flags, struct COW_FS_REPORT *report);
+
+/**
+ * Grows the filesystem of the partition that starts at sector
+ * `part_start_lba` of overlay `h` to fill `new_sectors` sectors (the
+ * partition's size; enlarge the partition first). FAT12/16/32 and NTFS
+ * are grown; ext2/3/4 is refused for now (COW_ERR_UNSUPPORTED). The FAT
+ * type never changes: a size that would need another type is refused.
+ * Everything is checked before the first write, so a refusal leaves the
+ * overlay unchanged: a dirty or hibernated volume (COW_ERR_UNSUPPORTED),
+ * an inconsistent one such as FAT copies that differ (COW_ERR_CORRUPT).
+ * `flags`: 0 or COW_GROW_DRY_RUN (check and report only). `report` may
+ * be NULL; else it is filled on success (see COW_GROW_REPORT). Returns a
+ * COW_ERR_* code, 0 = no error; COW_ERR_NOT_OVERLAY when `h` is not an
+ * overlay, COW_ERR_INVALID_ARG for unknown flags, a bad report or a range
+ * outside the drive.
+ */
+int COW_GrowFilesystem(HCOW h,
+                       uint64_t part_start_lba,
+                       uint64_t new_sectors,
+                       uint32_t flags,
+                       struct COW_GROW_REPORT *report);
 
 /**
  * Fills `backend` for a caller's own table: all members zero/NULL, both

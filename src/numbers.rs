@@ -395,6 +395,15 @@ c_consts! {
     }
 }
 
+c_consts! {
+    /// COW_GrowFilesystem flags.
+    pub mod grow_flags as u32, hex: true, {
+        /// COW_GrowFilesystem flags: check the filesystem and fill the
+        /// report with what growing would do, but write nothing.
+        COW_GROW_DRY_RUN = 0x1,
+    }
+}
+
 /// Every define of the header, in the order it lists them.
 pub const ALL_C_DEFINES: &[&[CDefine]] = &[
     results::C_DEFINES,
@@ -411,4 +420,5 @@ pub const ALL_C_DEFINES: &[&[CDefine]] = &[
     extent_kinds::C_DEFINES,
     FsKind::C_DEFINES,
     fs_view_flags::C_DEFINES,
+    grow_flags::C_DEFINES,
 ];

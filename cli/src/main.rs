@@ -5,6 +5,7 @@
 
 mod bench;
 mod fs;
+mod grow;
 mod overlay;
 mod sample;
 mod serve;
@@ -99,6 +100,8 @@ enum Command {
         open: OpenArgs,
         #[command(flatten)]
         compact: fs::CompactArgs,
+        #[command(flatten)]
+        grow: grow::GrowArgs,
     },
     /// Convert an image to another format, as `qemu-img convert` does (no
     /// edits): the format from -O or DEST's extension; then verify it.
@@ -284,8 +287,9 @@ fn main() -> ExitCode {
             write,
             open,
             compact,
+            grow,
         } => enlarge(
-            &source, &dest, &size, partition, align, &write, &open, &compact,
+            &source, &dest, &size, partition, align, &write, &open, &compact, &grow,
         ),
         Command::Overlay(command) => {
             let edit = matches
@@ -669,6 +673,7 @@ fn enlarge(
     write: &WriteArgs,
     open: &OpenArgs,
     compact: &fs::CompactArgs,
+    grow: &grow::GrowArgs,
 ) -> Fallible<()> {
     check_distinct(source, dest)?;
     let bytes = parse_size(size_text).map_err(|e| format!("--size: {e}"))?;
@@ -718,6 +723,7 @@ fn enlarge(
     print_partitions("  ", &report.before);
     println!("after:");
     print_partitions("  ", &report.after);
+    grow::after_enlarge(&mut overlay, &report, grow);
     let mut disk = fs::maybe_compact(Box::new(overlay), compact, source)?;
     write_and_verify(disk.as_mut(), dest, write)
 }

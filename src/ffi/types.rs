@@ -14,6 +14,7 @@ pub use crate::numbers::error_codes::*;
 pub use crate::numbers::extent_kinds::names::*;
 pub use crate::numbers::fs_kinds::*;
 pub use crate::numbers::fs_view_flags::names::*;
+pub use crate::numbers::grow_flags::names::*;
 pub use crate::numbers::open_flags::names::*;
 pub use crate::numbers::overlay_flags::names::*;
 pub use crate::numbers::results::names::*;

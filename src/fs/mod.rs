@@ -21,12 +21,14 @@
 
 pub mod ext;
 pub mod fat;
+pub mod grow;
 pub mod ntfs;
 pub mod swap;
 pub mod view;
 pub mod volume;
 
 pub use crate::numbers::FsKind;
+pub use grow::{grow_filesystem, grow_filesystem_with, GrowOptions, GrowReport};
 pub use view::FilesystemView;
 
 use crate::disk::{Disk, SECTOR_BYTES, SECTOR_SIZE};

@@ -13,6 +13,7 @@ mod edit;
 mod errors;
 mod extents;
 mod fs;
+mod grow;
 mod open;
 mod store;
 
@@ -21,6 +22,7 @@ pub use edit::*;
 pub use errors::*;
 pub use extents::*;
 pub use fs::*;
+pub use grow::*;
 pub use open::*;
 pub use store::*;
 

@@ -1,0 +1,530 @@
+//! Growing FAT12/16/32 through the overlay after `partition::enlarge`,
+//! checked with the real tools on a clone, without mounting: `fsck.fat -n`
+//! says nothing but its summary, `fsck.fat -v` counts the new partition
+//! size as the volume's and the clusters the new layout allows, every file
+//! reads back with `mcopy`, the free space grew by about the added space,
+//! and a file larger than the old free space can be written and read back.
+//! Dirty or inconsistent volumes, and growth that would change the FAT
+//! type, are refused with the overlay untouched.
+
+mod support;
+
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cowdisk::clone::{clone_to_file, no_progress, CloneFormat, CloneOptions};
+use cowdisk::error::ErrorCode;
+use cowdisk::formats::{open_path, OpenOptions};
+use cowdisk::fs::{grow_filesystem, FsKind};
+use cowdisk::partition::{self, Alignment, EnlargeOptions};
+use cowdisk::{Disk, Overlay, OverlayOptions};
+use support::pattern;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1 << 20;
+const P1: u64 = 2048;
+
+fn sh(script: &str) -> std::process::Output {
+    Command::new("bash")
+        .args(["-c", script])
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .unwrap()
+}
+
+fn sh_ok(script: &str) -> String {
+    let out = sh(script);
+    assert!(
+        out.status.success(),
+        "{script} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn files() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("a.bin", pattern(300 * KIB as usize + 7, 1)),
+        ("b.bin", pattern(40 * KIB as usize, 2)),
+        ("DIR/c.bin", pattern(200 * KIB as usize + 512, 3)),
+    ]
+}
+
+/// A FAT image of `kib` KiB made by mkfs.fat with `mkfs_args`, holding
+/// [`files`].
+fn make_fat(dir: &Path, mkfs_args: &str, kib: u64) -> PathBuf {
+    let image = dir.join("fs.img");
+    sh_ok(&format!(
+        "mkfs.fat {mkfs_args} -C '{}' {kib} >/dev/null",
+        image.display()
+    ));
+    sh_ok(&format!("mmd -i '{}' ::/DIR", image.display()));
+    for (i, (name, bytes)) in files().into_iter().enumerate() {
+        let host = dir.join(format!("in{i}"));
+        fs::write(&host, bytes).unwrap();
+        sh_ok(&format!(
+            "mcopy -i '{}' '{}' ::/{name}",
+            image.display(),
+            host.display()
+        ));
+    }
+    image
+}
+
+/// A disk of `mib` MiB partitioned by sfdisk with `script`, the image
+/// placed at sector P1, and partition 2 (if any) filled with a pattern.
+fn disk_with(dir: &Path, mib: u64, script: &str, image: &Path) -> PathBuf {
+    let disk = dir.join("disk.raw");
+    fs::File::create(&disk).unwrap().set_len(mib * MIB).unwrap();
+    sh_ok(&format!(
+        "printf '{script}' | sfdisk --quiet '{}'",
+        disk.display()
+    ));
+    let bytes = fs::read(image).unwrap();
+    let mut f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    f.seek(SeekFrom::Start(P1 * 512)).unwrap();
+    f.write_all(&bytes).unwrap();
+    disk
+}
+
+fn open(path: &Path) -> Box<dyn Disk> {
+    open_path(path, &OpenOptions::default()).unwrap()
+}
+
+fn clone_raw(disk: &mut dyn Disk, path: &Path) {
+    let options = CloneOptions {
+        format: CloneFormat::Raw,
+        replace: false,
+        ..CloneOptions::default()
+    };
+    clone_to_file(disk, path, &options, &mut no_progress()).unwrap();
+}
+
+fn extract(dir: &Path, image: &Path, start: u64, sectors: u64, name: &str) -> PathBuf {
+    let bytes = fs::read(image).unwrap();
+    let out = dir.join(name);
+    fs::write(
+        &out,
+        &bytes[(start * 512) as usize..((start + sectors) * 512) as usize],
+    )
+    .unwrap();
+    out
+}
+
+/// What `fsck.fat -n -v` says of a volume.
+#[derive(Debug)]
+struct Fsck {
+    total_sectors: u64,
+    fat_sectors: u64,
+    cluster_bytes: u64,
+    clusters: u64,
+    free_clusters: u64,
+}
+
+fn fsck_fat(image: &Path) -> Fsck {
+    let text = sh_ok(&format!("fsck.fat -n -v '{}'", image.display()));
+    let mut f = Fsck {
+        total_sectors: 0,
+        fat_sectors: 0,
+        cluster_bytes: 0,
+        clusters: 0,
+        free_clusters: 0,
+    };
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(n) = line.strip_suffix(" sectors total") {
+            f.total_sectors = n.trim().parse().unwrap();
+        }
+        if let Some(n) = line.strip_suffix(" bytes per cluster") {
+            f.cluster_bytes = n.trim().parse().unwrap();
+        }
+        // "20480 bytes per FAT (= 40 sectors)"
+        if let Some(rest) = line.split_once("bytes per FAT (= ") {
+            f.fat_sectors = rest.1.trim_end_matches(" sectors)").parse().unwrap();
+        }
+        if let Some(counts) = line.strip_suffix(" clusters") {
+            let counts = counts.rsplit(' ').next().unwrap();
+            let (used, total) = counts.split_once('/').unwrap();
+            f.clusters = total.parse().unwrap();
+            f.free_clusters = f.clusters - used.parse::<u64>().unwrap();
+        }
+    }
+    f
+}
+
+/// `fsck.fat -n` finds nothing: it prints its version and the summary
+/// line, no complaint (it exits 0 even for some differences it reports).
+fn assert_fsck_clean(image: &Path) {
+    let out = sh(&format!("fsck.fat -n '{}'", image.display()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "fsck.fat failed:\n{text}");
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 2, "fsck.fat complained:\n{text}");
+    assert!(lines[0].starts_with("fsck.fat "), "{text}");
+    assert!(lines[1].ends_with(" clusters"), "{text}");
+}
+
+fn assert_files_intact(dir: &Path, image: &Path) {
+    for (name, bytes) in files() {
+        let out = dir.join("out.bin");
+        let _ = fs::remove_file(&out);
+        sh_ok(&format!(
+            "mcopy -i '{}' ::/{name} '{}'",
+            image.display(),
+            out.display()
+        ));
+        assert!(fs::read(&out).unwrap() == bytes, "{name} differs");
+    }
+}
+
+struct Case {
+    mkfs: &'static str,
+    kib: u64,
+    kind: FsKind,
+    disk_mib: u64,
+    /// The sfdisk script; partition 1 at P1 of `kib` KiB.
+    table: &'static str,
+    new_mib: u64,
+    fat_must_grow: bool,
+}
+
+fn grow_case(case: Case) {
+    let dir = support::temp_dir();
+    let dir = dir.path();
+    let image = make_fat(dir, case.mkfs, case.kib);
+    let before = fsck_fat(&image);
+    let disk = disk_with(dir, case.disk_mib, case.table, &image);
+    let second_before = {
+        let table = partition::read_table(open(&disk).as_mut(), "disk")
+            .unwrap()
+            .unwrap();
+        table.partitions().get(1).map(|p| {
+            let bytes = fs::read(&disk).unwrap();
+            bytes[(p.start * 512) as usize..(p.end() * 512) as usize].to_vec()
+        })
+    };
+    let mut overlay = Overlay::new(open(&disk), OverlayOptions::default()).unwrap();
+    let enlarged = partition::enlarge(
+        &mut overlay,
+        &EnlargeOptions {
+            new_sectors: case.new_mib * MIB / 512,
+            partition: Some(1),
+            alignment: Alignment::MiB,
+        },
+        "disk",
+    )
+    .unwrap();
+    let part = enlarged
+        .after
+        .iter()
+        .find(|p| p.number == 1)
+        .unwrap()
+        .clone();
+    let report = grow_filesystem(&mut overlay, part.start, part.sectors).unwrap();
+    assert_eq!(report.filesystem, case.kind);
+    assert_eq!(report.new_sectors, part.sectors);
+    let cloned = dir.join("grown.raw");
+    clone_raw(&mut overlay, &cloned);
+    let fs_img = extract(dir, &cloned, part.start, part.sectors, "part.img");
+    // The partition table around it is still sound (sfdisk checks MBR and
+    // GPT, both GPT headers and arrays included).
+    let verify = sh_ok(&format!("sfdisk --verify '{}' 2>&1", cloned.display()));
+    assert!(verify.contains("No errors detected"), "{verify}");
+
+    assert_fsck_clean(&fs_img);
+    let after = fsck_fat(&fs_img);
+    assert_eq!(after.total_sectors, part.sectors, "{after:?}");
+    assert_eq!(after.cluster_bytes, before.cluster_bytes);
+    assert_eq!(after.clusters, report.new_clusters);
+    if case.fat_must_grow {
+        assert!(
+            after.fat_sectors > before.fat_sectors,
+            "{before:?} {after:?}"
+        );
+    }
+    // The FAT is the smallest that holds every entry, as the spec sizes it.
+    let bits = match case.kind {
+        FsKind::Fat12 => 12,
+        FsKind::Fat16 => 16,
+        _ => 32,
+    };
+    assert_eq!(
+        after.fat_sectors,
+        ((after.clusters + 2) * bits)
+            .div_ceil(8)
+            .div_ceil(512)
+            .max(before.fat_sectors)
+    );
+    let added = (part.sectors - before.total_sectors) * 512;
+    let fat_growth = (after.fat_sectors - before.fat_sectors) * 2 * 512;
+    let gained = (after.free_clusters - before.free_clusters) * after.cluster_bytes;
+    assert!(
+        gained <= added && gained + fat_growth + after.cluster_bytes >= added,
+        "free space grew by {gained} for {added} bytes added: {before:?} {after:?}"
+    );
+    assert_eq!(
+        report.new_free_bytes,
+        after.free_clusters * after.cluster_bytes
+    );
+    assert_files_intact(dir, &fs_img);
+
+    // The partition after the grown one moved intact.
+    if let Some(bytes) = second_before {
+        let p2 = enlarged.after.iter().find(|p| p.number == 2).unwrap();
+        let all = fs::read(&cloned).unwrap();
+        assert!(all[(p2.start * 512) as usize..(p2.end() * 512) as usize] == bytes[..]);
+    }
+
+    // A file larger than the old free space fits now.
+    let big_len = (before.free_clusters * before.cluster_bytes + gained / 2) as usize;
+    let big = pattern(big_len, 9);
+    let host = dir.join("big.in");
+    fs::write(&host, &big).unwrap();
+    sh_ok(&format!(
+        "mcopy -i '{}' '{}' ::/big.bin",
+        fs_img.display(),
+        host.display()
+    ));
+    assert_fsck_clean(&fs_img);
+    let out = dir.join("big.out");
+    sh_ok(&format!(
+        "mcopy -i '{}' ::/big.bin '{}'",
+        fs_img.display(),
+        out.display()
+    ));
+    assert!(fs::read(&out).unwrap() == big);
+    assert_files_intact(dir, &fs_img);
+}
+
+#[test]
+fn fat12_grows_with_its_fat_and_stays_clean() {
+    grow_case(Case {
+        mkfs: "-F 12 -s 4",
+        kib: 2 * 1024,
+        kind: FsKind::Fat12,
+        disk_mib: 4,
+        table: "label: dos\\nstart=2048, size=4096, type=1\\n",
+        new_mib: 6,
+        fat_must_grow: true,
+    });
+}
+
+#[test]
+fn fat16_grows_with_a_partition_after_it() {
+    grow_case(Case {
+        mkfs: "-F 16",
+        kib: 24 * 1024,
+        kind: FsKind::Fat16,
+        disk_mib: 30,
+        table: "label: dos\\nstart=2048, size=49152, type=6\\nstart=53248, size=8192, type=83\\n",
+        new_mib: 62,
+        fat_must_grow: true,
+    });
+}
+
+#[test]
+fn fat32_grows_on_gpt_with_fsinfo_and_backup_boot_sector() {
+    grow_case(Case {
+        mkfs: "-F 32 -s 1",
+        kib: 40 * 1024,
+        kind: FsKind::Fat32,
+        disk_mib: 42,
+        table: "label: gpt\\nstart=2048, size=81920, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\\n",
+        new_mib: 100,
+        fat_must_grow: true,
+    });
+}
+
+#[test]
+fn fat16_grown_by_one_mib_keeps_its_fat_when_it_is_large_enough() {
+    grow_case(Case {
+        mkfs: "-F 16",
+        kib: 24 * 1024,
+        kind: FsKind::Fat16,
+        disk_mib: 26,
+        table: "label: dos\\nstart=2048, size=49152, type=6\\n",
+        new_mib: 27,
+        fat_must_grow: false,
+    });
+}
+
+/// Enlarges `disk` to `new_mib` and asks to grow partition 1's filesystem;
+/// returns the error and checks the grow call left the overlay as the
+/// enlargement did.
+fn refused(disk: &Path, new_mib: u64) -> cowdisk::Error {
+    let mut overlay = Overlay::new(open(disk), OverlayOptions::default()).unwrap();
+    let enlarged = partition::enlarge(
+        &mut overlay,
+        &EnlargeOptions {
+            new_sectors: new_mib * MIB / 512,
+            partition: Some(1),
+            alignment: Alignment::MiB,
+        },
+        "disk",
+    )
+    .unwrap();
+    let part = enlarged
+        .after
+        .iter()
+        .find(|p| p.number == 1)
+        .unwrap()
+        .clone();
+    let map = format!("{:?}", overlay.extents());
+    let units = overlay.store_units_used();
+    let mut before = vec![0u8; (part.sectors * 512) as usize];
+    overlay.read_sectors(part.start, &mut before).unwrap();
+    let err = grow_filesystem(&mut overlay, part.start, part.sectors).unwrap_err();
+    assert_eq!(format!("{:?}", overlay.extents()), map);
+    assert_eq!(overlay.store_units_used(), units);
+    let mut after = vec![0u8; before.len()];
+    overlay.read_sectors(part.start, &mut after).unwrap();
+    assert!(after == before, "the refused grow changed the partition");
+    err
+}
+
+fn poke(path: &Path, offset: u64, bytes: &[u8]) {
+    let mut f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+#[test]
+fn dirty_fat16_is_refused_and_nothing_is_written() {
+    let dir = support::temp_dir();
+    let image = make_fat(dir.path(), "-F 16", 24 * 1024);
+    // Linux's dirty bit: byte 0x25 of the FAT16 boot sector.
+    poke(&image, 0x25, &[1]);
+    let disk = disk_with(
+        dir.path(),
+        26,
+        "label: dos\\nstart=2048, size=49152, type=6\\n",
+        &image,
+    );
+    let err = refused(&disk, 40);
+    assert_eq!(err.kind(), ErrorCode::Unsupported, "{err}");
+    assert!(err.to_string().contains("dirty"), "{err}");
+}
+
+#[test]
+fn fat32_with_clean_bit_clear_is_refused_and_nothing_is_written() {
+    let dir = support::temp_dir();
+    let image = make_fat(dir.path(), "-F 32 -s 1", 40 * 1024);
+    let fsck = fsck_fat(&image);
+    // Entry 1 of both FATs: clear bit 27 (clean shutdown).
+    let raw = fs::read(&image).unwrap();
+    let reserved = u64::from(u16::from_le_bytes(raw[14..16].try_into().unwrap()));
+    for copy in 0..2 {
+        let at = (reserved + copy * fsck.fat_sectors) * 512 + 4 + 3;
+        poke(&image, at, &[raw[at as usize] & !0x08]);
+    }
+    let disk = disk_with(
+        dir.path(),
+        42,
+        "label: dos\\nstart=2048, size=81920, type=c\\n",
+        &image,
+    );
+    let err = refused(&disk, 60);
+    assert!(err.to_string().contains("clean-shutdown"), "{err}");
+}
+
+#[test]
+fn fat_copies_that_differ_are_refused_and_nothing_is_written() {
+    let dir = support::temp_dir();
+    let image = make_fat(dir.path(), "-F 16", 24 * 1024);
+    let fsck = fsck_fat(&image);
+    // Mark a free cluster used in the second FAT only.
+    let second = (4 + fsck.fat_sectors) * 512;
+    poke(&image, second + 2 * (fsck.clusters), &[0xFF, 0xFF]);
+    let disk = disk_with(
+        dir.path(),
+        26,
+        "label: dos\\nstart=2048, size=49152, type=6\\n",
+        &image,
+    );
+    let err = refused(&disk, 40);
+    assert_eq!(err.kind(), ErrorCode::Corrupt, "{err}");
+    assert!(err.to_string().contains("differs"), "{err}");
+}
+
+#[test]
+fn fat12_growth_past_4084_clusters_is_refused_and_nothing_is_written() {
+    let dir = support::temp_dir();
+    let image = make_fat(dir.path(), "-F 12 -s 1", 1024);
+    let disk = disk_with(
+        dir.path(),
+        2,
+        "label: dos\\nstart=2048, size=2048, type=1\\n",
+        &image,
+    );
+    // 512-byte clusters: 5 MiB would be ~10000 clusters.
+    let err = refused(&disk, 6);
+    assert_eq!(err.kind(), ErrorCode::Unsupported, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("FAT12") && text.contains("4085"), "{text}");
+}
+
+#[test]
+fn fat12_grows_to_exactly_4084_clusters_the_largest_size_it_names() {
+    let dir = support::temp_dir();
+    let dir = dir.path();
+    let image = make_fat(dir, "-F 12 -s 1", 1024);
+    let disk = disk_with(
+        dir,
+        2,
+        "label: dos\\nstart=2048, size=2048, type=1\\n",
+        &image,
+    );
+    // The refusal names the largest size that keeps FAT12.
+    let err = refused(&disk, 6);
+    let text = err.to_string();
+    let max: u64 = text
+        .rsplit("grow to at most ")
+        .next()
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {text}"));
+    let mut overlay = Overlay::new(open(&disk), OverlayOptions::default()).unwrap();
+    let part = enlarge_to(&mut overlay, 6);
+    assert!(max < part.sectors);
+    assert_eq!(
+        grow_filesystem(&mut overlay, part.start, max + 1)
+            .unwrap_err()
+            .kind(),
+        ErrorCode::Unsupported
+    );
+    let report = grow_filesystem(&mut overlay, part.start, max).unwrap();
+    assert_eq!(report.new_clusters, 4084);
+    let cloned = dir.join("grown.raw");
+    clone_raw(&mut overlay, &cloned);
+    let fs_img = extract(dir, &cloned, part.start, max, "part.img");
+    assert_fsck_clean(&fs_img);
+    let after = fsck_fat(&fs_img);
+    // fsck.fat counts 4084 clusters: the most FAT12 can have.
+    assert_eq!(after.clusters, 4084, "{after:?}");
+    assert_eq!(after.total_sectors, max);
+    assert_files_intact(dir, &fs_img);
+}
+
+fn enlarge_to(overlay: &mut Overlay, new_mib: u64) -> cowdisk::partition::Partition {
+    partition::enlarge(
+        overlay,
+        &EnlargeOptions {
+            new_sectors: new_mib * MIB / 512,
+            partition: Some(1),
+            alignment: Alignment::MiB,
+        },
+        "disk",
+    )
+    .unwrap()
+    .after
+    .into_iter()
+    .find(|p| p.number == 1)
+    .unwrap()
+}
