@@ -145,6 +145,10 @@ enum Command {
         /// Folder for the generated data (default: a temporary folder).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Run one part only (clone-formats: a clone into every format vs
+        /// qemu-img convert).
+        #[arg(long, value_name = "PART")]
+        only: Option<String>,
     },
 }
 
@@ -282,13 +286,18 @@ fn main() -> ExitCode {
                 .map(|()| println!("wrote {}", dest.display()))
         }
         Command::Serve(args) => serve::run(&args),
-        Command::Bench { quick, tiny, dir } => {
+        Command::Bench {
+            quick,
+            tiny,
+            dir,
+            only,
+        } => {
             let scale = match (tiny, quick) {
                 (true, _) => bench::Scale::Tiny,
                 (false, true) => bench::Scale::Quick,
                 (false, false) => bench::Scale::Full,
             };
-            bench::run(scale, dir.as_deref())
+            bench::run(scale, dir.as_deref(), only.as_deref())
         }
     };
     match result {
