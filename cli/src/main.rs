@@ -585,6 +585,14 @@ pub(crate) fn write_and_verify(
     dest: &Path,
     write: &WriteArgs,
 ) -> Fallible<()> {
+    // Checked here to name the option that replaces it; the library checks
+    // again when it renames the finished clone into place.
+    if !write.force && dest.symlink_metadata().is_ok() {
+        return Err(format!(
+            "{}: already exists (use --force to replace it)",
+            dest.display()
+        ));
+    }
     let format = destination_format(dest, write);
     let cluster_bytes = match &write.cluster_size {
         Some(text) => Some(parse_size(text).map_err(|e| format!("--cluster-size: {e}"))?),
