@@ -115,7 +115,9 @@ fn qemu_runs(path: &std::path::Path) -> Vec<(u64, u64, bool)> {
 #[test]
 fn holes_of_a_sparse_raw_file_are_unallocated_exactly_where_qemu_img_map_says() {
     let dir = support::temp_dir();
-    let cases: Vec<(&str, u64, Vec<(u64, Vec<u8>)>)> = vec![
+    // File name, size, and the pieces written: (offset, bytes).
+    type Case = (&'static str, u64, Vec<(u64, Vec<u8>)>);
+    let cases: Vec<Case> = vec![
         // Holes around data, written zeros (allocated: data), an odd-sized
         // tail holding data.
         (
