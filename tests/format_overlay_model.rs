@@ -63,6 +63,18 @@ fn seed(path: PathBuf) -> Image {
     let sectors = disk.sector_count();
     assert_eq!(sectors, (bytes.len() as u64).div_ceil(S as u64));
     bytes.resize(sectors as usize * S, 0);
+    // Read everything once first: a raw file's holes come from the file
+    // system, and ext4 reports a range allocated but never written (what
+    // `qemu-io write -z` leaves) as a hole until its pages are in the page
+    // cache, then as data (so does `qemu-img map`). The overlay's reads
+    // would otherwise change the answers the model was seeded with.
+    let mut warm = vec![0u8; bytes.len()];
+    disk.read_sectors(0, &mut warm).unwrap();
+    assert!(
+        warm == bytes,
+        "{}: our reader differs from qemu",
+        path.display()
+    );
     let status: Vec<SectorStatus> = (0..sectors)
         .map(|s| disk.block_status(s, 1).unwrap())
         .collect();

@@ -340,3 +340,30 @@ fn a_cancelled_clone_leaves_nothing() {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
+
+#[test]
+fn compressed_clusters_are_batched_across_pages_and_holes_without_losing_any() {
+    // Compression works on batches of several pages: a run longer than two
+    // batches, a hole inside a batch, a zero page, and an odd-sized tail.
+    let dir = support::temp_dir();
+    let raw = dir.path().join("runs.raw");
+    let size = 27 * MIB + 1536;
+    sparse_raw(
+        &raw,
+        size,
+        &[
+            (0, text(19 * MIB as usize)),
+            (20 * MIB, noise(MIB as usize, 3)),
+            (21 * MIB, vec![0u8; MIB as usize]),
+            (23 * MIB + 4096, text(2 * MIB as usize)),
+            (27 * MIB, text(1536)),
+        ],
+    );
+    for cluster in [4096u64, 64 << 10] {
+        let out = dir.path().join(format!("runs-{cluster}.qcow2"));
+        clone(&raw, &out, &qcow2_options(Some(cluster), true));
+        assert_faithful(&raw, &out, "qcow2", cluster);
+        let check = qemu_check(&out, "qcow2");
+        assert!(json_number(&check, "compressed-clusters") > 0, "{check}");
+    }
+}

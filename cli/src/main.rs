@@ -153,6 +153,10 @@ enum Command {
         /// Folder for the generated data (default: a temporary folder).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Run one part only (clone-formats: a clone into every format vs
+        /// qemu-img convert).
+        #[arg(long, value_name = "PART")]
+        only: Option<String>,
     },
 }
 
@@ -302,13 +306,18 @@ fn main() -> ExitCode {
                 .map(|()| println!("wrote {}", dest.display()))
         }
         Command::Serve(args) => serve::run(&args),
-        Command::Bench { quick, tiny, dir } => {
+        Command::Bench {
+            quick,
+            tiny,
+            dir,
+            only,
+        } => {
             let scale = match (tiny, quick) {
                 (true, _) => bench::Scale::Tiny,
                 (false, true) => bench::Scale::Quick,
                 (false, false) => bench::Scale::Full,
             };
-            bench::run(scale, dir.as_deref())
+            bench::run(scale, dir.as_deref(), only.as_deref())
         }
     };
     match result {
@@ -597,6 +606,14 @@ pub(crate) fn write_and_verify(
     dest: &Path,
     write: &WriteArgs,
 ) -> Fallible<()> {
+    // Checked here to name the option that replaces it; the library checks
+    // again when it renames the finished clone into place.
+    if !write.force && dest.symlink_metadata().is_ok() {
+        return Err(format!(
+            "{}: already exists (use --force to replace it)",
+            dest.display()
+        ));
+    }
     let format = destination_format(dest, write);
     let cluster_bytes = match &write.cluster_size {
         Some(text) => Some(parse_size(text).map_err(|e| format!("--cluster-size: {e}"))?),

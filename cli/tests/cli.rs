@@ -392,10 +392,13 @@ fn bad_input_gives_one_clear_line_and_leaves_nothing() {
 
     // Usage errors (clap): non-zero too.
     cowdisk().args(["enlarge", &src]).assert().failure();
+    // (A format no writer has: vmdk, used here before, is one now, and
+    // the clone then wrote ./x.)
     cowdisk()
-        .args(["clone", &src, "x", "--format", "parallels"])
+        .args(["clone", &src, &d("x"), "--format", "qed"])
         .assert()
         .failure();
+    assert!(!dir.path().join("x").exists());
 }
 
 #[test]
@@ -419,10 +422,62 @@ fn bench_runs_and_prints_every_comparison() {
         "to raw:",
         "to vdi:",
         "bytes/extent",
+        "qemu-img convert -O FMT",
+        "10% data:",
+        "90% data:",
     ] {
         assert!(text.contains(needle), "no '{needle}' in:\n{text}");
     }
+    // One row per writable format and variant, each with its ratio.
+    for row in [
+        "raw",
+        "vdi",
+        "qcow2",
+        "qcow2 -c",
+        "vhd",
+        "vhd-fixed",
+        "vhdx",
+        "vmdk",
+        "vmdk-stream",
+    ] {
+        let rows = text
+            .lines()
+            .filter(|l| {
+                // The label, then the column padding (at least two spaces).
+                l.trim_start()
+                    .strip_prefix(row)
+                    .is_some_and(|rest| rest.starts_with("  "))
+                    && l.contains("x   (target")
+            })
+            .count();
+        assert_eq!(rows, 2, "no '{row}' row for both images in:\n{text}");
+    }
     // It cleans up after itself.
+    assert!(entries(dir.path()).is_empty());
+}
+
+#[test]
+fn bench_only_runs_one_part_and_refuses_an_unknown_one() {
+    let dir = support::temp_dir();
+    let d = dir.path().to_str().unwrap();
+    let out = cowdisk()
+        .args(["bench", "--tiny", "--dir", d, "--only", "clone-formats"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("vmdk-stream"), "{text}");
+    assert!(!text.contains("plain pread"), "{text}");
+    let out = cowdisk()
+        .args(["bench", "--tiny", "--dir", d, "--only", "nothing"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("clone-formats"));
     assert!(entries(dir.path()).is_empty());
 }
 

@@ -1,4 +1,9 @@
 //! Raw (flat) images: the file is the disk, byte for byte.
+//!
+//! The holes of a sparse regular file (found with `lseek` `SEEK_DATA` /
+//! `SEEK_HOLE`, as `qemu-img map` does) are reported `NotAlloc`, so a clone
+//! or a compare skips them without reading their zeros; a block device, or
+//! a file system without hole reporting, is all data.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -14,6 +19,12 @@ pub struct RawDisk {
     file: File,
     path: PathBuf,
     bytes: u64,
+    /// Whether holes are looked up (regular files only).
+    sparse: bool,
+    /// The last run found: [start, end) in bytes and whether it is data.
+    /// Runs are asked for in increasing order by a clone, so most queries
+    /// are answered from it without a system call.
+    last_run: Option<(u64, u64, bool)>,
 }
 
 impl RawDisk {
@@ -38,7 +49,91 @@ impl RawDisk {
             file,
             path: path.to_path_buf(),
             bytes,
+            sparse: meta.is_file(),
+            last_run: None,
         })
+    }
+
+    /// The run of data or hole containing byte `offset` (< the file's
+    /// size): its end (at most the file's size) and whether it is data.
+    fn run_at(&mut self, offset: u64) -> Result<(u64, bool)> {
+        if let Some((start, end, data)) = self.last_run {
+            if (start..end).contains(&offset) {
+                return Ok((end, data));
+            }
+        }
+        let (start, end, data) = self.find_run(offset)?;
+        self.last_run = Some((start, end, data));
+        Ok((end, data))
+    }
+
+    fn find_run(&self, offset: u64) -> Result<(u64, u64, bool)> {
+        if !self.sparse {
+            return Ok((0, self.bytes, true));
+        }
+        let next_data = match self.seek(offset, false)? {
+            // No data from `offset` to the end of the file.
+            None => return Ok((offset, self.bytes, false)),
+            Some(at) => at.min(self.bytes),
+        };
+        if next_data > offset {
+            return Ok((offset, next_data, false));
+        }
+        // There is always a hole at the end of the file.
+        let next_hole = self
+            .seek(offset, true)?
+            .unwrap_or(self.bytes)
+            .min(self.bytes);
+        Ok((offset, next_hole.max(offset + 1), true))
+    }
+
+    /// `lseek` to the next data (`hole` false) or hole (`hole` true) from
+    /// `offset`: the offset found, or `None` when there is no more data
+    /// (`ENXIO`). A file system that cannot report holes (`EINVAL`) is
+    /// treated as all data.
+    fn seek(&self, offset: u64, hole: bool) -> Result<Option<u64>> {
+        use rustix::fs::SeekFrom;
+        let whence = if hole {
+            SeekFrom::Hole(offset)
+        } else {
+            SeekFrom::Data(offset)
+        };
+        match rustix::fs::seek(&self.file, whence) {
+            Ok(found) => Ok(Some(found)),
+            Err(rustix::io::Errno::NXIO) if !hole => Ok(None),
+            Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NXIO) => {
+                Ok(Some(if hole { self.bytes } else { offset }))
+            }
+            Err(e) => Err(Error::seek(std::io::Error::from(e).to_string())
+                .with_path(&self.path)
+                .at_offset(offset)),
+        }
+    }
+
+    /// The status of the sectors from `lba` and how many of the `count`
+    /// share it: sectors wholly inside a hole are `NotAlloc`, any sector
+    /// holding a byte of data is `Normal`.
+    fn sector_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+        let start = lba * SECTOR_BYTES;
+        let (end, data) = self.run_at(start)?;
+        // A data run's partial last sector is data; a hole's is not a hole,
+        // unless the hole reaches the end of the file (the rest of the
+        // last sector is zero padding).
+        let end_sector = if data || end >= self.bytes {
+            end.div_ceil(SECTOR_BYTES)
+        } else {
+            end / SECTOR_BYTES
+        };
+        if end_sector <= lba {
+            // A hole shorter than the rest of its sector: data.
+            return Ok((SectorStatus::Normal, 1));
+        }
+        let status = if data {
+            SectorStatus::Normal
+        } else {
+            SectorStatus::NotAlloc
+        };
+        Ok((status, (end_sector - lba).min(count)))
     }
 }
 
@@ -85,21 +180,22 @@ impl Disk for RawDisk {
             .read_exact_at(data, offset)
             .map_err(|e| Error::read(&self.path.display().to_string(), offset, e))?;
         tail.fill(0);
-        Ok(if n == 0 {
-            SectorStatus::NotAlloc
-        } else {
-            SectorStatus::Normal
-        })
+        self.block_status(lba, n)
     }
+    /// `Normal` when any of the sectors holds a byte of data, `NotAlloc`
+    /// when all lie in holes.
     fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
         check_range(lba, count, self.sector_count())?;
-        Ok(if count == 0 {
-            SectorStatus::NotAlloc
-        } else {
-            SectorStatus::Normal
-        })
+        let mut at = lba;
+        while at < lba + count {
+            let (status, run) = self.sector_run(at, lba + count - at)?;
+            if status == SectorStatus::Normal {
+                return Ok(status);
+            }
+            at += run;
+        }
+        Ok(SectorStatus::NotAlloc)
     }
-    /// Every sector of a raw image is data.
     fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         check_range(lba, count, self.sector_count())?;
         if count == 0 {
@@ -107,7 +203,17 @@ impl Disk for RawDisk {
                 "the status run of zero sectors was asked".into(),
             ));
         }
-        Ok((SectorStatus::Normal, count))
+        // Neighbouring runs of the same kind (a data run cut short by a
+        // hole under one sector) are joined.
+        let (status, mut run) = self.sector_run(lba, count)?;
+        while run < count {
+            let (next, more) = self.sector_run(lba + run, count - run)?;
+            if next != status {
+                break;
+            }
+            run += more;
+        }
+        Ok((status, run))
     }
 }
 

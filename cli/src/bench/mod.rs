@@ -18,8 +18,13 @@
 //! 6. sequential reads of an image of each format vs `qemu-img convert`
 //!    (`formats.rs`);
 //! 7. the persistent store: flush cost, random writes vs `qemu-io`, open
-//!    time with 1,000,000 extents (`store.rs`).
+//!    time with 1,000,000 extents (`store.rs`);
+//! 8. a clone of a sparse raw image with 10% and with 90% data into every
+//!    writable format vs `qemu-img convert -O <format>`
+//!    (`clone_formats.rs`; target: at least 1.0x, 1.5x for compressed
+//!    qcow2). `--only clone-formats` runs this part alone.
 
+mod clone_formats;
 mod formats;
 mod store;
 
@@ -52,12 +57,21 @@ pub enum Scale {
     Tiny,
 }
 
-pub fn run(scale: Scale, dir: Option<&Path>) -> Bench<()> {
+/// The parts `--only` can pick.
+pub const PARTS: [&str; 1] = ["clone-formats"];
+
+pub fn run(scale: Scale, dir: Option<&Path>, only: Option<&str>) -> Bench<()> {
     let pick = |full: u64, quick: u64, tiny: u64| match scale {
         Scale::Full => full,
         Scale::Quick => quick,
         Scale::Tiny => tiny,
     };
+    if let Some(part) = only.filter(|p| !PARTS.contains(p)) {
+        return Err(format!(
+            "bench: no part called {part:?} (parts: {})",
+            PARTS.join(", ")
+        ));
+    }
     let temp = match dir {
         Some(d) => {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
@@ -67,6 +81,17 @@ pub fn run(scale: Scale, dir: Option<&Path>) -> Bench<()> {
     }
     .map_err(err)?;
     let dir = temp.path();
+    let clone_formats = || {
+        clone_formats::run_clone_formats(
+            pick(2048, 256, 16),
+            pick(2, 2, 1) as u32,
+            pick(1, 2, 1) as u32,
+            dir,
+        )
+    };
+    if only.is_some() {
+        return clone_formats();
+    }
     // Memory first: peak RSS growth is only meaningful before the other
     // cases have raised the peak.
     let memory: Vec<(u64, usize, u64)> = [
@@ -270,7 +295,10 @@ pub fn run(scale: Scale, dir: Option<&Path>) -> Bench<()> {
         rw.as_secs_f64() * 1000.0,
         ro.as_secs_f64() * 1000.0
     );
-    Ok(())
+    println!();
+
+    // 8. A clone into every format.
+    clone_formats()
 }
 
 fn make_source(path: &Path, size_mib: usize) -> Bench<()> {
