@@ -11,38 +11,17 @@ mod support;
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use cowdisk::clone::{allocated_bytes, clone_to_file, no_progress, CloneFormat, CloneOptions};
 use cowdisk::formats::{open_path, OpenOptions};
 use cowdisk::fs::{FilesystemView, FsKind, Report};
-use support::{pattern, run};
+use support::{pattern, run, sh_ok};
 
 const MIB: u64 = 1 << 20;
 /// The start of the first partition (1 MiB).
 const P1: u64 = 2048;
 /// What the deleted file holds: a pattern that appears nowhere else.
 const MARKER: &[u8] = b"--cowdisk deleted file marker--";
-
-fn sh(script: &str) -> std::process::Output {
-    Command::new("bash")
-        .args(["-c", script])
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .output()
-        .unwrap()
-}
-
-/// Runs a shell script that must succeed; returns its stdout.
-fn sh_ok(script: &str) -> String {
-    let out = sh(script);
-    assert!(
-        out.status.success(),
-        "{script} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The files put on every filesystem: (name, bytes).
 fn kept_files() -> Vec<(&'static str, Vec<u8>)> {

@@ -12,7 +12,6 @@ mod support;
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use cowdisk::clone::{clone_to_file, no_progress, CloneFormat, CloneOptions};
 use cowdisk::error::ErrorCode;
@@ -20,30 +19,11 @@ use cowdisk::formats::{open_path, OpenOptions};
 use cowdisk::fs::{grow_filesystem, FsKind};
 use cowdisk::partition::{self, Alignment, EnlargeOptions};
 use cowdisk::{Disk, Overlay, OverlayOptions};
-use support::pattern;
+use support::{pattern, sh, sh_ok};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
 const P1: u64 = 2048;
-
-fn sh(script: &str) -> std::process::Output {
-    Command::new("bash")
-        .args(["-c", script])
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .output()
-        .unwrap()
-}
-
-fn sh_ok(script: &str) -> String {
-    let out = sh(script);
-    assert!(
-        out.status.success(),
-        "{script} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn files() -> Vec<(&'static str, Vec<u8>)> {
     vec![

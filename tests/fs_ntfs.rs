@@ -10,28 +10,16 @@ mod support;
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use cowdisk::clone::{allocated_bytes, clone_to_file, no_progress, CloneFormat, CloneOptions};
 use cowdisk::formats::{open_path, OpenOptions};
 use cowdisk::fs::{FilesystemView, FsKind, Report};
-use support::pattern;
+use support::{pattern, sh_ok as sh};
 
 const MIB: u64 = 1 << 20;
 const P1: u64 = 2048;
 const PART_SECTORS: u64 = 64 * 2048;
 const MARKER: &[u8] = b"--cowdisk freed NTFS file marker--";
-
-fn sh(script: &str) -> String {
-    let out = Command::new("bash").args(["-c", script]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{script}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn kept_files() -> Vec<(&'static str, Vec<u8>)> {
     vec![

@@ -13,24 +13,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::pattern;
+use support::{pattern, sh_ok};
 
 const MIB: u64 = 1 << 20;
-
-fn sh_ok(script: &str) -> String {
-    let out = Command::new("bash")
-        .args(["-c", script])
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{script} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn cowdisk(args: &[&str]) -> (String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_cowdisk"))

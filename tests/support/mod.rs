@@ -263,3 +263,25 @@ pub fn compare_allocation(disk: &mut dyn cowdisk::Disk, image: &Path) {
         }
     }
 }
+
+/// Runs a bash script (with mtools told not to check disk geometry, as the
+/// filesystem tests' images are plain files) and returns its output.
+pub fn sh(script: &str) -> std::process::Output {
+    std::process::Command::new("bash")
+        .args(["-c", script])
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .unwrap()
+}
+
+/// [`sh`] for a script that must succeed; returns its stdout.
+pub fn sh_ok(script: &str) -> String {
+    let out = sh(script);
+    assert!(
+        out.status.success(),
+        "{script} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
