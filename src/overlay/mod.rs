@@ -388,7 +388,8 @@ impl StoreParts {
     }
 
     /// Initialises a persistent store for a source of `sectors` sectors on
-    /// empty `store`.
+    /// empty `store` (its callers have checked source and options with
+    /// `Overlay::check_source`).
     fn create(
         mut store: Box<dyn Storage>,
         sectors: u64,
@@ -396,7 +397,6 @@ impl StoreParts {
         options: OverlayOptions,
         log_size: u64,
     ) -> Result<StoreParts> {
-        options.validate()?;
         let mut map = ExtentMap::with_extent(Extent {
             len: sectors,
             kind: ExtentKind::Source,
