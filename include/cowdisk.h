@@ -19,8 +19,10 @@
  *  - every function except the last-error getters sets the calling thread's
  *    last error (COW_ERR_NONE on success); VDDR_LastError is that value, an
  *    lvalue legacy readers may assign;
- *  - calls on one handle are serialised by a lock inside the handle, so a
- *    handle may be shared between threads; different handles run in parallel;
+ *  - a handle may be shared between threads: reads (ReadPage, ReadSectors),
+ *    BlockStatus and the getters of one handle run in parallel; calls that
+ *    change it (writes, edits, flush, clone, close) wait for them and run
+ *    alone; different handles run in parallel;
  *  - NULL, closed or foreign handles fail with COW_ERR_INVHANDLE;
  *  - all sector positions are 64-bit; sector size is 512 bytes.
  *

@@ -66,7 +66,7 @@ impl std::fmt::Debug for Rejected {
 /// locks; the C layer serialises calls on one handle. `Any` lets a layer
 /// that handed a disk away and got it back (a failed constructor) recover
 /// its concrete type.
-pub trait Disk: Send + std::any::Any {
+pub trait Disk: Send + Sync + std::any::Any {
     /// The kind of disk (the legacy `GetDriveType`).
     fn drive_type(&self) -> DriveType;
 
@@ -101,11 +101,11 @@ pub trait Disk: Send + std::any::Any {
     ///
     /// The caller guarantees `buf.len()` is a multiple of 512 and the range
     /// lies inside the disk; implementations may still check.
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus>;
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus>;
 
     /// The combined status of `count` sectors from `lba`, answered from
     /// metadata without reading data. The range lies inside the disk.
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus>;
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus>;
 
     /// The status of sector `lba` alone, and for how many of the `count`
     /// sectors from `lba` (at least 1) it holds. A run may stop before the
@@ -119,7 +119,7 @@ pub trait Disk: Send + std::any::Any {
     /// `block_status` sector by sector until the status changes. Only
     /// caller-supplied C objects and backend tables use it; the library's
     /// formats, `MemDisk` and the overlay answer from their own metadata.
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         if count == 0 {
             return Err(Error::invalid_argument(
                 "the status run of zero sectors was asked".into(),
@@ -141,7 +141,7 @@ pub trait Disk: Send + std::any::Any {
     /// zeros without reading them (an overlay's inserted ranges) answers
     /// those from its metadata, so a zero check over a huge unallocated
     /// range costs nothing.
-    fn reads_as_zeros(&mut self, lba: u64, count: u64) -> Result<bool> {
+    fn reads_as_zeros(&self, lba: u64, count: u64) -> Result<bool> {
         zeros_by_reading(self, lba, count)
     }
 }
@@ -150,7 +150,7 @@ pub trait Disk: Send + std::any::Any {
 const ZERO_CHECK_SECTORS: u64 = 2048;
 
 /// `Disk::reads_as_zeros` by reading the range, 1 MiB at a time.
-pub fn zeros_by_reading<D: Disk + ?Sized>(disk: &mut D, lba: u64, count: u64) -> Result<bool> {
+pub fn zeros_by_reading<D: Disk + ?Sized>(disk: &D, lba: u64, count: u64) -> Result<bool> {
     let mut buf = Vec::new();
     let end = lba + count;
     let mut pos = lba;
@@ -194,16 +194,16 @@ impl<D: Disk + ?Sized> Disk for Box<D> {
     fn parent_uuid(&self) -> Option<[u8; 16]> {
         (**self).parent_uuid()
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         (**self).read_sectors(lba, buf)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         (**self).block_status(lba, count)
     }
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         (**self).status_run(lba, count)
     }
-    fn reads_as_zeros(&mut self, lba: u64, count: u64) -> Result<bool> {
+    fn reads_as_zeros(&self, lba: u64, count: u64) -> Result<bool> {
         (**self).reads_as_zeros(lba, count)
     }
 }
@@ -389,20 +389,20 @@ impl Disk for MemDisk {
     fn uuid(&self) -> Option<[u8; 16]> {
         self.uuid
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         let n = sectors_in(buf.len())?;
         check_range(lba, n, self.sector_count())?;
         let start = lba as usize * SECTOR_SIZE;
         buf.copy_from_slice(&self.data[start..start + buf.len()]);
         self.block_status(lba, n)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         check_range(lba, count, self.sector_count())?;
         Ok(self.status[lba as usize..(lba + count) as usize]
             .iter()
             .fold(SectorStatus::NotAlloc, |acc, s| acc.combine(*s)))
     }
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         check_range(lba, count, self.sector_count())?;
         let statuses = &self.status[lba as usize..(lba + count) as usize];
         let first = *statuses.first().ok_or_else(|| {
@@ -436,10 +436,10 @@ mod tests {
         fn sector_count(&self) -> u64 {
             self.0.sector_count()
         }
-        fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+        fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
             self.0.read_sectors(lba, buf)
         }
-        fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+        fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
             self.0.block_status(lba, count)
         }
     }
@@ -452,8 +452,7 @@ mod tests {
         ];
         let status: Vec<SectorStatus> = (0..64).map(|i| pattern[(i * i / 3) % 8]).collect();
         let mem = MemDisk::new(vec![0; 64 * SECTOR_SIZE], status.clone()).unwrap();
-        let mut default = StatusOnly(mem.clone());
-        let mut mem = mem;
+        let default = StatusOnly(mem.clone());
         for lba in 0..64u64 {
             for count in 1..=64 - lba {
                 // The naive answer: the first status and how far it lasts.

@@ -15,6 +15,7 @@
 pub mod clone;
 pub mod disk;
 pub mod error;
+pub mod file_io;
 pub mod formats;
 pub mod fs;
 pub mod newfile;

@@ -120,7 +120,7 @@ fn small_cluster_image_matches_qemu() {
 
     // Clusters 4..6 were allocated one after another: one run (one pread).
     let before = support::fingerprint(&path);
-    let mut hdd = ParallelsDisk::open(&path).unwrap();
+    let hdd = ParallelsDisk::open(&path).unwrap();
     assert!(hdd.header().bat_in_clusters);
     let (mapping, run) = hdd.map(4 * 128, 10 * 128).unwrap();
     assert!(matches!(mapping, Mapping::Data { .. }), "{mapping:?}");
@@ -217,7 +217,7 @@ fn sparse_image_over_2_tib() {
     ];
     let path = make_hdd(dir.path(), "big.hdd", size, &[], &cmds);
     let before = support::fingerprint(&path);
-    let mut disk = formats::open_path(&path, &OpenOptions::default()).unwrap();
+    let disk = formats::open_path(&path, &OpenOptions::default()).unwrap();
     assert_eq!(disk.drive_type(), DriveType::Parallels);
     assert_eq!(disk.sector_count(), size / 512);
 
@@ -226,7 +226,7 @@ fn sparse_image_over_2_tib() {
         (far, 70_000, 0xa5),
         (size - 512, 512, 0x3c),
     ];
-    let mut check_region = |start: u64, len: usize| {
+    let check_region = |start: u64, len: usize| {
         let mut buf = vec![0xEEu8; len];
         disk.read_sectors(start / 512, &mut buf).unwrap();
         for (i, byte) in buf.iter().enumerate() {

@@ -81,7 +81,7 @@ fn v3_zero_clusters_are_blank() {
     let image = create(dir.path(), "z.qcow2", &["-o", "compat=1.1"], "1M");
     io(&image, &["write -P 0x66 0 1M", "write -z 131072 131072"]);
     let before = fingerprint(&image);
-    let mut disk = open_path(&image, &OpenOptions::default()).unwrap();
+    let disk = open_path(&image, &OpenOptions::default()).unwrap();
     assert_eq!(disk.block_status(256, 256).unwrap(), SectorStatus::Blank);
     let mut buf = vec![1u8; 512 * 256];
     assert_eq!(
@@ -168,7 +168,7 @@ fn compressed_clusters_match_qemu() {
             "qemu did not compress the image"
         );
         check_matches_qemu(&image, dir.path(), &OpenOptions::default());
-        let mut disk = Qcow2Disk::open(&image, &OpenOptions::default()).unwrap();
+        let disk = Qcow2Disk::open(&image, &OpenOptions::default()).unwrap();
         let (mapping, _) = disk.map(0, 8).unwrap();
         assert!(matches!(mapping, Mapping::Encoded { .. }), "{mapping:?}");
     }
@@ -191,7 +191,7 @@ fn extended_l2_subclusters_match_qemu() {
     );
     check_matches_qemu(&image, dir.path(), &OpenOptions::default());
     // A 2 KiB subcluster written alone is data; its neighbours are not.
-    let mut disk = open_path(&image, &OpenOptions::default()).unwrap();
+    let disk = open_path(&image, &OpenOptions::default()).unwrap();
     assert_eq!(disk.block_status(8, 4).unwrap(), SectorStatus::Normal);
     assert_eq!(disk.block_status(16, 4).unwrap(), SectorStatus::NotAlloc);
 }
@@ -257,7 +257,7 @@ fn backing_chain_needs_the_flag_and_then_matches_qemu() {
 
     let base_before = fingerprint(&base_raw);
     let mid_before = fingerprint(&mid);
-    let mut disk = check_matches_qemu(&top, dir.path(), &support::follow());
+    let disk = check_matches_qemu(&top, dir.path(), &support::follow());
     assert!(disk.is_snapshot());
     // A zero cluster in the child hides the parent's data.
     assert_eq!(disk.block_status(2048, 128).unwrap(), SectorStatus::Blank);
@@ -313,7 +313,7 @@ fn backing_format_extension_wins_over_the_probe() {
         assert_eq!(disk.backing_format(), Some("raw"));
         drop(disk);
         // Bytes from qemu; the size is the raw file's, not the inner image's.
-        let mut disk = check_matches_qemu(&child, dir.path(), &support::follow());
+        let disk = check_matches_qemu(&child, dir.path(), &support::follow());
         assert_eq!(disk.byte_size(), 2 * MIB);
         let mut first = vec![0u8; 512];
         disk.read_sectors(0, &mut first).unwrap();
@@ -368,7 +368,7 @@ fn sparse_image_over_two_tib() {
     qemu_io(&image, "qcow2", &cmds);
     let before = fingerprint(&image);
     let started = Instant::now();
-    let mut disk = open_path(&image, &OpenOptions::default()).unwrap();
+    let disk = open_path(&image, &OpenOptions::default()).unwrap();
     assert_eq!(disk.byte_size(), size);
     for (i, off) in spots.iter().enumerate() {
         let lba = off / 512;
@@ -405,7 +405,7 @@ fn sequential_data_maps_as_one_run() {
     let dir = temp_dir();
     let image = create(dir.path(), "seq.qcow2", &["-o", "cluster_size=4096"], "4M");
     io(&image, &["write -P 0x09 0 2M"]);
-    let mut disk = Qcow2Disk::open(&image, &OpenOptions::default()).unwrap();
+    let disk = Qcow2Disk::open(&image, &OpenOptions::default()).unwrap();
     let (mapping, run) = disk.map(0, 2048).unwrap();
     assert!(matches!(mapping, Mapping::Data { .. }));
     assert_eq!(run, 2048, "1 MiB of contiguous clusters should be one run");

@@ -113,7 +113,7 @@ fn dynamic_image_matches_qemu() {
     // Blocks 2 and 3 were allocated one after the other, so one map run
     // (one pread) covers both; block 4 is a separate unallocated run.
     let before = support::fingerprint(&path);
-    let mut vdi = VdiDisk::open(&path, &OpenOptions::default()).unwrap();
+    let vdi = VdiDisk::open(&path, &OpenOptions::default()).unwrap();
     let (mapping, run) = vdi.map(2 * 2048, 3 * 2048).unwrap();
     assert!(matches!(mapping, Mapping::Data { .. }), "{mapping:?}");
     assert_eq!(run, 2 * 2048);
@@ -149,13 +149,13 @@ fn fixed_image_matches_qemu() {
     let path = make_vdi(dir.path(), "fixed.vdi", size, &["-o", "static=on"], &cmds);
     check_against_qemu(&path, dir.path());
     let before = support::fingerprint(&path);
-    let mut disk = formats::open_path(&path, &OpenOptions::default()).unwrap();
+    let disk = formats::open_path(&path, &OpenOptions::default()).unwrap();
     // Every block of a fixed image is stored: all of it is data.
     let sectors = disk.sector_count();
     assert_eq!(disk.block_status(0, sectors).unwrap(), SectorStatus::Normal);
     // The stored blocks are consecutive, so the whole disk is one run.
     drop(disk);
-    let mut vdi = VdiDisk::open(&path, &OpenOptions::default()).unwrap();
+    let vdi = VdiDisk::open(&path, &OpenOptions::default()).unwrap();
     let (mapping, run) = vdi.map(0, sectors).unwrap();
     assert!(matches!(mapping, Mapping::Data { .. }));
     assert_eq!(run, sectors);
@@ -175,11 +175,11 @@ fn sparse_image_over_2_tib() {
     ];
     let path = make_vdi(dir.path(), "big.vdi", size, &[], &cmds);
     let before = support::fingerprint(&path);
-    let mut disk = formats::open_path(&path, &OpenOptions::default()).unwrap();
+    let disk = formats::open_path(&path, &OpenOptions::default()).unwrap();
     assert_eq!(disk.drive_type(), DriveType::Vdi);
     assert_eq!(disk.sector_count(), size / 512);
 
-    let mut check_region = |start: u64, len: usize, written: &[(u64, u64, u8)]| {
+    let check_region = |start: u64, len: usize, written: &[(u64, u64, u8)]| {
         let mut buf = vec![0xEEu8; len];
         disk.read_sectors(start / 512, &mut buf).unwrap();
         for (i, byte) in buf.iter().enumerate() {

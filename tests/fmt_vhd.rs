@@ -380,7 +380,7 @@ fn differencing_image_without_parent_data_is_not_allocated() {
     let parent = MemDisk::new(vec![0u8; size], vec![SectorStatus::NotAlloc; size / 512])
         .unwrap()
         .with_uuid(footer_unique_id(&setup.parent));
-    let mut disk = VhdDisk::open_with_parent(&setup.child, Box::new(parent)).unwrap();
+    let disk = VhdDisk::open_with_parent(&setup.child, Box::new(parent)).unwrap();
     assert_eq!(disk.block_status(8, 92).unwrap(), SectorStatus::NotAlloc);
     assert_eq!(
         disk.block_status(4096, 4096).unwrap(),

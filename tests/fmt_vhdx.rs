@@ -137,7 +137,7 @@ fn dynamic_image_matches_qemu() {
 fn uuid_is_the_page83_guid() {
     let dir = support::temp_dir();
     let image = create(dir.path(), "id.vhdx", "block_size=1M", "3M");
-    let mut disk = VhdxDisk::open(&image, &OpenOptions::default()).unwrap();
+    let disk = VhdxDisk::open(&image, &OpenOptions::default()).unwrap();
     let id = disk.uuid().expect("page 83 data");
     assert_ne!(id, [0; 16]);
     // The on-disk GUID sits in the metadata region (Windows byte order).
@@ -205,7 +205,7 @@ fn sparse_image_over_two_tib() {
     ];
     qemu_write_all(&image, &writes, &[]);
     let before = support::fingerprint(&image);
-    let mut disk = open_path(&image, &OpenOptions::default()).unwrap();
+    let disk = open_path(&image, &OpenOptions::default()).unwrap();
     assert_eq!(disk.drive_type(), DriveType::Vhdx);
     assert_eq!(disk.byte_size(), size);
     for &(fill, offset, len) in &writes {
@@ -695,7 +695,7 @@ fn differencing_image_reads_through_to_its_parent() {
         let size = setup.builder.size as usize;
         let empty =
             MemDisk::new(vec![0u8; size], vec![SectorStatus::NotAlloc; size / 512]).unwrap();
-        let mut alone = VhdxDisk::open_with_parent(&setup.child, Box::new(empty)).unwrap();
+        let alone = VhdxDisk::open_with_parent(&setup.child, Box::new(empty)).unwrap();
         let per_bit = logical / 512;
         assert_eq!(
             alone.block_status(0, 3 * per_bit).unwrap(),
@@ -951,7 +951,7 @@ fn dirty_log_is_replayed_in_memory() {
     assert_eq!(summary.entries, 1);
     assert_eq!(summary.head_sequence, 100);
     assert!(got == expected, "replayed bytes differ");
-    let mut disk = VhdxDisk::open(&path, &OpenOptions::default()).unwrap();
+    let disk = VhdxDisk::open(&path, &OpenOptions::default()).unwrap();
     assert_eq!(
         disk.block_status(5 * 2048, 2048).unwrap(),
         SectorStatus::Normal
@@ -1233,7 +1233,7 @@ fn extreme_bat_entries_give_errors_not_panics() {
         }
         std::fs::write(&path, &bytes).unwrap();
         let parent = MemDisk::new(vec![0; 512], vec![SectorStatus::NotAlloc]).unwrap();
-        let mut disk = VhdxDisk::open_with_parent(&path, Box::new(parent)).unwrap();
+        let disk = VhdxDisk::open_with_parent(&path, Box::new(parent)).unwrap();
         let mut buf = vec![0u8; 512 * 2048];
         for block in 0..8 {
             for first in [0, 1, 2047] {

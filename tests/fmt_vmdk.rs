@@ -96,7 +96,7 @@ fn sequential_grains_map_as_one_run() {
     let dir = temp_dir();
     let image = create(dir.path(), "seq.vmdk", &[], "4M");
     io(&image, &["write -P 0x09 0 2M"]);
-    let mut disk = VmdkDisk::open(&image, &OpenOptions::default()).unwrap();
+    let disk = VmdkDisk::open(&image, &OpenOptions::default()).unwrap();
     let (mapping, run) = disk.map(0, 2048).unwrap();
     assert!(matches!(mapping, Mapping::Data { .. }), "{mapping:?}");
     assert_eq!(run, 2048, "1 MiB of contiguous grains should be one run");
@@ -117,7 +117,7 @@ fn zeroed_grain_entries_are_blank() {
             "write -z 1M 131072",
         ],
     );
-    let mut disk = check_matches_qemu(&image, dir.path(), &OpenOptions::default());
+    let disk = check_matches_qemu(&image, dir.path(), &OpenOptions::default());
     assert_eq!(disk.block_status(128, 128).unwrap(), SectorStatus::Blank);
     assert_eq!(disk.block_status(2048, 256).unwrap(), SectorStatus::Blank);
     assert_eq!(
@@ -137,7 +137,7 @@ fn monolithic_flat_matches_qemu() {
         &size.to_string(),
     );
     fill_varied(&image, size);
-    let mut disk = check_matches_qemu(&image, dir.path(), &OpenOptions::default());
+    let disk = check_matches_qemu(&image, dir.path(), &OpenOptions::default());
     assert_eq!(
         disk.block_status(0, disk.sector_count()).unwrap(),
         SectorStatus::Normal
@@ -290,7 +290,7 @@ fn extent_paths_outside_the_folder_need_the_flag() {
     let err = support::open_error(&descriptor, &OpenOptions::default());
     assert!(err.kind() == cowdisk::error::ErrorCode::Open, "{err}");
     assert!(err.to_string().contains("../outside.bin"), "{err}");
-    let mut disk = open_path(&descriptor, &support::follow()).unwrap();
+    let disk = open_path(&descriptor, &support::follow()).unwrap();
     let mut buf = vec![0u8; MIB as usize];
     disk.read_sectors(0, &mut buf).unwrap();
     assert_eq!(buf, std::fs::read(&outside).unwrap());
@@ -383,7 +383,7 @@ fn split_flat_layout_matches_qemu() {
     let total: u64 = sizes.iter().sum();
     fill_varied(&image, total);
     io(&image, &["write -P 0x66 2096000 8000"]);
-    let mut disk = check_matches_qemu(&image, dir.path(), &OpenOptions::default());
+    let disk = check_matches_qemu(&image, dir.path(), &OpenOptions::default());
     assert_eq!(disk.byte_size(), total);
     assert_eq!(
         disk.block_status(0, disk.sector_count()).unwrap(),
@@ -438,7 +438,7 @@ fn sparse_image_over_two_tib() {
     qemu_io(&image, "vmdk", &cmds);
     let before = fingerprint(&image);
     let started = Instant::now();
-    let mut disk = open_path(&image, &OpenOptions::default()).unwrap();
+    let disk = open_path(&image, &OpenOptions::default()).unwrap();
     assert_eq!(disk.byte_size(), size);
     for (i, off) in spots.iter().enumerate() {
         let from = (off / 512).saturating_sub(8).min(disk.sector_count() - 24);

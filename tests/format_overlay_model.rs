@@ -59,7 +59,7 @@ fn make(dir: &Path, name: &str, format: &str, opts: &[&str], size: u64) -> Image
 fn seed(path: PathBuf) -> Image {
     let dir = path.parent().unwrap().to_path_buf();
     let mut bytes = support::qemu_raw_bytes(&path, &dir);
-    let mut disk = open_path(&path, &OpenOptions::default()).unwrap();
+    let disk = open_path(&path, &OpenOptions::default()).unwrap();
     let sectors = disk.sector_count();
     assert_eq!(sectors, (bytes.len() as u64).div_ceil(S as u64));
     bytes.resize(sectors as usize * S, 0);

@@ -91,7 +91,7 @@ fn fuzz(name: &str, original: &[u8], span: u64, rounds: u64) {
         }
         let reported: u64 = analysis.report.regions.iter().map(|r| r.free_sectors).sum();
         assert_eq!(reported, analysis.free.sectors(), "{name} round {round}");
-        let (mut view, _) = FilesystemView::from_analysis(Box::new(disk), analysis);
+        let (view, _) = FilesystemView::from_analysis(Box::new(disk), analysis);
         let mut buf = vec![0u8; 512 * 64];
         view.read_sectors(0, &mut buf).unwrap();
     }

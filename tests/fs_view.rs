@@ -70,7 +70,7 @@ fn view_reads_match_a_per_sector_model() {
             report: Report::default(),
             free: FreeMap::from_runs(runs),
         };
-        let (mut view, _) = FilesystemView::from_analysis(Box::new(disk), analysis);
+        let (view, _) = FilesystemView::from_analysis(Box::new(disk), analysis);
         assert_eq!(view.sector_count(), sectors as u64);
         for _ in 0..60 {
             let lba = (next(&mut rng) % sectors as u64) as usize;

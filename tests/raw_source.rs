@@ -14,7 +14,7 @@ fn odd_sized_raw_file_reads_zero_padded_and_reports_exact_size() {
     std::fs::write(&path, &bytes).unwrap();
     let before = support::fingerprint(&path);
 
-    let mut disk = open_path(&path, &OpenOptions::default()).unwrap();
+    let disk = open_path(&path, &OpenOptions::default()).unwrap();
     assert_eq!(disk.drive_type(), DriveType::Raw);
     assert_eq!(disk.byte_size(), 1000);
     assert_eq!(disk.sector_count(), 2);
@@ -72,7 +72,7 @@ fn missing_file_error_names_the_path() {
 /// Our status runs of a raw file as byte ranges (clipped to the file's
 /// size, neighbours of the same kind joined): (start, length, data).
 fn our_runs(path: &std::path::Path) -> Vec<(u64, u64, bool)> {
-    let mut disk = open_path(path, &OpenOptions::default()).unwrap();
+    let disk = open_path(path, &OpenOptions::default()).unwrap();
     let (sectors, bytes) = (disk.sector_count(), disk.byte_size());
     let mut runs: Vec<(u64, u64, bool)> = Vec::new();
     let mut lba = 0;

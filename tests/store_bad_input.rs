@@ -50,7 +50,7 @@ fn exercise(dir: &Path, bytes: &[u8], src: &MemDisk, read_write: bool) {
     let modes: &[bool] = if read_write { &[true, false] } else { &[true] };
     for &read_only in modes {
         match Overlay::open_persistent(&path, Box::new(src.clone()), read_only) {
-            Ok(mut overlay) => {
+            Ok(overlay) => {
                 let n = overlay.sector_count();
                 let mut buf = vec![0u8; 512 * 64];
                 let mut at = 0;

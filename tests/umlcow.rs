@@ -399,7 +399,7 @@ fn backing_path_is_followed_only_when_allowed() {
     let mut d = UmlCow::open(&cow, &with_backing(&backing, false)).unwrap();
     assert_eq!(read_all(&mut d), std::fs::read(&backing).unwrap());
     // Image only (the backend table's view): unchanged sectors are free.
-    let mut alone = UmlCow::open(&cow, &UmlCowOptions::default()).unwrap();
+    let alone = UmlCow::open(&cow, &UmlCowOptions::default()).unwrap();
     let mut buf = vec![1u8; 512];
     assert_eq!(
         alone.read_sectors(3, &mut buf).unwrap(),

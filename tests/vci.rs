@@ -289,7 +289,7 @@ fn discarded_space_is_reused_after_a_flush() {
     img.write_sectors(0, &pattern(SECTORS as usize * 512, 99))
         .unwrap();
     Box::new(img).close().unwrap();
-    let mut d = Vci::open(&path, &VciOptions::default()).unwrap();
+    let d = Vci::open(&path, &VciOptions::default()).unwrap();
     let mut buf = vec![0u8; SECTORS as usize * 512];
     d.read_sectors(0, &mut buf).unwrap();
     assert_eq!(buf, pattern(SECTORS as usize * 512, 99));
@@ -434,7 +434,7 @@ fn killed_writer_leaves_an_unclean_image_that_repairs_to_an_acknowledged_state()
             writable: false,
             repair: true,
         };
-        let mut img = Vci::open(&path, &repair).unwrap();
+        let img = Vci::open(&path, &repair).unwrap();
         let base = model_after(seed, acknowledged);
         let mut allowed: Vec<Vec<Vec<u8>>> = (0..SECTORS as usize)
             .map(|s| vec![base.data[s * 512..(s + 1) * 512].to_vec()])
@@ -471,7 +471,7 @@ fn killed_writer_leaves_an_unclean_image_that_repairs_to_an_acknowledged_state()
         Box::new(Vci::open(&path, &writable_repair).unwrap())
             .close()
             .unwrap();
-        let mut clean = Vci::open(&path, &VciOptions::default()).unwrap();
+        let clean = Vci::open(&path, &VciOptions::default()).unwrap();
         let mut again = vec![0u8; SECTORS as usize * 512];
         clean.read_sectors(0, &mut again).unwrap();
         assert!(again == all, "round {round}: repair changed the contents");

@@ -53,7 +53,7 @@ fn zero_detection_over_huge_inserted_ranges_is_right_and_quick() {
     ];
     for mut detecting in [inner(), stacked(false)] {
         detecting.set_detect_zeros(true);
-        let mut plain = stacked(false);
+        let plain = stacked(false);
         for &(lba, count, zeros) in &cases {
             let started = Instant::now();
             let found = detecting.block_status(lba, count).unwrap();

@@ -160,13 +160,13 @@ impl Disk for ReadOnlyImage {
     fn parent_uuid(&self) -> Option<[u8; 16]> {
         self.disk.parent_uuid()
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         self.disk.read_sectors(lba, buf)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         self.disk.block_status(lba, count)
     }
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         self.disk.status_run(lba, count)
     }
 }
@@ -216,13 +216,13 @@ impl Disk for FileImage {
     fn parent_uuid(&self) -> Option<[u8; 16]> {
         self.0.parent_uuid()
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         self.0.read_sectors(lba, buf)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         self.0.block_status(lba, count)
     }
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         self.0.status_run(lba, count)
     }
 }

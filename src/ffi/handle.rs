@@ -1,6 +1,6 @@
 //! Handles: the objects C holds, and the registry that validates them.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::registry::Registry;
 use super::types::{COWOVL, HVDDR, VDDR};
@@ -20,6 +20,15 @@ impl Object {
         match self {
             Object::Disk(d) => d.as_mut(),
             Object::Overlay(o) => o.as_mut(),
+        }
+    }
+
+    /// The object as a disk, for reading: shared, so several threads can
+    /// read one handle at once.
+    pub(crate) fn disk_ref(&self) -> &dyn Disk {
+        match self {
+            Object::Disk(d) => d.as_ref(),
+            Object::Overlay(o) => o.as_ref(),
         }
     }
 
@@ -86,10 +95,13 @@ fn method_table() -> COWOVL {
     }
 }
 
-/// A live handle: its object, behind the lock that serialises calls. The
-/// object is `None` once taken (closed, or adopted by an overlay).
+/// A live handle: its object, behind a readers-writer lock: reads and
+/// block status share it (any number of threads at once), everything that
+/// changes the object (writes, edits, flush, close, a clone) holds it
+/// alone. The object is `None` once taken (closed, or adopted by an
+/// overlay).
 pub(crate) struct Handle {
-    object: Mutex<Option<Object>>,
+    object: RwLock<Option<Object>>,
 }
 
 /// The live handles, keyed by the address of their memory (validate-then-
@@ -105,7 +117,7 @@ pub(crate) fn register(object: Object) -> HVDDR {
         table: method_table(),
     });
     let handle = Handle {
-        object: Mutex::new(Some(object)),
+        object: RwLock::new(Some(object)),
     };
     HANDLES.insert(memory, handle).cast::<VDDR>()
 }
@@ -126,18 +138,36 @@ fn lookup(h: HVDDR) -> Result<Arc<Handle>> {
     })
 }
 
-fn lock(handle: &Handle) -> Result<MutexGuard<'_, Option<Object>>> {
-    handle.object.lock().map_err(|_| {
-        Error::internal("the handle was damaged by an earlier internal error; close it".into())
-    })
+fn damaged() -> Error {
+    Error::internal("the handle was damaged by an earlier internal error; close it".into())
 }
 
-/// Runs `f` on the object of handle `h`, holding the handle's lock.
+fn lock(handle: &Handle) -> Result<RwLockWriteGuard<'_, Option<Object>>> {
+    handle.object.write().map_err(|_| damaged())
+}
+
+fn lock_shared(handle: &Handle) -> Result<RwLockReadGuard<'_, Option<Object>>> {
+    handle.object.read().map_err(|_| damaged())
+}
+
+/// Runs `f` on the object of handle `h`, holding the handle's lock alone:
+/// for calls that change the object.
 pub(crate) fn with_object<T>(h: HVDDR, f: impl FnOnce(&mut Object) -> Result<T>) -> Result<T> {
     let handle = lookup(h)?;
     let mut guard = lock(&handle)?;
     let object = guard
         .as_mut()
+        .ok_or_else(|| Error::invalid_handle(format!("{h:p} was closed")))?;
+    f(object)
+}
+
+/// Runs `f` on the object of handle `h`, sharing the handle's lock with
+/// other readers: for reads, block status and the disk's properties.
+pub(crate) fn read_object<T>(h: HVDDR, f: impl FnOnce(&Object) -> Result<T>) -> Result<T> {
+    let handle = lookup(h)?;
+    let guard = lock_shared(&handle)?;
+    let object = guard
+        .as_ref()
         .ok_or_else(|| Error::invalid_handle(format!("{h:p} was closed")))?;
     f(object)
 }

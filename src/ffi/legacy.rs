@@ -19,7 +19,7 @@ fn sector(value: c_longlong, what: &str) -> Result<u64> {
 
 pub(super) unsafe extern "C" fn get_drive_size(h: HVDDR, bytes: *mut c_longlong) -> c_uint {
     guard(|| {
-        let size = handle::with_object(h, |o| Ok(o.disk().byte_size()))?;
+        let size = handle::read_object(h, |o| Ok(o.disk_ref().byte_size()))?;
         non_null(bytes, "drive_size")?;
         let size = c_longlong::try_from(size)
             .map_err(|_| Error::invalid_argument(format!("a drive of {size} bytes")))?;

@@ -2,6 +2,7 @@
 //! table) used as an overlay source.
 
 use std::os::raw::{c_longlong, c_void};
+use std::sync::{Mutex, MutexGuard};
 
 use super::types::{HVDDR, S_UUID};
 use crate::disk::{check_range, sectors_in, Disk, DriveType, SectorStatus, SECTOR_SIZE};
@@ -16,13 +17,18 @@ pub(crate) struct CallerDisk {
     object: HVDDR,
     sectors: u64,
     bytes: u64,
+    /// Held across every call into the object: a caller's object was never
+    /// promised concurrent calls, so reads of an overlay over it from
+    /// several threads reach it one at a time.
+    one_call: Mutex<()>,
 }
 
-// SAFETY: the object is only ever called through `&mut self`, one call at a
-// time, from the thread that called into the library (documented in the
-// header: a caller's source must tolerate calls from any thread that uses
-// the overlay).
+// SAFETY: the object is called from whichever thread uses the overlay
+// (documented in the header: a caller's source must tolerate calls from
+// any thread that uses the overlay), one call at a time (`one_call`).
 unsafe impl Send for CallerDisk {}
+// SAFETY: shared use only reaches the object under `one_call`.
+unsafe impl Sync for CallerDisk {}
 
 impl CallerDisk {
     /// Wraps a caller's object, asking its size. Fails (leaving the object
@@ -57,6 +63,7 @@ impl CallerDisk {
             object,
             sectors: bytes.div_ceil(SECTOR_SIZE as u64),
             bytes,
+            one_call: Mutex::new(()),
         })
     }
 
@@ -101,6 +108,13 @@ fn status_from(code: u32, what: &str) -> Result<SectorStatus> {
     }
 }
 
+impl CallerDisk {
+    fn one_call(&self) -> MutexGuard<'_, ()> {
+        // The guard protects no data: a panic elsewhere leaves nothing torn.
+        self.one_call.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// A sector number as a legacy `HUGE`. Our sectors come from the object's
 /// own `HUGE` size, so they fit; checked anyway.
 fn huge(sector: u64) -> Result<c_longlong> {
@@ -120,24 +134,29 @@ impl Disk for CallerDisk {
     }
     fn uuid(&self) -> Option<[u8; 16]> {
         let get = self.table().GetDriveUUID?;
+        let _one = self.one_call();
         let mut uuid = S_UUID::default();
         // SAFETY: a method of the caller's object with a valid out pointer.
         (unsafe { get(self.object, &mut uuid) } != 0).then_some(uuid.to_rfc())
     }
     fn is_snapshot(&self) -> bool {
         match self.table().IsSnapshot {
-            // SAFETY: a method of the caller's object.
-            Some(f) => unsafe { f(self.object) != 0 },
+            Some(f) => {
+                let _one = self.one_call();
+                // SAFETY: a method of the caller's object.
+                unsafe { f(self.object) != 0 }
+            }
             None => false,
         }
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         let count = sectors_in(buf.len())?;
         check_range(lba, count, self.sectors)?;
         let read = self
             .table()
             .ReadSectors
             .ok_or_else(|| Error::invalid_handle("the source object has no ReadSectors".into()))?;
+        let _one = self.one_call();
         let mut status = SectorStatus::NotAlloc;
         for (i, chunk) in buf
             .chunks_mut(SECTORS_PER_CALL as usize * SECTOR_SIZE)
@@ -159,7 +178,7 @@ impl Disk for CallerDisk {
         }
         Ok(status)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         check_range(lba, count, self.sectors)?;
         if count == 0 {
             return Ok(SectorStatus::NotAlloc);
@@ -168,6 +187,7 @@ impl Disk for CallerDisk {
             // SAFETY: a method of the caller's object; the range is inclusive.
             Some(f) => {
                 let (first, last) = (huge(lba)?, huge(lba + count - 1)?);
+                let _one = self.one_call();
                 before_call();
                 status_from(unsafe { f(self.object, first, last) }, "BlockStatus")
             }

@@ -27,28 +27,28 @@ pub enum Mapping {
 }
 
 /// A format that maps runs of sectors; see the module documentation.
-pub trait MappedImage: Send {
+pub trait MappedImage: Send + Sync {
     /// Size in sectors.
     fn sectors(&self) -> u64;
 
     /// What backs the sectors from `lba`, and for how many of the `count`
     /// sectors asked (at least 1, at most `count`) that holds. The caller
     /// guarantees `lba + count <= sectors()` and `count > 0`.
-    fn map(&mut self, lba: u64, count: u64) -> Result<(Mapping, u64)>;
+    fn map(&self, lba: u64, count: u64) -> Result<(Mapping, u64)>;
 
     /// Reads a `Data` or `Encoded` run that `map` returned for `lba`, into
     /// `buf` (whole sectors, no longer than the run).
-    fn read_mapped(&mut self, mapping: Mapping, lba: u64, buf: &mut [u8]) -> Result<()>;
+    fn read_mapped(&self, mapping: Mapping, lba: u64, buf: &mut [u8]) -> Result<()>;
 
     /// The parent disk, for images that have one.
-    fn parent(&mut self) -> Option<&mut (dyn Disk + 'static)> {
+    fn parent(&self) -> Option<&(dyn Disk + 'static)> {
         None
     }
 }
 
 /// `Disk::read_sectors` for a mapped image.
 pub fn read_sectors<M: MappedImage + ?Sized>(
-    image: &mut M,
+    image: &M,
     lba: u64,
     buf: &mut [u8],
 ) -> Result<SectorStatus> {
@@ -90,7 +90,7 @@ pub fn read_sectors<M: MappedImage + ?Sized>(
 
 /// `Disk::block_status` for a mapped image.
 pub fn block_status<M: MappedImage + ?Sized>(
-    image: &mut M,
+    image: &M,
     lba: u64,
     count: u64,
 ) -> Result<SectorStatus> {
@@ -122,7 +122,7 @@ pub fn block_status<M: MappedImage + ?Sized>(
 /// of the same status join, and runs that fall through to the parent take
 /// the parent's own runs.
 pub fn status_run<M: MappedImage + ?Sized>(
-    image: &mut M,
+    image: &M,
     lba: u64,
     count: u64,
 ) -> Result<(SectorStatus, u64)> {
@@ -165,7 +165,7 @@ fn sanitize_run(run: u64, asked: u64) -> Result<u64> {
 
 /// A parent may be smaller than its child (a grown differencing image):
 /// sectors past the parent's end read as unallocated zeros.
-fn read_parent(parent: &mut dyn Disk, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+fn read_parent(parent: &dyn Disk, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
     let count = (buf.len() / SECTOR_SIZE) as u64;
     let inside = parent.sector_count().saturating_sub(lba).min(count);
     let (head, tail) = buf.split_at_mut(inside as usize * SECTOR_SIZE);
@@ -176,7 +176,7 @@ fn read_parent(parent: &mut dyn Disk, lba: u64, buf: &mut [u8]) -> Result<Sector
     parent.read_sectors(lba, head)
 }
 
-fn parent_status(parent: &mut dyn Disk, lba: u64, count: u64) -> Result<SectorStatus> {
+fn parent_status(parent: &dyn Disk, lba: u64, count: u64) -> Result<SectorStatus> {
     let inside = parent.sector_count().saturating_sub(lba).min(count);
     if inside == 0 {
         return Ok(SectorStatus::NotAlloc);
@@ -184,7 +184,7 @@ fn parent_status(parent: &mut dyn Disk, lba: u64, count: u64) -> Result<SectorSt
     parent.block_status(lba, inside)
 }
 
-fn parent_status_run(parent: &mut dyn Disk, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+fn parent_status_run(parent: &dyn Disk, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
     let inside = parent.sector_count().saturating_sub(lba).min(count);
     if inside == 0 {
         return Ok((SectorStatus::NotAlloc, count));

@@ -289,7 +289,7 @@ impl MappedImage for ParallelsDisk {
         self.header.disk_sectors
     }
 
-    fn map(&mut self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
+    fn map(&self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
         crate::disk::check_range(lba, count, self.header.disk_sectors)?;
         let per_cluster = u64::from(self.header.cluster_sectors);
         let cluster_bytes = self.header.cluster_bytes();
@@ -325,15 +325,16 @@ impl MappedImage for ParallelsDisk {
         Ok((mapping, run.min(count)))
     }
 
-    fn read_mapped(&mut self, mapping: Mapping, _lba: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_mapped(&self, mapping: Mapping, _lba: u64, buf: &mut [u8]) -> Result<()> {
         match mapping {
-            Mapping::Data { offset, .. } => self.file.read_exact_at(buf, offset).map_err(|e| {
-                Error::read(
-                    &format!("{}: Parallels cluster", self.path.display()),
-                    offset,
-                    e,
-                )
-            }),
+            Mapping::Data { offset, .. } => crate::file_io::read_exact_at(&self.file, buf, offset)
+                .map_err(|e| {
+                    Error::read(
+                        &format!("{}: Parallels cluster", self.path.display()),
+                        offset,
+                        e,
+                    )
+                }),
             other => Err(Error::internal(format!(
                 "Parallels reader asked to read a {other:?} run"
             ))),
@@ -348,13 +349,13 @@ impl Disk for ParallelsDisk {
     fn sector_count(&self) -> u64 {
         self.header.disk_sectors
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         mapped::read_sectors(self, lba, buf)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         mapped::block_status(self, lba, count)
     }
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         mapped::status_run(self, lba, count)
     }
 }

@@ -6,8 +6,8 @@
 //! a file system without hole reporting, is all data.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use super::{open_read_only, OpenOptions};
 use crate::disk::{check_range, sectors_in, Disk, DriveType, SectorStatus, SECTOR_BYTES};
@@ -23,8 +23,9 @@ pub struct RawDisk {
     sparse: bool,
     /// The last run found: [start, end) in bytes and whether it is data.
     /// Runs are asked for in increasing order by a clone, so most queries
-    /// are answered from it without a system call.
-    last_run: Option<(u64, u64, bool)>,
+    /// are answered from it without a system call. Behind a lock so reads
+    /// can share the disk between threads.
+    last_run: Mutex<Option<(u64, u64, bool)>>,
 }
 
 impl RawDisk {
@@ -50,20 +51,21 @@ impl RawDisk {
             path: path.to_path_buf(),
             bytes,
             sparse: meta.is_file(),
-            last_run: None,
+            last_run: Mutex::new(None),
         })
     }
 
     /// The run of data or hole containing byte `offset` (< the file's
     /// size): its end (at most the file's size) and whether it is data.
-    fn run_at(&mut self, offset: u64) -> Result<(u64, bool)> {
-        if let Some((start, end, data)) = self.last_run {
+    fn run_at(&self, offset: u64) -> Result<(u64, bool)> {
+        let last = *self.last_run.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((start, end, data)) = last {
             if (start..end).contains(&offset) {
                 return Ok((end, data));
             }
         }
         let (start, end, data) = self.find_run(offset)?;
-        self.last_run = Some((start, end, data));
+        *self.last_run.lock().unwrap_or_else(|p| p.into_inner()) = Some((start, end, data));
         Ok((end, data))
     }
 
@@ -113,7 +115,7 @@ impl RawDisk {
     /// The status of the sectors from `lba` and how many of the `count`
     /// share it: sectors wholly inside a hole are `NotAlloc`, any sector
     /// holding a byte of data is `Normal`.
-    fn sector_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn sector_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         let start = lba * SECTOR_BYTES;
         let (end, data) = self.run_at(start)?;
         // A data run's partial last sector is data; a hole's is not a hole,
@@ -169,22 +171,21 @@ impl Disk for RawDisk {
     fn byte_size(&self) -> u64 {
         self.bytes
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         let n = sectors_in(buf.len())?;
         check_range(lba, n, self.sector_count())?;
         let offset = lba * SECTOR_BYTES;
         // The last sector of an odd-sized file is zero-padded.
         let available = self.bytes.saturating_sub(offset).min(buf.len() as u64) as usize;
         let (data, tail) = buf.split_at_mut(available);
-        self.file
-            .read_exact_at(data, offset)
+        crate::file_io::read_exact_at(&self.file, data, offset)
             .map_err(|e| Error::read(&self.path.display().to_string(), offset, e))?;
         tail.fill(0);
         self.block_status(lba, n)
     }
     /// `Normal` when any of the sectors holds a byte of data, `NotAlloc`
     /// when all lie in holes.
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         check_range(lba, count, self.sector_count())?;
         let mut at = lba;
         while at < lba + count {
@@ -196,7 +197,7 @@ impl Disk for RawDisk {
         }
         Ok(SectorStatus::NotAlloc)
     }
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         check_range(lba, count, self.sector_count())?;
         if count == 0 {
             return Err(Error::invalid_argument(

@@ -82,7 +82,7 @@ impl Disk for FilesystemView {
         self.inner.parent_uuid()
     }
 
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         if !buf.len().is_multiple_of(SECTOR_SIZE) {
             return Err(Error::invalid_argument(format!(
                 "a read of {} bytes is not whole sectors",
@@ -108,7 +108,7 @@ impl Disk for FilesystemView {
         Ok(status.unwrap_or(SectorStatus::NotAlloc))
     }
 
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         self.check_range(lba, count)?;
         let mut status: Option<SectorStatus> = None;
         let mut done = 0;
@@ -128,7 +128,7 @@ impl Disk for FilesystemView {
         Ok(status.unwrap_or(SectorStatus::NotAlloc))
     }
 
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         if count == 0 {
             return Err(Error::invalid_argument(
                 "the status run of zero sectors was asked".into(),
@@ -141,7 +141,7 @@ impl Disk for FilesystemView {
         }
     }
 
-    fn reads_as_zeros(&mut self, lba: u64, count: u64) -> Result<bool> {
+    fn reads_as_zeros(&self, lba: u64, count: u64) -> Result<bool> {
         self.check_range(lba, count)?;
         let mut done = 0;
         while done < count {

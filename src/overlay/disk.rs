@@ -17,7 +17,7 @@ impl Disk for Overlay {
     fn is_snapshot(&self) -> bool {
         self.source.is_snapshot()
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         let status = self.read_unfiltered(lba, buf)?;
         if self.options.detect_zeros && status == SectorStatus::Normal && is_zero(buf) {
             return Ok(SectorStatus::Blank);
@@ -28,7 +28,7 @@ impl Disk for Overlay {
     /// overlay over an overlay stays sector-exact. With zero detection, a
     /// run of data stops where its sectors change between all-zero
     /// (`Blank`) and not.
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         check_range(lba, count, self.map.len())?;
         let (status, n) = self.status_run_unfiltered(lba, count)?;
         if !(self.options.detect_zeros && status == SectorStatus::Normal) {
@@ -57,11 +57,11 @@ impl Disk for Overlay {
         Ok((status, pos - lba))
     }
 
-    fn reads_as_zeros(&mut self, lba: u64, count: u64) -> Result<bool> {
+    fn reads_as_zeros(&self, lba: u64, count: u64) -> Result<bool> {
         check_range(lba, count, self.map.len())?;
         self.zeros_in(lba, count)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         check_range(lba, count, self.map.len())?;
         let status = self.status_unfiltered(lba, count)?;
         if self.options.detect_zeros

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 
+use super::extent_index::{FlatIndex, ReadIndex};
 use super::format::PAYLOAD;
 use crate::error::{Error, Result};
 
@@ -133,6 +134,8 @@ pub struct ExtentMap {
     /// Record which pages of the node arena change (for the journal).
     track_dirty: bool,
     dirty_pages: BTreeSet<u64>,
+    /// A flat copy of the order for lookups while the map does not change.
+    index: ReadIndex,
 }
 
 impl Default for ExtentMap {
@@ -151,6 +154,7 @@ impl ExtentMap {
             rng: 0x2545_F491_4F6C_DD1D,
             track_dirty: false,
             dirty_pages: BTreeSet::new(),
+            index: ReadIndex::default(),
         }
     }
 
@@ -182,6 +186,7 @@ impl ExtentMap {
     pub fn heap_bytes(&self) -> usize {
         self.nodes.capacity() * std::mem::size_of::<Node>()
             + self.free_nodes.capacity() * std::mem::size_of::<u32>()
+            + self.index.heap_bytes()
     }
 
     fn sectors(&self, t: Tree) -> u64 {
@@ -238,6 +243,7 @@ impl ExtentMap {
     }
 
     fn mark(&mut self, t: Tree) {
+        self.index.reset();
         if self.track_dirty {
             self.dirty_pages.insert(u64::from(t) / NODES_PER_PAGE);
         }
@@ -326,6 +332,13 @@ impl ExtentMap {
     /// The extent containing sector `pos`: (its first virtual sector, the
     /// extent). `None` when `pos` is past the end.
     pub fn find(&self, pos: u64) -> Option<(u64, Extent)> {
+        if pos >= self.len() {
+            return None;
+        }
+        if let Some(index) = self.read_index() {
+            let (start, node) = index.entry(index.position_of(pos))?;
+            return Some((start, self.nodes[node as usize].extent));
+        }
         let mut t = self.root;
         let mut start = 0u64;
         let mut pos = pos;
@@ -370,10 +383,57 @@ impl ExtentMap {
     /// first virtual sector. O(log n + k).
     pub fn range(&self, start: u64, end: u64) -> Vec<(u64, Extent)> {
         let mut out = Vec::new();
-        if start < end {
+        if start >= end {
+            return out;
+        }
+        let index = if start < self.len() {
+            self.read_index()
+        } else {
+            None
+        };
+        let Some(index) = index else {
             self.collect(self.root, 0, start, end, &mut out);
+            return out;
+        };
+        let mut position = index.position_of(start);
+        while let Some((node_start, node)) = index.entry(position) {
+            if node_start >= end {
+                break;
+            }
+            let extent = self.nodes[node as usize].extent;
+            let from = start.max(node_start);
+            let to = end.min(node_start + extent.len);
+            out.push((from, extent.slice(from - node_start, to - from)));
+            position += 1;
         }
         out
+    }
+
+    /// The flat index when it exists or a lookup now makes it worth
+    /// building (see `extent_index`).
+    fn read_index(&self) -> Option<&FlatIndex> {
+        self.index.lookup(self.extent_count(), || self.flatten())
+    }
+
+    /// Every extent's first sector and node, in order (iteratively: the
+    /// tree may be deep).
+    fn flatten(&self) -> FlatIndex {
+        let mut index = FlatIndex::with_capacity(self.count(self.root) as usize);
+        let mut stack = Vec::new();
+        let mut t = self.root;
+        let mut start = 0u64;
+        loop {
+            while t != NIL {
+                stack.push(t);
+                t = self.nodes[t as usize].left;
+            }
+            let Some(top) = stack.pop() else { break };
+            let n = &self.nodes[top as usize];
+            index.push(start, top);
+            start += n.extent.len;
+            t = n.right;
+        }
+        index
     }
 
     fn collect(&self, t: Tree, base: u64, start: u64, end: u64, out: &mut Vec<(u64, Extent)>) {
@@ -404,6 +464,7 @@ impl ExtentMap {
         let mut removed = Vec::new();
         self.dissolve(middle, &mut removed);
         self.root = self.merge(left, right);
+        self.index.reset();
         self.coalesce_at(start)?;
         Ok(removed)
     }
@@ -421,6 +482,7 @@ impl ExtentMap {
         let (left, right) = self.split(self.root, at)?;
         let joined = self.merge(left, middle);
         self.root = self.merge(joined, right);
+        self.index.reset();
         self.coalesce_at(at)?;
         self.coalesce_at(at + total)?;
         Ok(())
@@ -449,6 +511,7 @@ impl ExtentMap {
         }
         let joined = self.merge(left, new);
         self.root = self.merge(joined, right);
+        self.index.reset();
         self.coalesce_at(start)?;
         self.coalesce_at(start + len)?;
         Ok(replaced)
@@ -479,6 +542,7 @@ impl ExtentMap {
         })?;
         let head = self.merge(left, joined);
         self.root = self.merge(head, right);
+        self.index.reset();
         Ok(())
     }
 
@@ -625,6 +689,7 @@ impl ExtentMap {
             rng: rng | 1,
             track_dirty: false,
             dirty_pages: BTreeSet::new(),
+            index: ReadIndex::default(),
         };
         let depth = map.validate(&what)?;
         if depth > MAX_LOADED_DEPTH {
@@ -726,6 +791,7 @@ impl ExtentMap {
             root = self.merge(root, node);
         }
         self.root = root;
+        self.index.reset();
         Ok(())
     }
 }
@@ -772,6 +838,92 @@ mod tests {
             expected_start += extent.len;
         }
         assert_eq!(map.find(expected_start), None);
+    }
+
+    fn check_against(map: &ExtentMap, model: &[(ExtentKind, u64)], probes: u64) {
+        assert_eq!(map.len(), model.len() as u64);
+        let mut rng = 0x5EED_u64;
+        for _ in 0..probes {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let pos = rng % map.len();
+            let (start, e) = map.find(pos).unwrap();
+            let got = if e.kind == ExtentKind::None {
+                0
+            } else {
+                e.base + (pos - start)
+            };
+            assert_eq!((e.kind, got), model[pos as usize], "find({pos})");
+            let end = (pos + 1 + rng % 50).min(map.len());
+            let mut at = pos;
+            for (from, piece) in map.range(pos, end) {
+                assert_eq!(from, at, "range({pos}, {end}) is not contiguous");
+                for k in 0..piece.len {
+                    let base = if piece.kind == ExtentKind::None {
+                        0
+                    } else {
+                        piece.base + k
+                    };
+                    assert_eq!((piece.kind, base), model[(from + k) as usize]);
+                }
+                at += piece.len;
+            }
+            assert_eq!(at, end, "range({pos}, {end}) stops short");
+        }
+        assert_eq!(map.find(map.len()), None);
+        assert!(map.range(map.len(), map.len() + 5).is_empty());
+    }
+
+    #[test]
+    fn the_flat_index_answers_like_the_tree_and_is_dropped_by_every_change() {
+        // 4000 extents: single inserted sectors through a source extent.
+        let mut map = ExtentMap::with_extent(src(40_000, 0));
+        let mut model: Vec<(ExtentKind, u64)> =
+            (0..40_000).map(|s| (ExtentKind::Source, s)).collect();
+        for i in (1..=2000u64).rev() {
+            map.insert(i * 20, &[Extent::none(1)]).unwrap();
+            model.insert((i * 20) as usize, (ExtentKind::None, 0));
+        }
+        assert_eq!(map.extent_count(), 4000);
+        assert_eq!(map.index.heap_bytes(), 0, "built before any lookup");
+        // Enough lookups to build it, then answers from it.
+        check_against(&map, &model, 3000);
+        assert!(map.index.heap_bytes() > 0, "the index was never built");
+        // Each kind of change drops it; answers stay right before and after
+        // it is rebuilt.
+        map.remove(100, 7).unwrap();
+        model.drain(100..107);
+        assert_eq!(map.index.heap_bytes(), 0, "remove kept a stale index");
+        check_against(&map, &model, 3000);
+        assert!(map.index.heap_bytes() > 0);
+        map.replace(
+            5000,
+            3,
+            Extent {
+                len: 3,
+                kind: ExtentKind::Store,
+                base: 77,
+            },
+        )
+        .unwrap();
+        for k in 0..3 {
+            model[5000 + k] = (ExtentKind::Store, 77 + k as u64);
+        }
+        assert_eq!(map.index.heap_bytes(), 0, "replace kept a stale index");
+        check_against(&map, &model, 3000);
+        map.insert(0, &[Extent::none(9)]).unwrap();
+        for _ in 0..9 {
+            model.insert(0, (ExtentKind::None, 0));
+        }
+        assert_eq!(map.index.heap_bytes(), 0, "insert kept a stale index");
+        check_against(&map, &model, 3000);
+        // Removing everything: the emptied map must not answer from an
+        // index of the old one.
+        let len = map.len();
+        map.remove(0, len).unwrap();
+        assert_eq!(map.find(0), None);
+        assert!(map.range(0, 10).is_empty());
     }
 
     #[test]

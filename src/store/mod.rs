@@ -10,6 +10,7 @@
 //! refers to are never overwritten: so after a crash the log's newest
 //! committed transaction gives a state the overlay really had.
 
+mod extent_index;
 pub mod extents;
 mod file;
 pub(crate) mod format;

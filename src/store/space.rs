@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 
 /// Byte-addressed storage under the overlay store. A trait so tests can put
 /// a fault-injecting layer underneath.
-pub trait Storage: Send {
+pub trait Storage: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()>;
     /// Makes everything written so far durable.
@@ -63,7 +63,7 @@ impl FileStorage {
 
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file.read_exact_at(buf, offset).map_err(|e| {
+        crate::file_io::read_exact_at(&self.file, buf, offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Error::corrupt(format!(
                     "{}: {} bytes at offset {offset} lie past the end of the file",

@@ -81,7 +81,7 @@ impl Disk for PieceDisk {
     fn byte_size(&self) -> u64 {
         self.bytes
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> cowdisk::Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> cowdisk::Result<SectorStatus> {
         buf.fill(0);
         let from = lba * 512;
         let to = from + buf.len() as u64;
@@ -96,7 +96,7 @@ impl Disk for PieceDisk {
         }
         self.block_status(lba, buf.len() as u64 / 512)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> cowdisk::Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> cowdisk::Result<SectorStatus> {
         Ok(if self.touches(lba * 512, (lba + count) * 512) {
             SectorStatus::Normal
         } else {

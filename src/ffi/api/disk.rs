@@ -15,7 +15,7 @@ use crate::formats::media_registry;
 #[no_mangle]
 pub unsafe extern "C" fn COW_GetDriveType(h: HVDDR) -> u32 {
     guard_or(VDD_TYPE_INVALID, || {
-        handle::with_object(h, |o| Ok(o.disk().drive_type() as u32))
+        handle::read_object(h, |o| Ok(o.disk_ref().drive_type() as u32))
     })
 }
 
@@ -24,7 +24,7 @@ pub unsafe extern "C" fn COW_GetDriveType(h: HVDDR) -> u32 {
 #[no_mangle]
 pub unsafe extern "C" fn COW_GetDriveSize(h: HVDDR, bytes: *mut u64) -> c_int {
     guard(|| {
-        let size = handle::with_object(h, |o| Ok(o.disk().byte_size()))?;
+        let size = handle::read_object(h, |o| Ok(o.disk_ref().byte_size()))?;
         non_null(bytes, "bytes")?;
         // SAFETY: non-NULL out pointer.
         unsafe { bytes.write(size) };
@@ -34,7 +34,7 @@ pub unsafe extern "C" fn COW_GetDriveSize(h: HVDDR, bytes: *mut u64) -> c_int {
 
 pub(super) fn block_count(h: HVDDR, shift: u32) -> Result<u64> {
     let per_page = page_sectors(shift)?;
-    let sectors = handle::with_object(h, |o| Ok(o.disk().sector_count()))?;
+    let sectors = handle::read_object(h, |o| Ok(o.disk_ref().sector_count()))?;
     Ok(sectors.div_ceil(per_page))
 }
 
@@ -82,8 +82,8 @@ pub unsafe extern "C" fn COW_GetDriveBlockCount64(
 #[no_mangle]
 pub unsafe extern "C" fn COW_BlockStatus(h: HVDDR, LBA_start: u64, LBA_end: u64) -> u32 {
     guard(|| {
-        handle::with_object(h, |o| {
-            let disk = o.disk();
+        handle::read_object(h, |o| {
+            let disk = o.disk_ref();
             let size = disk.sector_count();
             if LBA_start >= size || LBA_end < LBA_start {
                 return Ok(SectorStatus::NotAlloc.legacy_code());
@@ -105,12 +105,12 @@ pub unsafe extern "C" fn COW_GetDriveUUID(h: HVDDR, uuid: *mut S_UUID) -> c_int 
     guard(|| {
         // VirtualBox's form of the UUID (a VHD's footer bytes are its RTUUID
         // bytes as they are): the same bytes VDDR_QuickGetUUID gives.
-        let found = handle::with_object(h, |o| {
+        let found = handle::read_object(h, |o| {
             let kind = match o {
                 Object::Overlay(ov) => ov.source().drive_type(),
                 Object::Disk(d) => d.drive_type(),
             };
-            Ok(o.disk()
+            Ok(o.disk_ref()
                 .uuid()
                 .map(|u| media_registry::registry_key(kind, u)))
         })?;
@@ -129,7 +129,7 @@ pub unsafe extern "C" fn COW_GetDriveUUID(h: HVDDR, uuid: *mut S_UUID) -> c_int 
 /// COW_GetLastError to tell the two apart).
 #[no_mangle]
 pub unsafe extern "C" fn COW_IsSnapshot(h: HVDDR) -> c_int {
-    guard(|| handle::with_object(h, |o| Ok(c_int::from(o.disk().is_snapshot()))))
+    guard(|| handle::read_object(h, |o| Ok(c_int::from(o.disk_ref().is_snapshot()))))
 }
 
 /// Reads page `iPage` of 2^SPBshift sectors into `buf`, which must hold a
@@ -147,8 +147,8 @@ pub unsafe extern "C" fn COW_ReadPage(
 ) -> c_int {
     guard(|| {
         let per_page = page_sectors(SPBshift)?;
-        handle::with_object(h, |o| {
-            let disk = o.disk();
+        handle::read_object(h, |o| {
+            let disk = o.disk_ref();
             let size = disk.sector_count();
             let start = u64::from(iPage) * per_page;
             if start >= size {
@@ -183,8 +183,8 @@ pub unsafe extern "C" fn COW_ReadSectors(
     nSectors: u32,
 ) -> c_int {
     guard(|| {
-        handle::with_object(h, |o| {
-            let disk = o.disk();
+        handle::read_object(h, |o| {
+            let disk = o.disk_ref();
             let n = u64::from(nSectors);
             if n == 0 {
                 return Ok(status_code(SectorStatus::Normal));

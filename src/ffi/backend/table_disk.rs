@@ -6,6 +6,7 @@ use std::ffi::CString;
 use std::os::raw::c_void;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 use super::registry::registered;
 use super::table::{error_from_code, table_name, COW_BACKEND};
@@ -24,12 +25,18 @@ pub(crate) struct TableDisk {
     name: String,
     data: *mut c_void,
     bytes: u64,
+    /// Held across every call into the backend once it is open: a backend
+    /// was never promised concurrent calls, so reads of an overlay over it
+    /// from several threads reach it one at a time.
+    one_call: Mutex<()>,
 }
 
-// SAFETY: the backend data is only used through `&mut self`, one call at a
-// time (the handle's lock), from whichever thread uses the disk; the
-// header documents that a backend must allow that.
+// SAFETY: the backend data is used from whichever thread uses the disk
+// (the header documents that a backend must allow that), one call at a
+// time (`one_call`).
 unsafe impl Send for TableDisk {}
+// SAFETY: shared use only reaches the backend under `one_call`.
+unsafe impl Sync for TableDisk {}
 
 impl TableDisk {
     pub(super) unsafe fn open(table: COW_BACKEND, path: &Path, flags: u32) -> Result<TableDisk> {
@@ -54,6 +61,7 @@ impl TableDisk {
             name,
             data,
             bytes: 0,
+            one_call: Mutex::new(()),
         };
         if let Some(size) = table.pfnGetSize {
             // SAFETY: as above.
@@ -64,11 +72,12 @@ impl TableDisk {
 
     /// Reads `buf` from byte `offset` (inside the disk's bytes), returning
     /// the combined status.
-    fn read_bytes(&mut self, offset: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         let read = self
             .table
             .pfnRead
             .ok_or_else(|| Error::internal("validated table lacks pfnRead".into()))?;
+        let _one = self.one_call();
         let mut status = SectorStatus::NotAlloc;
         let mut done = 0usize;
         while done < buf.len() {
@@ -112,6 +121,13 @@ impl TableDisk {
     }
 }
 
+impl TableDisk {
+    fn one_call(&self) -> MutexGuard<'_, ()> {
+        // The guard protects no data: a panic elsewhere leaves nothing torn.
+        self.one_call.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 impl Disk for TableDisk {
     fn drive_type(&self) -> DriveType {
         DriveType::Custom
@@ -125,17 +141,21 @@ impl Disk for TableDisk {
     fn uuid(&self) -> Option<[u8; 16]> {
         let get = self.table.pfnGetUuid?;
         let mut u = S_UUID::default();
+        let _one = self.one_call();
         // SAFETY: the caller's backend with a valid out pointer.
         (unsafe { get(self.data, &mut u) } == 0).then_some(u.to_rfc())
     }
     fn is_snapshot(&self) -> bool {
         match self.table.pfnGetImageFlags {
-            // SAFETY: the caller's backend.
-            Some(f) => (unsafe { f(self.data) } & COW_IMAGE_DIFF) != 0,
+            Some(f) => {
+                let _one = self.one_call();
+                // SAFETY: the caller's backend.
+                (unsafe { f(self.data) } & COW_IMAGE_DIFF) != 0
+            }
             None => false,
         }
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         let count = sectors_in(buf.len())?;
         check_range(lba, count, self.sector_count())?;
         let offset = lba * SECTOR_SIZE as u64;
@@ -148,7 +168,7 @@ impl Disk for TableDisk {
         }
         self.read_bytes(offset, head)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         // The table has no status call: read (1 MiB at a time) and look at
         // what pfnRead says, stopping at the first data.
         check_range(lba, count, self.sector_count())?;

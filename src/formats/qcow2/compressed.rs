@@ -2,6 +2,7 @@
 //! inflating it, one cluster cached.
 
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use super::layout::{compressed_offset_bits, COPIED, L2_COMPRESSED};
 use super::Qcow2Disk;
@@ -11,9 +12,11 @@ use crate::formats::inflate::inflate_exact;
 
 impl Qcow2Disk {
     /// Inflates the compressed cluster with L2 descriptor `descriptor`.
-    pub(super) fn inflate_cluster(&mut self, descriptor: u64) -> Result<&[u8]> {
-        let cached = matches!(&self.last_inflated, Some((d, _)) if *d == descriptor);
-        if !cached {
+    pub(super) fn inflate_cluster(&self, descriptor: u64) -> Result<Arc<[u8]>> {
+        if let Some(cluster) = self.last_inflated.get(descriptor) {
+            return Ok(cluster);
+        }
+        {
             let cluster_size = self.cluster_size();
             let offset_bits = compressed_offset_bits(self.cluster_bits);
             let host = descriptor & ((1u64 << offset_bits) - 1);
@@ -42,11 +45,7 @@ impl Qcow2Disk {
                     self.describe()
                 ))
             })?;
-            self.last_inflated = Some((descriptor, output));
-        }
-        match &self.last_inflated {
-            Some((_, data)) => Ok(data),
-            None => Err(Error::internal("inflated cluster cache is empty".into())),
+            Ok(self.last_inflated.put(descriptor, output))
         }
     }
 }

@@ -61,7 +61,7 @@ use std::path::{Path, PathBuf};
 use byteorder::{BigEndian, ByteOrder};
 
 use super::mapped::{self, MappedImage, Mapping};
-use super::table_cache::TableCache;
+use super::table_cache::{LastDecoded, TableCache};
 use super::{open_parent_as, open_read_only, OpenOptions};
 use crate::disk::{Disk, DriveType, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
@@ -108,7 +108,7 @@ pub struct Qcow2Disk {
     parent: Option<Box<dyn Disk>>,
     /// The last decompressed cluster and its L2 descriptor: sequential
     /// reads of a compressed cluster inflate it once.
-    last_inflated: Option<(u64, Vec<u8>)>,
+    last_inflated: LastDecoded,
 }
 
 impl std::fmt::Debug for Qcow2Disk {
@@ -201,7 +201,7 @@ impl Qcow2Disk {
             backing_name: header.backing_name,
             backing_format: header.backing_format,
             parent: None,
-            last_inflated: None,
+            last_inflated: LastDecoded::default(),
         })
     }
 
@@ -226,8 +226,7 @@ impl Qcow2Disk {
         }
         let available = (self.file_len - offset).min(buf.len() as u64) as usize;
         let (head, tail) = buf.split_at_mut(available);
-        self.file
-            .read_exact_at(head, offset)
+        crate::file_io::read_exact_at(&self.file, head, offset)
             .map_err(|e| Error::read(&self.describe(), offset, e))?;
         tail.fill(0);
         Ok(())
@@ -239,7 +238,7 @@ impl MappedImage for Qcow2Disk {
         self.virtual_size.div_ceil(SECTOR_BYTES)
     }
 
-    fn map(&mut self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
+    fn map(&self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
         let start = lba * SECTOR_BYTES;
         let want_end = (lba + count) * SECTOR_BYTES;
         let (first, mut end) = self.lookup(start, want_end)?;
@@ -271,7 +270,7 @@ impl MappedImage for Qcow2Disk {
         Ok((mapping, run.max(1)))
     }
 
-    fn read_mapped(&mut self, mapping: Mapping, lba: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_mapped(&self, mapping: Mapping, lba: u64, buf: &mut [u8]) -> Result<()> {
         match mapping {
             Mapping::Data { offset, .. } => self.read_host(offset, buf),
             Mapping::Encoded { token } => {
@@ -290,8 +289,8 @@ impl MappedImage for Qcow2Disk {
         }
     }
 
-    fn parent(&mut self) -> Option<&mut (dyn Disk + 'static)> {
-        self.parent.as_deref_mut()
+    fn parent(&self) -> Option<&(dyn Disk + 'static)> {
+        self.parent.as_deref()
     }
 }
 
@@ -308,13 +307,13 @@ impl Disk for Qcow2Disk {
     fn is_snapshot(&self) -> bool {
         self.backing_name.is_some()
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         mapped::read_sectors(self, lba, buf)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         mapped::block_status(self, lba, count)
     }
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         mapped::status_run(self, lba, count)
     }
 }

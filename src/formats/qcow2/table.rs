@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use byteorder::{BigEndian, ByteOrder};
 
@@ -103,7 +104,7 @@ impl Qcow2Disk {
     /// `pos` that is uniformly so (a whole L2 span when its L1 entry is
     /// empty; otherwise following units of the same L2 table that continue
     /// it, looking no further than `want_end`).
-    pub(super) fn lookup(&mut self, pos: u64, want_end: u64) -> Result<(Unit, u64)> {
+    pub(super) fn lookup(&self, pos: u64, want_end: u64) -> Result<(Unit, u64)> {
         let span = self.l2_span();
         let l1_index = pos / span;
         let l1_entry = *self.l1.get(l1_index as usize).ok_or_else(|| {
@@ -127,7 +128,7 @@ impl Qcow2Disk {
         let first_index = (pos - table_start) / unit_size;
         let name = self.describe();
         let table = self.l2_table(l1_index, l2_offset)?;
-        let first = layout.unit(table, first_index).map_err(|why| {
+        let first = layout.unit(&table, first_index).map_err(|why| {
             Error::corrupt(format!(
                 "{name}: L2 table at byte offset {l2_offset}: {why}"
             ))
@@ -137,7 +138,7 @@ impl Qcow2Disk {
             while next_index < units_in_table && table_start + next_index * unit_size < want_end {
                 // A damaged entry further on ends the run; it is reported
                 // when (if) that unit is read.
-                let Ok(next) = layout.unit(table, next_index) else {
+                let Ok(next) = layout.unit(&table, next_index) else {
                     break;
                 };
                 let distance = (next_index - first_index) * unit_size;
@@ -166,8 +167,11 @@ impl Qcow2Disk {
 
     /// The L2 table that L1 entry `l1_index` points at, from the cache or
     /// read and validated.
-    pub(super) fn l2_table(&mut self, l1_index: u64, l2_offset: u64) -> Result<&[u64]> {
-        if !self.l2_cache.contains(l2_offset) {
+    pub(super) fn l2_table(&self, l1_index: u64, l2_offset: u64) -> Result<Arc<[u64]>> {
+        if let Some(table) = self.l2_cache.get(l2_offset) {
+            return Ok(table);
+        }
+        {
             let cluster_size = self.cluster_size();
             let in_file = l2_offset
                 .checked_add(cluster_size)
@@ -185,11 +189,8 @@ impl Qcow2Disk {
                 .read_exact_at(&mut raw, l2_offset)
                 .map_err(|e| Error::read(&format!("{} L2 table", self.describe()), l2_offset, e))?;
             let entries = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
-            self.l2_cache.insert(l2_offset, entries);
+            Ok(self.l2_cache.insert(l2_offset, entries))
         }
-        self.l2_cache
-            .get(l2_offset)
-            .ok_or_else(|| Error::internal("L2 cache lost a table it just stored".into()))
     }
 }
 
@@ -229,7 +230,7 @@ mod tests {
 
     #[test]
     fn l2_cache_evicts_least_recently_used() {
-        let mut cache = TableCache::new(2);
+        let cache = TableCache::new(2);
         cache.insert(1, vec![1]);
         cache.insert(2, vec![2]);
         assert!(cache.get(1).is_some());

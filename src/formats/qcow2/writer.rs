@@ -664,7 +664,7 @@ mod tests {
             let mut page: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8).collect();
             page[4096..8192].fill(0);
             let file = write(1 << 20, &options, &[(8192, page.clone())]);
-            let mut disk = Qcow2Disk::open(file.path(), &OpenOptions::default()).unwrap();
+            let disk = Qcow2Disk::open(file.path(), &OpenOptions::default()).unwrap();
             let mut back = vec![0u8; 1 << 20];
             disk.read_sectors(0, &mut back).unwrap();
             assert_eq!(&back[8192..8192 + page.len()], &page[..]);

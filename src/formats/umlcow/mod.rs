@@ -252,8 +252,7 @@ impl UmlCow {
         let (head, tail) = buf.split_at_mut(inside);
         tail.fill(0);
         let at = self.header.data_offset + offset;
-        self.file
-            .read_exact_at(head, at)
+        crate::file_io::read_exact_at(&self.file, head, at)
             .map_err(|e| Error::read("UML COW data", at, e))
     }
 
@@ -354,15 +353,15 @@ impl Disk for UmlCow {
     fn is_snapshot(&self) -> bool {
         true
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         mapped::read_sectors(self, lba, buf)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         mapped::block_status(self, lba, count)
     }
     /// From the COW bitmap: set bits are data; clear ones take the backing
     /// file's runs (unallocated past its end, or without one).
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         mapped::status_run(self, lba, count)
     }
 }
@@ -373,7 +372,7 @@ impl MappedImage for UmlCow {
     fn sectors(&self) -> u64 {
         self.sector_count()
     }
-    fn map(&mut self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
+    fn map(&self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
         let (set, run) = self.bit_run(lba, count);
         let mapping = if set {
             Mapping::Data {
@@ -385,14 +384,12 @@ impl MappedImage for UmlCow {
         };
         Ok((mapping, run))
     }
-    fn read_mapped(&mut self, _mapping: Mapping, lba: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_mapped(&self, _mapping: Mapping, lba: u64, buf: &mut [u8]) -> Result<()> {
         // Past the disk's byte size (an odd-sized last sector) reads zeros.
         self.read_data(lba * SECTOR_BYTES, buf)
     }
-    fn parent(&mut self) -> Option<&mut (dyn Disk + 'static)> {
-        self.backing
-            .as_mut()
-            .map(|b| b as &mut (dyn Disk + 'static))
+    fn parent(&self) -> Option<&(dyn Disk + 'static)> {
+        self.backing.as_ref().map(|b| b as &(dyn Disk + 'static))
     }
 }
 

@@ -330,7 +330,7 @@ impl Disk for Vci {
     fn uuid(&self) -> Option<[u8; 16]> {
         Some(self.header.uuid)
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         let count = sectors_in(buf.len())?;
         check_range(lba, count, self.sector_count())?;
         let mut status = SectorStatus::NotAlloc;
@@ -345,8 +345,7 @@ impl Disk for Vci {
             let part = &mut buf[done as usize * SECTOR_SIZE..(done + run) as usize * SECTOR_SIZE];
             match at {
                 Some(at) => {
-                    self.file
-                        .read_exact_at(part, at)
+                    crate::file_io::read_exact_at(&self.file, part, at)
                         .map_err(|err| Error::read("VCI data", at, err))?;
                     status = status.combine(SectorStatus::Normal);
                 }
@@ -356,7 +355,7 @@ impl Disk for Vci {
         }
         Ok(status)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         check_range(lba, count, self.sector_count())?;
         if count == 0 {
             return Ok(SectorStatus::NotAlloc);
@@ -370,7 +369,7 @@ impl Disk for Vci {
     }
     /// From the extent map: inside an extent, data to its end; outside,
     /// unallocated up to the next extent.
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         check_range(lba, count, self.sector_count())?;
         if count == 0 {
             return Err(Error::invalid_argument(
@@ -555,7 +554,7 @@ pub fn fuzz_one(bytes: &[u8]) -> bool {
             writable: false,
             repair,
         };
-        if let Ok(mut img) = Vci::open(&path, &options) {
+        if let Ok(img) = Vci::open(&path, &options) {
             opened = true;
             let n = img.sector_count().min(4096);
             let mut buf = vec![0u8; n as usize * SECTOR_SIZE];

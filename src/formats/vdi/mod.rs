@@ -550,7 +550,7 @@ impl MappedImage for VdiDisk {
         self.header.disk_bytes.div_ceil(SECTOR_BYTES)
     }
 
-    fn map(&mut self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
+    fn map(&self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
         crate::disk::check_range(lba, count, MappedImage::sectors(self))?;
         let per_block = self.sectors_per_block();
         let first = lba / per_block;
@@ -586,23 +586,24 @@ impl MappedImage for VdiDisk {
         Ok((mapping, run.min(count)))
     }
 
-    fn read_mapped(&mut self, mapping: Mapping, _lba: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_mapped(&self, mapping: Mapping, _lba: u64, buf: &mut [u8]) -> Result<()> {
         match mapping {
-            Mapping::Data { offset, .. } => self.file.read_exact_at(buf, offset).map_err(|e| {
-                Error::read(
-                    &format!("{}: VDI data block", self.path.display()),
-                    offset,
-                    e,
-                )
-            }),
+            Mapping::Data { offset, .. } => crate::file_io::read_exact_at(&self.file, buf, offset)
+                .map_err(|e| {
+                    Error::read(
+                        &format!("{}: VDI data block", self.path.display()),
+                        offset,
+                        e,
+                    )
+                }),
             other => Err(Error::internal(format!(
                 "VDI reader asked to read a {other:?} run"
             ))),
         }
     }
 
-    fn parent(&mut self) -> Option<&mut (dyn Disk + 'static)> {
-        self.parent.as_deref_mut()
+    fn parent(&self) -> Option<&(dyn Disk + 'static)> {
+        self.parent.as_deref()
     }
 }
 
@@ -625,13 +626,13 @@ impl Disk for VdiDisk {
     fn parent_uuid(&self) -> Option<[u8; 16]> {
         VdiDisk::parent_uuid(self)
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         mapped::read_sectors(self, lba, buf)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         mapped::block_status(self, lba, count)
     }
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         mapped::status_run(self, lba, count)
     }
 }

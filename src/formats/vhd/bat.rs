@@ -2,11 +2,13 @@
 //! image's sectors to its blocks.
 
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use super::{Layout, VhdDisk};
 use crate::disk::SECTOR_BYTES;
 use crate::error::{Error, Result};
 use crate::formats::mapped::Mapping;
+use crate::formats::table_cache::LastDecoded;
 
 pub(super) const UNALLOCATED_BLOCK: u32 = 0xFFFF_FFFF;
 
@@ -21,16 +23,19 @@ pub(super) struct SparseLayout {
     pub(super) bitmap_bytes: u64,
     /// The last sector bitmap read: (block index, bitmap bytes). A
     /// sequential read touches each block's bitmap once.
-    pub(super) cached_bitmap: Option<(u64, Vec<u8>)>,
+    pub(super) cached_bitmap: LastDecoded,
 }
 
 impl VhdDisk {
     /// The sector bitmap of allocated block `block` stored at `block_at`.
-    pub(super) fn bitmap(&mut self, block: u64, block_at: u64) -> Result<&[u8]> {
-        let Layout::Sparse(layout) = &mut self.layout else {
+    pub(super) fn bitmap(&self, block: u64, block_at: u64) -> Result<Arc<[u8]>> {
+        let Layout::Sparse(layout) = &self.layout else {
             return Err(Error::internal("sector bitmap of a fixed VHD".into()));
         };
-        if layout.cached_bitmap.as_ref().map(|(b, _)| *b) != Some(block) {
+        if let Some(bits) = layout.cached_bitmap.get(block) {
+            return Ok(bits);
+        }
+        {
             // Size bounded by the validated block size (at most 64 KiB).
             let mut bits = vec![0u8; layout.bitmap_bytes as usize];
             self.file.read_exact_at(&mut bits, block_at).map_err(|e| {
@@ -40,9 +45,8 @@ impl VhdDisk {
                     e,
                 )
             })?;
-            layout.cached_bitmap = Some((block, bits));
+            Ok(layout.cached_bitmap.put(block, bits))
         }
-        Ok(&layout.cached_bitmap.as_ref().expect("just filled").1)
     }
 
     pub(super) fn absent(&self) -> Mapping {
@@ -53,7 +57,7 @@ impl VhdDisk {
         }
     }
 
-    pub(super) fn map_sparse(&mut self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
+    pub(super) fn map_sparse(&self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
         let Layout::Sparse(layout) = &self.layout else {
             return Err(Error::internal("sparse mapping of a fixed VHD".into()));
         };

@@ -10,6 +10,7 @@ use super::bat::SparseLayout;
 use super::{VhdDisk, VhdParentInfo};
 use crate::disk::SECTOR_BYTES;
 use crate::error::{Error, Result};
+use crate::formats::table_cache::LastDecoded;
 
 pub(super) const FOOTER_BYTES: u64 = 512;
 pub(super) const DYNAMIC_HEADER_BYTES: usize = 1024;
@@ -120,7 +121,7 @@ impl VhdDisk {
             bat,
             sectors_per_block,
             bitmap_bytes,
-            cached_bitmap: None,
+            cached_bitmap: LastDecoded::default(),
         };
 
         let mut unique_id = [0u8; 16];

@@ -252,8 +252,7 @@ impl VhdDisk {
     }
 
     fn read_exact(&self, what: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.file
-            .read_exact_at(buf, offset)
+        crate::file_io::read_exact_at(&self.file, buf, offset)
             .map_err(|e| Error::read(&format!("{}: {what}", self.name()), offset, e))
     }
 }
@@ -320,7 +319,7 @@ impl MappedImage for VhdDisk {
         self.footer.current_size / SECTOR_BYTES
     }
 
-    fn map(&mut self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
+    fn map(&self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
         match self.layout {
             Layout::Fixed => Ok((
                 Mapping::Data {
@@ -333,7 +332,7 @@ impl MappedImage for VhdDisk {
         }
     }
 
-    fn read_mapped(&mut self, mapping: Mapping, _lba: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_mapped(&self, mapping: Mapping, _lba: u64, buf: &mut [u8]) -> Result<()> {
         match mapping {
             Mapping::Data { offset, .. } => self.read_exact("data", offset, buf),
             other => Err(Error::internal(format!(
@@ -342,8 +341,8 @@ impl MappedImage for VhdDisk {
         }
     }
 
-    fn parent(&mut self) -> Option<&mut (dyn Disk + 'static)> {
-        self.parent.as_deref_mut()
+    fn parent(&self) -> Option<&(dyn Disk + 'static)> {
+        self.parent.as_deref()
     }
 }
 
@@ -360,13 +359,13 @@ impl Disk for VhdDisk {
     fn is_snapshot(&self) -> bool {
         self.parent_info.is_some()
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         mapped::read_sectors(self, lba, buf)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         mapped::block_status(self, lba, count)
     }
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         mapped::status_run(self, lba, count)
     }
 }

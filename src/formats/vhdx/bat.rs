@@ -5,6 +5,7 @@ use super::{VhdxDisk, MIB};
 use crate::disk::SECTOR_BYTES;
 use crate::error::{Error, Result};
 use crate::formats::mapped::Mapping;
+use std::sync::Arc;
 
 pub(super) const STATE_MASK: u64 = 7;
 pub(super) const PAYLOAD_NOT_PRESENT: u64 = 0;
@@ -81,8 +82,11 @@ impl VhdxDisk {
     }
 
     /// Bits of `block`'s slice of its chunk's sector bitmap.
-    pub(super) fn block_bitmap(&mut self, block: u64) -> Result<&[u8]> {
-        if self.cached_bitmap.as_ref().map(|(b, _)| *b) != Some(block) {
+    pub(super) fn block_bitmap(&self, block: u64) -> Result<Arc<[u8]>> {
+        if let Some(bits) = self.cached_bitmap.get(block) {
+            return Ok(bits);
+        }
+        {
             let chunk = block / self.chunk_ratio;
             let index = chunk * (self.chunk_ratio + 1) + self.chunk_ratio;
             let entry = self.bat[index as usize];
@@ -102,9 +106,8 @@ impl VhdxDisk {
             let mut bits = vec![0u8; (sectors_in_block / 8) as usize];
             self.view
                 .read_exact("sector bitmap", bitmap_at + first_bit / 8, &mut bits)?;
-            self.cached_bitmap = Some((block, bits));
+            Ok(self.cached_bitmap.put(block, bits))
         }
-        Ok(&self.cached_bitmap.as_ref().expect("just filled").1)
     }
 
     /// Length of the run of blocks from `block` whose entries satisfy

@@ -91,7 +91,7 @@ pub struct VhdxDisk {
     locator: Option<VhdxParentLocator>,
     parent: Option<Box<dyn Disk>>,
     /// The last partially present block's slice of its sector bitmap.
-    cached_bitmap: Option<(u64, Vec<u8>)>,
+    cached_bitmap: crate::formats::table_cache::LastDecoded,
 }
 
 impl std::fmt::Debug for VhdxDisk {
@@ -267,7 +267,7 @@ impl VhdxDisk {
             page83: metadata.page83,
             locator: metadata.locator,
             parent: None,
-            cached_bitmap: None,
+            cached_bitmap: Default::default(),
         })
     }
 }
@@ -321,7 +321,7 @@ impl MappedImage for VhdxDisk {
         self.virtual_bytes / SECTOR_BYTES
     }
 
-    fn map(&mut self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
+    fn map(&self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
         let per_block = self.sectors_per_block();
         let block = lba / per_block;
         let in_block = lba % per_block;
@@ -384,7 +384,7 @@ impl MappedImage for VhdxDisk {
         }
     }
 
-    fn read_mapped(&mut self, mapping: Mapping, _lba: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_mapped(&self, mapping: Mapping, _lba: u64, buf: &mut [u8]) -> Result<()> {
         match mapping {
             Mapping::Data { offset, .. } => self.view.read_exact("block data", offset, buf),
             other => Err(Error::internal(format!(
@@ -393,8 +393,8 @@ impl MappedImage for VhdxDisk {
         }
     }
 
-    fn parent(&mut self) -> Option<&mut (dyn Disk + 'static)> {
-        self.parent.as_deref_mut()
+    fn parent(&self) -> Option<&(dyn Disk + 'static)> {
+        self.parent.as_deref()
     }
 }
 
@@ -412,13 +412,13 @@ impl Disk for VhdxDisk {
     fn is_snapshot(&self) -> bool {
         self.locator.is_some()
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         mapped::read_sectors(self, lba, buf)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         mapped::block_status(self, lba, count)
     }
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         mapped::status_run(self, lba, count)
     }
 }

@@ -3,7 +3,6 @@
 //! and opened, and flat data read.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 
 use super::descriptor::ExtentLine;
@@ -164,7 +163,7 @@ pub(super) fn read_extent_bytes(
     }
     let available = (len - offset).min(buf.len() as u64) as usize;
     let (head, tail) = buf.split_at_mut(available);
-    file.read_exact_at(head, offset)
+    crate::file_io::read_exact_at(file, head, offset)
         .map_err(|e| Error::read(&name(path), offset, e))?;
     tail.fill(0);
     Ok(())

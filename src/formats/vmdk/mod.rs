@@ -55,6 +55,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::mapped::{self, MappedImage, Mapping};
+use super::table_cache::LastDecoded;
 
 use self::descriptor::{
     looks_like_descriptor, read_embedded_descriptor, read_text_descriptor, Descriptor,
@@ -113,7 +114,7 @@ pub struct VmdkDisk {
     parent: Option<Box<dyn Disk>>,
     /// The last inflated grain and its token: sequential reads inside a
     /// compressed grain inflate it once.
-    last_inflated: Option<(u64, Vec<u8>)>,
+    last_inflated: LastDecoded,
 }
 
 impl std::fmt::Debug for VmdkDisk {
@@ -216,7 +217,7 @@ impl VmdkDisk {
             uuid: descriptor.uuid,
             parent_uuid: descriptor.parent_uuid,
             parent: None,
-            last_inflated: None,
+            last_inflated: LastDecoded::default(),
         })
     }
 
@@ -267,7 +268,7 @@ impl VmdkDisk {
             uuid: descriptor.uuid,
             parent_uuid: descriptor.parent_uuid,
             parent: None,
-            last_inflated: None,
+            last_inflated: LastDecoded::default(),
         })
     }
 
@@ -375,13 +376,13 @@ impl MappedImage for VmdkDisk {
         self.sectors
     }
 
-    fn map(&mut self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
+    fn map(&self, lba: u64, count: u64) -> Result<(Mapping, u64)> {
         let index = self.extent_index(lba)?;
         let absent = self.absent_mapping();
-        let extent = &mut self.extents[index];
+        let extent = &self.extents[index];
         let local = lba - extent.start;
         let want_end = (local + count).min(extent.sectors);
-        match &mut extent.kind {
+        match &extent.kind {
             ExtentKind::Zero => Ok((Mapping::Zero, want_end - local)),
             ExtentKind::Flat(flat) => Ok((
                 Mapping::Data {
@@ -423,7 +424,7 @@ impl MappedImage for VmdkDisk {
         }
     }
 
-    fn read_mapped(&mut self, mapping: Mapping, lba: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_mapped(&self, mapping: Mapping, lba: u64, buf: &mut [u8]) -> Result<()> {
         match mapping {
             Mapping::Data { file, offset } => match &self.extents.get(file).map(|e| &e.kind) {
                 Some(ExtentKind::Flat(flat)) => {
@@ -448,14 +449,11 @@ impl MappedImage for VmdkDisk {
                 };
                 let local = lba - extent.start;
                 let grain_start = local - local % sparse.grain_sectors;
-                let cached = matches!(&self.last_inflated, Some((t, _)) if *t == token);
-                if !cached {
-                    let grain = sparse.inflate_grain(at, grain_start)?;
-                    self.last_inflated = Some((token, grain));
-                }
-                let grain = match &self.last_inflated {
-                    Some((_, grain)) => grain,
-                    None => return Err(Error::internal("inflated grain cache is empty".into())),
+                let grain = match self.last_inflated.get(token) {
+                    Some(grain) => grain,
+                    None => self
+                        .last_inflated
+                        .put(token, sparse.inflate_grain(at, grain_start)?),
                 };
                 let from = ((local - grain_start) * SECTOR_BYTES) as usize;
                 let slice = grain.get(from..from + buf.len()).ok_or_else(|| {
@@ -470,8 +468,8 @@ impl MappedImage for VmdkDisk {
         }
     }
 
-    fn parent(&mut self) -> Option<&mut (dyn Disk + 'static)> {
-        self.parent.as_deref_mut()
+    fn parent(&self) -> Option<&(dyn Disk + 'static)> {
+        self.parent.as_deref()
     }
 }
 
@@ -488,13 +486,13 @@ impl Disk for VmdkDisk {
     fn is_snapshot(&self) -> bool {
         self.parent_hint.is_some()
     }
-    fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+    fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         mapped::read_sectors(self, lba, buf)
     }
-    fn block_status(&mut self, lba: u64, count: u64) -> Result<SectorStatus> {
+    fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
         mapped::block_status(self, lba, count)
     }
-    fn status_run(&mut self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
+    fn status_run(&self, lba: u64, count: u64) -> Result<(SectorStatus, u64)> {
         mapped::status_run(self, lba, count)
     }
 }

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use byteorder::{ByteOrder, LittleEndian};
 
@@ -284,7 +285,7 @@ impl SparseExtent {
     /// sectors) of the region from it that is uniformly so: a whole table's
     /// span when the directory has no table, else the following grains of
     /// the same table that continue it, looking no further than `want_end`.
-    pub(super) fn lookup(&mut self, sector: u64, want_end: u64) -> Result<(Unit, u64)> {
+    pub(super) fn lookup(&self, sector: u64, want_end: u64) -> Result<(Unit, u64)> {
         let grain = sector / self.grain_sectors;
         let table_index = grain / self.gtes_per_gt;
         let table_span = self.grain_sectors * self.gtes_per_gt;
@@ -333,8 +334,11 @@ impl SparseExtent {
         Ok((unit, (table_first_grain + next as u64) * grain_sectors))
     }
 
-    pub(super) fn grain_table(&mut self, table_index: u64, table_sector: u32) -> Result<&[u32]> {
-        if !self.tables.contains(table_index) {
+    pub(super) fn grain_table(&self, table_index: u64, table_sector: u32) -> Result<Arc<[u32]>> {
+        if let Some(table) = self.tables.get(table_index) {
+            return Ok(table);
+        }
+        {
             let at = u64::from(table_sector) * SECTOR_BYTES;
             let bytes = self.gtes_per_gt * 4;
             if at + bytes > self.file_len {
@@ -349,14 +353,11 @@ impl SparseExtent {
             self.file
                 .read_exact_at(&mut raw, at)
                 .map_err(|e| Error::read(&format!("{} grain table", self.describe()), at, e))?;
-            self.tables.insert(
+            Ok(self.tables.insert(
                 table_index,
                 raw.chunks_exact(4).map(LittleEndian::read_u32).collect(),
-            );
+            ))
         }
-        self.tables
-            .get(table_index)
-            .ok_or_else(|| Error::internal("grain table cache lost a table it just stored".into()))
     }
 
     /// Inflates the compressed grain that starts at local sector
