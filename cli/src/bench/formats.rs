@@ -83,7 +83,7 @@ fn make_image(
 /// Reads the whole image through our reader in 1 MiB reads; returns the
 /// rate in MiB/s and a few sampled MiB (offset, bytes) to check.
 fn ours(path: &Path) -> Result<(f64, Vec<Sample>), String> {
-    let mut disk = open_path(path, &OpenOptions::default()).map_err(|e| format!("bench: {e}"))?;
+    let disk = open_path(path, &OpenOptions::default()).map_err(|e| format!("bench: {e}"))?;
     let sectors = disk.sector_count();
     let per_read = MIB / 512;
     let mut buf = vec![0u8; MIB as usize];

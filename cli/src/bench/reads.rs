@@ -1,0 +1,316 @@
+//! `cowdisk bench`, part 9 (`--only reads`): sequential reads through the
+//! C ABI with the buffers real callers have, and readers in parallel.
+//!
+//! 1. For each format, a fully written image made by `qemu-img convert`
+//!    from the same raw file is read front to back in 1 MiB pages through
+//!    `VDDR_Open` + `COW_ReadPage` (the legacy caller's path) into buffers
+//!    placed five ways: 4096-aligned, fresh from `malloc` (glibc puts a
+//!    1 MiB block 16 bytes past a page boundary), and 1, 16 and 512 bytes
+//!    past a page boundary; side by side with `qemu-img bench -c N -s 1M
+//!    -d 1` on the same file, and with two ceilings of this machine: `pread`
+//!    of the raw file into a 4096-aligned buffer (the page cache's best
+//!    copy) and `memcpy` between two buffers. Best of N, page cache warm.
+//! 2. Two threads reading disjoint halves of one overlay handle against
+//!    one thread reading it all.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cowdisk::ffi::api::{COW_Close, COW_CreateCowOverlay, COW_ReadPage, VDDR_Open};
+use cowdisk::ffi::types::HVDDR;
+
+use super::{err, run_quiet, Bench};
+
+const MIB: usize = 1 << 20;
+/// 2^11 sectors: 1 MiB pages.
+const PAGE_SHIFT: u32 = 11;
+
+/// Our row name, qemu's format name, `qemu-img convert` options.
+const FORMATS: &[(&str, &str, &[&str])] = &[
+    ("raw", "raw", &[]),
+    ("qcow2", "qcow2", &[]),
+    ("vdi", "vdi", &[]),
+    ("vhd", "vpc", &["-o", "subformat=dynamic,force_size=on"]),
+    ("vhdx", "vhdx", &[]),
+    ("vmdk", "vmdk", &[]),
+    ("parallels", "parallels", &[]),
+];
+
+/// Where a read buffer sits: its name in the table and its distance past a
+/// page boundary (`None`: whatever `malloc` gives).
+const PLACEMENTS: &[(&str, Option<usize>)] = &[
+    ("aligned", Some(0)),
+    ("malloc", None),
+    ("+1", Some(1)),
+    ("+16", Some(16)),
+    ("+512", Some(512)),
+];
+
+/// A 1 MiB buffer at a chosen placement, kept with its allocation.
+struct Placed {
+    backing: Vec<u8>,
+    start: usize,
+}
+
+impl Placed {
+    fn new(placement: Option<usize>) -> Placed {
+        match placement {
+            // A plain allocation of the page's size, as a C caller makes.
+            None => Placed {
+                backing: vec![0u8; MIB],
+                start: 0,
+            },
+            Some(past) => {
+                let backing = vec![0u8; MIB + 8192];
+                let start = (4096 - backing.as_ptr() as usize % 4096) % 4096 + past;
+                Placed { backing, start }
+            }
+        }
+    }
+
+    fn buf(&mut self) -> &mut [u8] {
+        &mut self.backing[self.start..self.start + MIB]
+    }
+
+    fn past_page(&self) -> usize {
+        (self.backing.as_ptr() as usize + self.start) % 4096
+    }
+}
+
+/// A handle of the library, closed when dropped.
+struct Handle(HVDDR);
+
+// SAFETY: library handles may be used from any thread (the header says so).
+unsafe impl Send for Handle {}
+// SAFETY: as above; reads of one handle may run concurrently.
+unsafe impl Sync for Handle {}
+
+impl Handle {
+    fn open(path: &Path) -> Bench<Handle> {
+        let c = CString::new(path.as_os_str().as_bytes()).map_err(err)?;
+        // SAFETY: a NUL-terminated path.
+        let h = unsafe { VDDR_Open(c.as_ptr(), 0) };
+        if h.is_null() {
+            return Err(format!("bench: VDDR_Open {} failed", path.display()));
+        }
+        Ok(Handle(h))
+    }
+
+    fn overlay(self) -> Bench<Handle> {
+        // SAFETY: a live handle, adopted on success.
+        let ov = unsafe { COW_CreateCowOverlay(self.0) };
+        if ov.is_null() {
+            return Err("bench: COW_CreateCowOverlay failed".into());
+        }
+        std::mem::forget(self);
+        Ok(Handle(ov))
+    }
+
+    fn read_pages(&self, pages: std::ops::Range<u32>, buf: &mut [u8]) -> Bench<()> {
+        for page in pages {
+            // SAFETY: a live handle and a whole-page buffer.
+            let rc = unsafe { COW_ReadPage(self.0, buf.as_mut_ptr().cast(), page, PAGE_SHIFT) };
+            if rc == 0 {
+                return Err(format!("bench: ReadPage {page} failed"));
+            }
+        }
+        std::hint::black_box(&buf);
+        Ok(())
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: a live handle, closed once.
+        unsafe { COW_Close(self.0) };
+    }
+}
+
+fn best_of(rounds: u32, mut f: impl FnMut() -> Bench<Duration>) -> Bench<Duration> {
+    let mut best = Duration::MAX;
+    for _ in 0..rounds {
+        best = best.min(f()?);
+    }
+    Ok(best)
+}
+
+fn time_handle(path: &Path, pages: u32, buf: &mut [u8]) -> Bench<Duration> {
+    let handle = Handle::open(path)?;
+    let start = Instant::now();
+    handle.read_pages(0..pages, buf)?;
+    Ok(start.elapsed())
+}
+
+fn time_qemu_bench(image: &Path, format: &str, pages: u32) -> Bench<Duration> {
+    let out = run_quiet(
+        "qemu-img",
+        &[
+            "bench",
+            "-f",
+            format,
+            "-c",
+            &pages.to_string(),
+            "-d",
+            "1",
+            "-s",
+            "1M",
+            "-S",
+            "1M",
+            "-t",
+            "writeback",
+            &image.display().to_string(),
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out);
+    text.split("Run completed in")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse::<f64>().ok())
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("bench: cannot read qemu-img bench's output: {text}"))
+}
+
+fn time_pread(path: &Path, pages: u32, buf: &mut [u8]) -> Bench<Duration> {
+    let file = std::fs::File::open(path).map_err(err)?;
+    let start = Instant::now();
+    for i in 0..pages as u64 {
+        file.read_exact_at(buf, i * MIB as u64).map_err(err)?;
+    }
+    std::hint::black_box(&buf);
+    Ok(start.elapsed())
+}
+
+fn time_memcpy(pages: u32) -> Duration {
+    // A 64 MiB source (beyond the caches), copied round and round.
+    let from = vec![0x5Au8; 64 * MIB];
+    let mut to = Placed::new(Some(0));
+    let start = Instant::now();
+    for i in 0..pages as usize {
+        let at = (i % 64) * MIB;
+        to.buf().copy_from_slice(&from[at..at + MIB]);
+    }
+    std::hint::black_box(to.buf());
+    start.elapsed()
+}
+
+fn make_images(dir: &Path, raw: &Path) -> Bench<Vec<(&'static str, &'static str, PathBuf)>> {
+    let mut out = Vec::new();
+    for &(name, format, options) in FORMATS {
+        if format == "raw" {
+            out.push((name, format, raw.to_path_buf()));
+            continue;
+        }
+        let path = dir.join(format!("reads.{name}"));
+        let (raw_s, path_s) = (raw.display().to_string(), path.display().to_string());
+        let mut args = vec!["convert", "-f", "raw", "-O", format];
+        args.extend_from_slice(options);
+        args.extend_from_slice(&[&raw_s, &path_s]);
+        run_quiet("qemu-img", &args)?;
+        out.push((name, format, path));
+    }
+    Ok(out)
+}
+
+/// Part 9; `raw` is a fully written raw image of `size_mib` MiB.
+pub fn run_reads(dir: &Path, raw: &Path, size_mib: usize, rounds: u32) -> Bench<()> {
+    let pages = size_mib as u32;
+    let mbps = |d: Duration| size_mib as f64 / d.as_secs_f64();
+    let images = make_images(dir, raw)?;
+    let mut aligned = Placed::new(Some(0));
+    // Warm the page cache with every image.
+    for (_, _, path) in &images {
+        time_pread(
+            path,
+            (std::fs::metadata(path).map_err(err)?.len() / MIB as u64) as u32,
+            aligned.buf(),
+        )?;
+    }
+    let pread = best_of(rounds, || time_pread(raw, pages, aligned.buf()))?;
+    let memcpy = (0..rounds)
+        .map(|_| time_memcpy(pages))
+        .min()
+        .unwrap_or(Duration::MAX);
+    let ceiling = pread.min(memcpy);
+    let malloc_past = Placed::new(None).past_page();
+    println!(
+        "sequential 1 MiB pages of a {size_mib} MiB fully written image through VDDR_Open + \
+         COW_ReadPage, best of {rounds}, MiB/s (ratio to qemu-img bench -d 1 on the same file)"
+    );
+    println!(
+        "  ceilings of this machine: pread into a 4096-aligned buffer {:.0} MiB/s, memcpy {:.0} MiB/s",
+        mbps(pread),
+        mbps(memcpy)
+    );
+    println!("  (the malloc buffer starts {malloc_past} bytes past a page boundary)");
+    print!("  {:<10} {:>14}", "format", "qemu-img bench");
+    for (name, _) in PLACEMENTS {
+        print!(" {name:>15}");
+    }
+    println!();
+    let (mut lowest_qemu, mut lowest_ceiling) = (f64::MAX, f64::MAX);
+    for (name, format, path) in &images {
+        let qemu = best_of(rounds, || time_qemu_bench(path, format, pages))?;
+        print!("  {name:<10} {:>14.0}", mbps(qemu));
+        for (_, placement) in PLACEMENTS {
+            let mut buf = Placed::new(*placement);
+            let ours = best_of(rounds, || time_handle(path, pages, buf.buf()))?;
+            let ratio = qemu.as_secs_f64() / ours.as_secs_f64();
+            lowest_qemu = lowest_qemu.min(ratio);
+            lowest_ceiling = lowest_ceiling.min(ceiling.as_secs_f64() / ours.as_secs_f64());
+            print!(" {:>7.0} ({ratio:>4.2}x)", mbps(ours));
+        }
+        println!();
+    }
+    println!(
+        "  lowest ratio to qemu-img bench {lowest_qemu:.2}x (target >= 1.20x); lowest share of \
+         the best ceiling {lowest_ceiling:.2} (target >= 0.83, i.e. within 1.2x)"
+    );
+    println!();
+
+    // 2. Parallel readers of one overlay handle.
+    println!("parallel readers: one overlay handle over the {size_mib} MiB qcow2 and raw images, 1 MiB pages");
+    for (name, _, path) in images
+        .iter()
+        .filter(|(n, _, _)| *n == "qcow2" || *n == "raw")
+    {
+        let overlay = Handle::open(path)?.overlay()?;
+        let mut one_buf = Placed::new(None);
+        let one = best_of(rounds, || {
+            let start = Instant::now();
+            overlay.read_pages(0..pages, one_buf.buf())?;
+            Ok(start.elapsed())
+        })?;
+        let two = best_of(rounds, || {
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                let halves = [0..pages / 2, pages / 2..pages];
+                let workers: Vec<_> = halves
+                    .into_iter()
+                    .map(|half| {
+                        let overlay = &overlay;
+                        s.spawn(move || {
+                            let mut buf = Placed::new(None);
+                            overlay.read_pages(half, buf.buf())
+                        })
+                    })
+                    .collect();
+                workers.into_iter().try_for_each(|w| {
+                    w.join()
+                        .map_err(|_| "bench: a reader panicked".to_string())?
+                })
+            })?;
+            Ok(start.elapsed())
+        })?;
+        println!(
+            "  {name:<6} 1 thread {:>6.0} MiB/s   2 threads {:>6.0} MiB/s   speed-up {:.2}x (target >= 1.80x)",
+            mbps(one),
+            mbps(two),
+            one.as_secs_f64() / two.as_secs_f64()
+        );
+    }
+    println!();
+    Ok(())
+}
