@@ -563,3 +563,13 @@ fn a_dry_run_reports_the_growth_and_writes_nothing() {
     let done = grow_filesystem(&mut overlay, part.start, part.sectors).unwrap();
     assert_eq!(dry, done);
 }
+
+#[test]
+fn bigalloc_is_refused() {
+    refused("-b 4096 -O bigalloc", None, "bigalloc");
+}
+
+#[test]
+fn meta_bg_is_refused() {
+    refused("-b 1024 -O meta_bg,^resize_inode", None, "meta_bg");
+}

@@ -58,7 +58,8 @@ use super::GrowReport;
 use crate::disk::{Disk, SECTOR_BYTES};
 use crate::error::{Error, Result};
 use crate::fs::ext::{
-    compat, crc16, crc32c_raw, incompat, ro_compat, ExtFs, GroupDesc, Superblock,
+    compat, crc16, crc32c_raw, incompat, ro_compat, ExtFs, GroupDesc, Superblock, SUPERBLOCK_AT,
+    SUPERBLOCK_BYTES,
 };
 use crate::fs::volume::{le16, le32, Volume};
 use crate::overlay::Overlay;
@@ -70,6 +71,8 @@ const RESIZE_INO: u64 = 7;
 const HUGE_FILE_FL: u32 = 0x40000;
 /// The blocks a last group must hold beyond its metadata (as resize2fs).
 const LAST_GROUP_SLACK: u64 = 50;
+/// The largest descriptor table built in memory.
+const MAX_TABLE_BYTES: u64 = 256 << 20;
 
 fn put16(b: &mut [u8], at: usize, v: u16) {
     b[at..at + 2].copy_from_slice(&v.to_le_bytes());
@@ -281,6 +284,15 @@ pub fn grow(
 }
 
 fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
+    // bigalloc first: its blocks-per-group field counts blocks of a
+    // cluster bitmap, which the reader rejects as damage.
+    let raw = vol.read(SUPERBLOCK_AT, SUPERBLOCK_BYTES as u64, "ext superblock")?;
+    if le32(&raw, 0x4C) >= 1 && le32(&raw, 0x64) & ro_compat::BIGALLOC != 0 {
+        return Err(Error::unsupported(
+            "ext: growing a filesystem with bigalloc is not supported (grow it with resize2fs)"
+                .into(),
+        ));
+    }
     let fs = ExtFs::open(vol)?;
     let old = fs.sb.clone();
     old.check_bitmaps_trustworthy()?;
@@ -299,9 +311,22 @@ fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
     // Every group's bitmap against its descriptor's free count.
     fs.free_block_runs(vol)?;
     let bs = old.block_size;
+    let ipg = old.inodes_per_group;
+    if ipg < RESIZE_INO || ipg % 8 != 0 || ipg > 8 * bs || old.blocks_per_group % 8 != 0 {
+        return Err(Error::corrupt(format!(
+            "ext superblock: {ipg} inodes and {} blocks per group",
+            old.blocks_per_group
+        )));
+    }
+    if !old.inode_size.is_power_of_two() {
+        return Err(Error::corrupt(format!(
+            "ext superblock: inode size {}",
+            old.inode_size
+        )));
+    }
     let bit64 = old.has_incompat(incompat::BIT64);
     let max_blocks = if bit64 { 1u64 << 48 } else { (1u64 << 32) - 1 };
-    let mut new_blocks = new_sectors * SECTOR_BYTES / bs;
+    let mut new_blocks = new_sectors.saturating_mul(SECTOR_BYTES) / bs;
     if new_blocks > max_blocks {
         return Err(Error::unsupported(format!(
             "ext: {new_blocks} blocks of {bs} bytes are more than the {max_blocks} the \
@@ -373,6 +398,12 @@ fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
                 max_groups * old.blocks_per_group + old.first_data_block
             )));
         }
+    }
+    if new_gdt * bs > MAX_TABLE_BYTES {
+        return Err(Error::unsupported(format!(
+            "ext: a descriptor table of {new_gdt} blocks of {bs} bytes (more than {} MiB)",
+            MAX_TABLE_BYTES >> 20
+        )));
     }
     let inodes = new_groups * old.inodes_per_group;
     if inodes > u64::from(u32::MAX) {
@@ -460,12 +491,12 @@ fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
     // The new groups.
     let uninit = has_uninit(&new);
     let csum = new.has_ro(ro_compat::METADATA_CSUM);
-    let ipg = old.inodes_per_group;
     for g in old_groups..new_groups {
         let (bb, ib, it, free) = new_group_layout(&new, g);
         if free == 0 {
-            return Err(Error::internal(format!(
-                "ext: new group {g} has no free block"
+            return Err(Error::unsupported(format!(
+                "ext: new group {g}'s metadata ({} blocks) leaves it no free block",
+                new.group_overhead(g) + 2 + new.inode_table_blocks()
             )));
         }
         let d = &mut gdt[g as usize * ds..(g as usize + 1) * ds];
