@@ -117,7 +117,10 @@ fn field(text: &str, key: &str) -> u64 {
 fn counts(image: &str) -> (u64, u64, u64, u64) {
     let h = sh_ok(&format!("dumpe2fs -h '{image}' 2>/dev/null"));
     let full = sh_ok(&format!("dumpe2fs '{image}' 2>/dev/null"));
-    let groups = full.lines().filter(|l| l.starts_with("Group ")).count() as u64;
+    let groups = full
+        .lines()
+        .filter(|l| l.starts_with("Group ") && l.contains(": (Blocks "))
+        .count() as u64;
     (
         field(&h, "Block count:"),
         field(&h, "Free blocks:"),
@@ -572,4 +575,34 @@ fn bigalloc_is_refused() {
 #[test]
 fn meta_bg_is_refused() {
     refused("-b 1024 -O meta_bg,^resize_inode", None, "meta_bg");
+}
+
+#[test]
+fn ext4_with_descriptor_blocks_reserved_for_it_grows_from_64_mib_to_2_tib() {
+    let dir = support::temp_dir();
+    let dir = dir.path();
+    // -E resize=2^29 reserves descriptor blocks for 2^29 blocks of 4 KiB
+    // (2 TiB): 255, with the one in use 256 blocks of 64 descriptors, so
+    // the 16384 groups of 2 TiB use every reserved block.
+    let image = make_ext(dir, 64, "ext4", "-b 4096 -E resize=536870912");
+    let disk = disk_with(
+        dir,
+        66 * MIB,
+        "label: gpt\\nstart=2048, size=131072\\n",
+        &image,
+    );
+    let mut overlay = Overlay::new(open(&disk), OverlayOptions::default()).unwrap();
+    let part = enlarge(&mut overlay, (2 << 31) + 4096);
+    assert_eq!(part.sectors, 2 << 31, "{part:?}");
+    let report = grow_filesystem(&mut overlay, part.start, part.sectors).unwrap();
+    assert_eq!(report.new_clusters, 1 << 29);
+    let cloned = clone_raw(&mut overlay, dir);
+    drop(overlay);
+    let grown = extract(dir, &cloned, part.start, part.sectors);
+    assert_clean(&grown);
+    let (blocks, _) = compare_with_resize2fs(dir, &image, &grown, part.sectors);
+    assert_eq!(blocks, 1 << 29);
+    let header = sh_ok(&format!("dumpe2fs -h '{grown}' 2>/dev/null"));
+    assert!(!header.contains("Reserved GDT blocks"), "{header}");
+    assert_files(dir, &grown);
 }
