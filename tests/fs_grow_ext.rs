@@ -606,3 +606,17 @@ fn ext4_with_descriptor_blocks_reserved_for_it_grows_from_64_mib_to_2_tib() {
     assert!(!header.contains("Reserved GDT blocks"), "{header}");
     assert_files(dir, &grown);
 }
+
+#[test]
+fn ext4_with_64_kib_blocks_grows() {
+    // mke2fs makes groups of 65528 blocks (4 GiB): 64 MiB grows to 11
+    // groups, the last of 16432 blocks.
+    grow_case(&Case {
+        kind: "ext4",
+        opts: "-b 65536",
+        fs_mib: 64,
+        table: MBR_LAST,
+        disk_bytes: 66 * MIB,
+        new_disk_sectors: 41 << 21,
+    });
+}

@@ -764,3 +764,51 @@ fn resize_inode(
     writes.push((block_at / bs, block));
     Ok(writes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sb(ro: u32, compat_bits: u32, backup_bgs: [u32; 2]) -> Superblock {
+        let mut raw = vec![0u8; 1024];
+        raw[0x38..0x3A].copy_from_slice(&crate::fs::ext::MAGIC.to_le_bytes());
+        raw[0x4C] = 1;
+        raw[0x5C..0x60].copy_from_slice(&compat_bits.to_le_bytes());
+        raw[0x64..0x68].copy_from_slice(&ro.to_le_bytes());
+        raw[0x04..0x08].copy_from_slice(&(1u32 << 24).to_le_bytes());
+        raw[0x18] = 2;
+        raw[0x20..0x24].copy_from_slice(&32768u32.to_le_bytes());
+        raw[0x58] = 128;
+        raw[0x24C..0x250].copy_from_slice(&backup_bgs[0].to_le_bytes());
+        raw[0x250..0x254].copy_from_slice(&backup_bgs[1].to_le_bytes());
+        Superblock::parse(&raw).unwrap()
+    }
+
+    #[test]
+    fn backup_groups_follow_the_sparse_rules() {
+        // The powers of 3, 5 and 7 below 130, by hand.
+        let s = sb(ro_compat::SPARSE_SUPER, 0, [0, 0]);
+        assert_eq!(backups(&s, 130), [1, 3, 5, 7, 9, 25, 27, 49, 81, 125]);
+        let s = sb(0, 0, [0, 0]);
+        assert_eq!(backups(&s, 5), [1, 2, 3, 4]);
+        let s = sb(0, compat::SPARSE_SUPER2, [1, 40]);
+        assert_eq!(backups(&s, 41), [1, 40]);
+        assert_eq!(backups(&s, 40), [1]);
+    }
+
+    #[test]
+    fn tail_bits_and_split_fields() {
+        let mut b = vec![0u8; 4];
+        set_tail(&mut b, 13);
+        assert_eq!(b, [0, 0xE0, 0xFF, 0xFF]);
+        let mut d = vec![0u8; 32];
+        assert!(put_split(&mut d, 0x0C, 0x2C, 16, 0x1_0000, "n").is_err());
+        put_split(&mut d, 0x0C, 0x2C, 16, 0xFFFF, "n").unwrap();
+        assert_eq!(split_get(&d, 0x0C, 0x2C, 16), 0xFFFF);
+        let mut d = vec![0u8; 64];
+        put_split(&mut d, 0x0C, 0x2C, 16, 0x12_3456, "n").unwrap();
+        assert_eq!((d[0x0C], d[0x0D], d[0x2C], d[0x2D]), (0x56, 0x34, 0x12, 0));
+        put_split(&mut d, 0x00, 0x20, 32, 0x1_0000_0002, "n").unwrap();
+        assert_eq!(split_get(&d, 0x00, 0x20, 32), 0x1_0000_0002);
+    }
+}
