@@ -573,8 +573,30 @@ fn bigalloc_is_refused() {
 }
 
 #[test]
-fn meta_bg_is_refused() {
-    refused("-b 1024 -O meta_bg,^resize_inode", None, "meta_bg");
+fn ext4_with_meta_bg_grows_into_new_meta_groups() {
+    // 64-byte descriptors, 16 per 1 KiB block: groups 16 and 32 start meta
+    // groups (their descriptor block there, copies in 17, 31 and 33).
+    grow_case(&Case {
+        kind: "ext4",
+        opts: "-b 1024 -O meta_bg,^resize_inode",
+        fs_mib: 64,
+        table: MBR_AFTER,
+        disk_bytes: 72 * MIB,
+        new_disk_sectors: 300 * 2048,
+    });
+}
+
+#[test]
+fn ext4_32bit_with_meta_bg_grows() {
+    // 32 descriptors per block: group 32 starts the second meta group.
+    grow_case(&Case {
+        kind: "ext4",
+        opts: "-b 1024 -O meta_bg,^resize_inode,^64bit",
+        fs_mib: 64,
+        table: GPT_AFTER,
+        disk_bytes: 72 * MIB,
+        new_disk_sectors: 300 * 2048,
+    });
 }
 
 #[test]
@@ -619,4 +641,31 @@ fn ext4_with_64_kib_blocks_grows() {
         disk_bytes: 66 * MIB,
         new_disk_sectors: 41 << 21,
     });
+}
+
+#[test]
+fn ext4_with_meta_bg_grows_from_64_mib_to_2_tib() {
+    let dir = support::temp_dir();
+    let dir = dir.path();
+    // meta_bg needs no reserved descriptor blocks: each meta group of 64
+    // groups holds its own descriptor block.
+    let image = make_ext(dir, 64, "ext4", "-b 4096 -O meta_bg,^resize_inode");
+    let disk = disk_with(
+        dir,
+        66 * MIB,
+        "label: gpt\\nstart=2048, size=131072\\n",
+        &image,
+    );
+    let mut overlay = Overlay::new(open(&disk), OverlayOptions::default()).unwrap();
+    let part = enlarge(&mut overlay, (2 << 31) + 4096);
+    assert_eq!(part.sectors, 2 << 31, "{part:?}");
+    let report = grow_filesystem(&mut overlay, part.start, part.sectors).unwrap();
+    assert_eq!(report.new_clusters, 1 << 29);
+    let cloned = clone_raw(&mut overlay, dir);
+    drop(overlay);
+    let grown = extract(dir, &cloned, part.start, part.sectors);
+    assert_clean(&grown);
+    let (blocks, _) = compare_with_resize2fs(dir, &image, &grown, part.sectors);
+    assert_eq!(blocks, 1 << 29);
+    assert_files(dir, &grown);
 }

@@ -150,8 +150,9 @@ fn ext_hot(volume: &[u8]) -> Vec<(usize, usize)> {
 #[test]
 fn damaged_ext_never_panics_and_refusals_write_nothing() {
     // ext4 (metadata_csum: most damage fails a checksum), ext4 with
-    // uninit_bg (CRC16 descriptors, no inode checksum) and ext2 (no
-    // checksums: the damage reaches the layout checks).
+    // uninit_bg (CRC16 descriptors, no inode checksum), ext2 (no
+    // checksums: the damage reaches the layout checks) and ext4 with
+    // meta_bg.
     for (script, rounds) in [
         ("mke2fs -q -F -t ext4 -b 1024", 40),
         (
@@ -159,6 +160,7 @@ fn damaged_ext_never_panics_and_refusals_write_nothing() {
             60,
         ),
         ("mke2fs -q -F -t ext2 -b 1024", 100),
+        ("mke2fs -q -F -t ext4 -b 1024 -O meta_bg,^resize_inode", 40),
     ] {
         // Two groups of 8 MiB and a partial third.
         let volume = make(script, 20);

@@ -1,6 +1,7 @@
 //! Growing ext2, ext3 and ext4 to fill an enlarged partition, offline, as
 //! `resize2fs` grows a filesystem: new block groups after the old ones,
-//! the descriptor table extended into the reserved descriptor blocks.
+//! the descriptor table extended into the reserved descriptor blocks, or
+//! with `meta_bg` into the new meta groups.
 //!
 //! # Format facts relied on (the kernel's ext4 on-disk documentation, and
 //! what `mke2fs`/`resize2fs` 1.47 leave on disk, read with `dumpe2fs` and
@@ -38,6 +39,10 @@
 //!   (0x64) and the whole inode with both halves zero.
 //! * A last group smaller than its metadata plus 50 blocks is left out,
 //!   as `resize2fs` does.
+//! * `meta_bg` (as mke2fs makes it, first meta group 0): the descriptor
+//!   block of meta group `m` (groups `m * per block` on) is in its first,
+//!   second and last group, after the superblock copy if that group has
+//!   one; no table follows a superblock copy there.
 //!
 //! # What this grower writes
 //!
@@ -52,7 +57,8 @@
 //! it gains. The descriptor table, extended into the reserved blocks when
 //! it needs more blocks, is written to every group with a superblock copy,
 //! with the superblock; the resize inode then describes the reserved
-//! blocks left. Everything is computed and checked before the first write.
+//! blocks left (with `meta_bg`, each descriptor block goes to its three
+//! groups). Everything is computed and checked before the first write.
 
 use super::GrowReport;
 use crate::disk::{Disk, SECTOR_BYTES};
@@ -183,19 +189,43 @@ fn has_uninit(sb: &Superblock) -> bool {
     sb.has_ro(ro_compat::GDT_CSUM | ro_compat::METADATA_CSUM)
 }
 
+/// The blocks at the start of group `g` that hold its superblock copy and
+/// descriptor blocks (and reserved ones). Without `meta_bg`, a group with
+/// a superblock copy holds the whole table and the reserved blocks; with
+/// it, the groups of the first `first_meta_bg` meta groups that have a
+/// copy hold the first `first_meta_bg` descriptor blocks, and in the
+/// later meta groups the first, second and last group hold their meta
+/// group's descriptor block after the superblock copy, if any.
+fn overhead(sb: &Superblock, g: u64) -> u64 {
+    let sup = u64::from(sb.has_super(g));
+    if !sb.has_incompat(incompat::META_BG) {
+        return sb.group_overhead(g);
+    }
+    let per = sb.descs_per_block();
+    if g / per < sb.first_meta_bg {
+        return if sup == 1 {
+            1 + sb.first_meta_bg + sb.reserved_gdt_blocks
+        } else {
+            0
+        };
+    }
+    let at = g % per;
+    sup + u64::from(at == 0 || at == 1 || at == per - 1)
+}
+
 /// Where a new group's metadata lies: (block bitmap, inode bitmap, inode
 /// table, free blocks).
 fn new_group_layout(sb: &Superblock, g: u64) -> (u64, u64, u64, u64) {
     let start = sb.group_first_block(g);
-    let bb = start + sb.group_overhead(g);
-    let used = sb.group_overhead(g) + 2 + sb.inode_table_blocks();
+    let bb = start + overhead(sb, g);
+    let used = overhead(sb, g) + 2 + sb.inode_table_blocks();
     (bb, bb + 1, bb + 2, sb.group_blocks(g).saturating_sub(used))
 }
 
 /// A new group's block bitmap (one block).
 fn new_block_bitmap(sb: &Superblock, g: u64) -> Vec<u8> {
     let mut bitmap = vec![0u8; sb.block_size as usize];
-    let used = sb.group_overhead(g) + 2 + sb.inode_table_blocks();
+    let used = overhead(sb, g) + 2 + sb.inode_table_blocks();
     for bit in 0..used {
         bitmap[(bit / 8) as usize] |= 1 << (bit % 8);
     }
@@ -278,9 +308,45 @@ pub fn grow(
         }
         let sb_at = if g == 0 { 1024 } else { first * bs };
         overlay.write(sector_of(sb_at), &sb)?;
-        overlay.write(sector_of((first + 1) * bs), &plan.gdt)?;
+    }
+    for (block, i) in table_copies(new, plan.new_groups) {
+        let at = (i * bs) as usize;
+        overlay.write(sector_of(block * bs), &plan.gdt[at..at + bs as usize])?;
     }
     Ok(report)
+}
+
+/// Every copy of every descriptor block of the grown filesystem: (block,
+/// descriptor block index).
+fn table_copies(sb: &Superblock, groups: u64) -> Vec<(u64, u64)> {
+    let table = sb.gdt_blocks();
+    let meta = sb.has_incompat(incompat::META_BG);
+    let per = sb.descs_per_block();
+    let classic = if meta {
+        sb.first_meta_bg.min(table)
+    } else {
+        table
+    };
+    let mut out = Vec::new();
+    for g in 0..groups {
+        if sb.has_super(g) && (!meta || g / per < sb.first_meta_bg) {
+            let first = sb.group_first_block(g);
+            out.extend((0..classic).map(|i| (first + 1 + i, i)));
+        }
+    }
+    if meta {
+        for i in sb.first_meta_bg..table {
+            let m = i * per;
+            let mut at = vec![m, m + 1, m + per - 1];
+            at.retain(|&x| x / per == i && x < groups);
+            at.dedup();
+            for x in at {
+                let block = sb.group_first_block(x) + u64::from(sb.has_super(x));
+                out.push((block, i));
+            }
+        }
+    }
+    out
 }
 
 fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
@@ -296,10 +362,17 @@ fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
     let fs = ExtFs::open(vol)?;
     let old = fs.sb.clone();
     old.check_bitmaps_trustworthy()?;
-    if old.has_incompat(incompat::META_BG) {
+    let meta_bg = old.has_incompat(incompat::META_BG);
+    if meta_bg && old.first_meta_bg != 0 {
+        return Err(Error::unsupported(format!(
+            "ext: meta_bg from meta group {} on (a table converted by resize2fs) is not \
+             supported; grow it with resize2fs",
+            old.first_meta_bg
+        )));
+    }
+    if meta_bg && old.has_compat(compat::RESIZE_INODE) {
         return Err(Error::unsupported(
-            "ext: growing a filesystem with meta_bg is not supported (grow it with resize2fs)"
-                .into(),
+            "ext: meta_bg together with resize_inode (mke2fs never makes this); not grown".into(),
         ));
     }
     if le32(&old.raw, 0xE8) != 0 || old.has_ro(ro_compat::ORPHAN_PRESENT) {
@@ -353,12 +426,14 @@ fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
         new.blocks_count = new_blocks;
         let groups = new.group_count();
         let gdt = new.gdt_blocks();
-        new.reserved_gdt_blocks = old
-            .reserved_gdt_blocks
-            .saturating_sub(gdt.saturating_sub(old_gdt));
+        if !meta_bg {
+            new.reserved_gdt_blocks = old
+                .reserved_gdt_blocks
+                .saturating_sub(gdt.saturating_sub(old_gdt));
+        }
         let rem = (new_blocks - old.first_data_block) % old.blocks_per_group;
         let last = groups - 1;
-        let need = new.group_overhead(last) + 2 + new.inode_table_blocks() + LAST_GROUP_SLACK;
+        let need = overhead(&new, last) + 2 + new.inode_table_blocks() + LAST_GROUP_SLACK;
         if groups > old_groups && rem != 0 && rem < need {
             new_blocks -= rem;
             continue;
@@ -374,7 +449,8 @@ fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
     }
     let new_gdt = new.gdt_blocks();
     let extra_gdt = new_gdt - old_gdt;
-    if extra_gdt > 0 {
+    // With meta_bg a new descriptor block goes into the new groups.
+    if extra_gdt > 0 && !meta_bg {
         let has_resize = old.has_compat(compat::RESIZE_INODE);
         if extra_gdt > old.reserved_gdt_blocks || !has_resize {
             let max_groups = (old_gdt
@@ -387,8 +463,8 @@ fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
             return Err(Error::unsupported(format!(
                 "ext: {new_groups} block groups need {new_gdt} descriptor blocks; the \
                  filesystem has {old_gdt} and {} reserved{} (resize_inode), so it grows to at \
-                 most {max_groups} groups ({} blocks) this way; growing further needs meta_bg, \
-                 which is not supported",
+                 most {max_groups} groups ({} blocks) this way; growing further needs a \
+                 conversion to meta_bg, which is not supported (resize2fs can)",
                 if has_resize {
                     old.reserved_gdt_blocks
                 } else {
@@ -496,7 +572,7 @@ fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
         if free == 0 {
             return Err(Error::unsupported(format!(
                 "ext: new group {g}'s metadata ({} blocks) leaves it no free block",
-                new.group_overhead(g) + 2 + new.inode_table_blocks()
+                overhead(&new, g) + 2 + new.inode_table_blocks()
             )));
         }
         let d = &mut gdt[g as usize * ds..(g as usize + 1) * ds];
