@@ -226,6 +226,7 @@ fn grow_case(c: &Case) {
     let img_s = image.display().to_string();
     let (old_blocks, old_free, bs, _) = counts(&img_s);
     let disk = disk_with(dir, c.disk_bytes, c.table, &image);
+    let before = support::fingerprint(&disk);
     let mut overlay = Overlay::new(open(&disk), OverlayOptions::default()).unwrap();
     let part = enlarge(&mut overlay, c.new_disk_sectors);
     let report = grow_filesystem(&mut overlay, part.start, part.sectors).unwrap();
@@ -238,6 +239,11 @@ fn grow_case(c: &Case) {
     );
     let cloned = clone_raw(&mut overlay, dir);
     drop(overlay);
+    assert_eq!(
+        support::fingerprint(&disk),
+        before,
+        "the source was written"
+    );
     let verify = sh_ok(&format!("sfdisk --verify '{}' 2>&1", cloned.display()));
     assert!(verify.contains("No errors detected"), "{verify}");
     let grown = extract(dir, &cloned, part.start, part.sectors);

@@ -154,13 +154,13 @@ fn damaged_ext_never_panics_and_refusals_write_nothing() {
     // checksums: the damage reaches the layout checks) and ext4 with
     // meta_bg.
     for (script, rounds) in [
-        ("mke2fs -q -F -t ext4 -b 1024", 40),
+        ("mke2fs -q -F -t ext4 -b 1024", 30),
         (
             "mke2fs -q -F -t ext4 -b 1024 -O ^metadata_csum,uninit_bg,^64bit",
-            60,
+            40,
         ),
-        ("mke2fs -q -F -t ext2 -b 1024", 100),
-        ("mke2fs -q -F -t ext4 -b 1024 -O meta_bg,^resize_inode", 40),
+        ("mke2fs -q -F -t ext2 -b 1024", 80),
+        ("mke2fs -q -F -t ext4 -b 1024 -O meta_bg,^resize_inode", 30),
     ] {
         // Two groups of 8 MiB and a partial third.
         let volume = make(script, 20);
