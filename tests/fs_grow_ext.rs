@@ -202,6 +202,15 @@ fn compare_with_resize2fs(dir: &Path, original: &Path, image: &str, sectors: u64
     );
     assert_eq!(blocks, r_blocks);
     assert_eq!(groups, r_groups);
+    // sparse_super2's backup groups (the second one follows the last
+    // group), when the filesystem has them.
+    let backup_groups = |image: &str| {
+        sh_ok(&format!("dumpe2fs -h '{image}' 2>/dev/null"))
+            .lines()
+            .find(|l| l.starts_with("Backup block groups:"))
+            .map(str::to_owned)
+    };
+    assert_eq!(backup_groups(image), backup_groups(&reference));
     // Both place the same metadata in every new group (only where
     // differs), so the free counts are equal.
     assert_eq!(free, r_free, "free blocks: ours, resize2fs");

@@ -213,6 +213,17 @@ fn overhead(sb: &Superblock, g: u64) -> u64 {
     sup + u64::from(at == 0 || at == 1 || at == per - 1)
 }
 
+/// True when `sparse_super2`'s second backup group is the old last group
+/// and growth to `new_groups` makes another group the last.
+fn moves_backup(old: &Superblock, old_groups: u64, new_groups: u64) -> bool {
+    let last = old_groups - 1;
+    old.has_compat(compat::SPARSE_SUPER2)
+        && last > 0
+        && u64::from(old.backup_bgs[1]) == last
+        && u64::from(old.backup_bgs[0]) != last
+        && new_groups > old_groups
+}
+
 /// Where a new group's metadata lies: (block bitmap, inode bitmap, inode
 /// table, free blocks).
 fn new_group_layout(sb: &Superblock, g: u64) -> (u64, u64, u64, u64) {
@@ -431,8 +442,13 @@ fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
                 .reserved_gdt_blocks
                 .saturating_sub(gdt.saturating_sub(old_gdt));
         }
-        let rem = (new_blocks - old.first_data_block) % old.blocks_per_group;
         let last = groups - 1;
+        // sparse_super2: the second backup, in the old last group, moves
+        // to the new last group (as resize2fs moves it).
+        if moves_backup(&old, old_groups, groups) {
+            new.backup_bgs[1] = last as u32;
+        }
+        let rem = (new_blocks - old.first_data_block) % old.blocks_per_group;
         let need = overhead(&new, last) + 2 + new.inode_table_blocks() + LAST_GROUP_SLACK;
         if groups > old_groups && rem != 0 && rem < need {
             new_blocks -= rem;
@@ -519,7 +535,14 @@ fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
     let mut new_free_blocks = old_free_blocks;
     let old_in_last = old.group_blocks(last);
     let new_in_last = new.group_blocks(last);
-    if new_in_last > old_in_last {
+    // The old last group's superblock copy, table and reserved blocks
+    // when its backup moves (sparse_super2); they become free.
+    let released = if moves_backup(&old, old_groups, new_groups) {
+        old.group_overhead(last).min(old_in_last)
+    } else {
+        0
+    };
+    if new_in_last > old_in_last || released > 0 {
         let desc: GroupDesc = fs.groups[last as usize];
         if desc.flags & BG_BLOCK_UNINIT != 0 {
             return Err(Error::unsupported(format!(
@@ -541,11 +564,17 @@ fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
                 )));
             }
         }
-        for bit in old_in_last..new_in_last {
+        for bit in (0..released).chain(old_in_last..new_in_last) {
+            if released > 0 && bit < released && bitmap[(bit / 8) as usize] & (1 << (bit % 8)) == 0
+            {
+                return Err(Error::corrupt(format!(
+                    "ext: group {last}'s backup superblock area is free in its bitmap"
+                )));
+            }
             bitmap[(bit / 8) as usize] &= !(1 << (bit % 8));
         }
         set_tail(&mut bitmap, new_in_last);
-        let gained = new_in_last - old_in_last;
+        let gained = new_in_last - old_in_last + released;
         let free = desc.free_blocks + gained;
         put_split(d, 0x0C, 0x2C, 16, free, "free block count")?;
         if csum {
@@ -634,6 +663,7 @@ fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
     put32(&mut sb, 0x00, inodes as u32);
     put32(&mut sb, 0x10, new_free_inodes as u32);
     put16(&mut sb, 0xCE, new.reserved_gdt_blocks as u16);
+    put32(&mut sb, 0x250, new.backup_bgs[1]);
     put32(&mut sb, 0x248, 0);
     new.raw = sb.clone();
     Ok(Plan {
