@@ -206,7 +206,10 @@ fn enlarge_grows_ext4_by_default() {
         "--partition",
         "1",
     ]);
-    assert!(out.contains("filesystem: partition 1: ext4 grown"), "{out}");
+    assert!(
+        out.contains("filesystem: partition 1: ext4 grown") && out.contains(" blocks of "),
+        "{out}"
+    );
     let (p1, size) = partition_1(d, &big);
     assert_eq!(size, 49152 + 66 * 2048);
     let header = sh_ok(&format!("dumpe2fs -h '{}' 2>/dev/null", p1.display()));
