@@ -1,5 +1,6 @@
-//! The growers on damaged real volumes (mkfs.fat FAT16/FAT32 and mkntfs,
-//! bytes of their metadata changed at random with fixed seeds): every call
+//! The growers on damaged real volumes (mkfs.fat FAT16/FAT32, mkntfs and
+//! mke2fs ext2/ext4, bytes of their metadata changed at random with fixed
+//! seeds): every call
 //! returns (no panic, no hang); a refusal leaves the overlay exactly as it
 //! was (extent map, store use, bytes); a success leaves a volume whose boot
 //! sector says the new size.
@@ -115,4 +116,57 @@ fn damaged_ntfs_never_panics_and_refusals_write_nothing() {
     let (ok, refused) = fuzz(&volume, &hot, 200);
     eprintln!("ntfs: {ok} grown, {refused} refused");
     assert!(refused > 0);
+}
+
+/// The hot ranges of an ext volume of 1 KiB blocks: the superblock, the
+/// descriptor block, the first reserved descriptor block, group 0's
+/// block bitmap and the inode table block holding the resize inode (7),
+/// found by the documented layout (descriptor table at block 2; block
+/// bitmap at 0x00 and inode table at 0x08 of a descriptor; inode size at
+/// 0x58 of the superblock) and the last group's block bitmap.
+fn ext_hot(volume: &[u8]) -> Vec<(usize, usize)> {
+    let le32 = |at: usize| u32::from_le_bytes(volume[at..at + 4].try_into().unwrap()) as usize;
+    let le16 = |at: usize| u16::from_le_bytes([volume[at], volume[at + 1]]) as usize;
+    let desc = 2048;
+    let desc_size = if le32(1024 + 0x60) & 0x80 != 0 {
+        le16(1024 + 0xFE)
+    } else {
+        32
+    };
+    let groups = (le32(1024 + 4) - 1).div_ceil(le32(1024 + 0x20));
+    let bitmap = le32(desc) * 1024;
+    let last_bitmap = le32(desc + (groups - 1) * desc_size) * 1024;
+    let inode7 = le32(desc + 8) * 1024 + 6 * le16(1024 + 0x58);
+    vec![
+        (1024, 1024),
+        (desc, 1024),
+        (3072, 1024),
+        (bitmap, 1024),
+        (last_bitmap, 1024),
+        (inode7 / 1024 * 1024, 1024),
+    ]
+}
+
+#[test]
+fn damaged_ext_never_panics_and_refusals_write_nothing() {
+    // ext4 (metadata_csum: most damage fails a checksum), ext4 with
+    // uninit_bg (CRC16 descriptors, no inode checksum), ext2 (no
+    // checksums: the damage reaches the layout checks) and ext4 with
+    // meta_bg.
+    for (script, rounds) in [
+        ("mke2fs -q -F -t ext4 -b 1024", 30),
+        (
+            "mke2fs -q -F -t ext4 -b 1024 -O ^metadata_csum,uninit_bg,^64bit",
+            40,
+        ),
+        ("mke2fs -q -F -t ext2 -b 1024", 80),
+        ("mke2fs -q -F -t ext4 -b 1024 -O meta_bg,^resize_inode", 30),
+    ] {
+        // Two groups of 8 MiB and a partial third.
+        let volume = make(script, 20);
+        let hot = ext_hot(&volume);
+        let (ok, refused) = fuzz(&volume, &hot, rounds);
+        eprintln!("{script}: {ok} grown, {refused} refused");
+        assert!(refused > 0, "{script}: no damage was noticed");
+    }
 }

@@ -1,8 +1,9 @@
-//! `enlarge` grows the filesystem in the grown partition too (FAT12/16/32
-//! and NTFS, through the overlay); `--no-grow-fs` keeps it as it is.
+//! `enlarge` grows the filesystem in the grown partition too (ext2/3/4,
+//! FAT12/16/32 and NTFS, through the overlay); `--no-grow-fs` keeps it as
+//! it is.
 
 use cowdisk::disk::SECTOR_BYTES;
-use cowdisk::fs::{grow_filesystem, GrowReport};
+use cowdisk::fs::{grow_filesystem, FsKind, GrowReport};
 use cowdisk::partition::EnlargeReport;
 use cowdisk::Overlay;
 
@@ -11,7 +12,8 @@ use crate::size::human;
 #[derive(clap::Args)]
 pub(crate) struct GrowArgs {
     /// Grow only the partition; leave its filesystem at its old size (by
-    /// default a FAT12/16/32 or NTFS filesystem grows to fill it).
+    /// default an ext2/3/4, FAT12/16/32 or NTFS filesystem grows to fill
+    /// it).
     #[arg(long)]
     pub(crate) no_grow_fs: bool,
 }
@@ -22,8 +24,12 @@ fn describe(number: u32, r: &GrowReport) -> String {
     } else {
         String::new()
     };
+    let unit = match r.filesystem {
+        FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => "blocks",
+        _ => "clusters",
+    };
     format!(
-        "partition {number}: {} grown from {} to {} ({} -> {} clusters of {}{fat}), free {} -> {}",
+        "partition {number}: {} grown from {} to {} ({} -> {} {unit} of {}{fat}), free {} -> {}",
         r.filesystem.name(),
         human(r.old_sectors * SECTOR_BYTES),
         human(r.new_sectors * SECTOR_BYTES),
@@ -36,8 +42,8 @@ fn describe(number: u32, r: &GrowReport) -> String {
 }
 
 /// Grows the filesystem of the partition `report` grew, and says what it
-/// did. A filesystem that cannot be grown (unknown, ext for now, dirty,
-/// damaged, a FAT that would change type) is left untouched - the grower
+/// did. A filesystem that cannot be grown (unknown, dirty, damaged, ext
+/// past its reserved descriptor blocks, a FAT that would change type) is left untouched - the grower
 /// writes nothing when it refuses - with a warning: the partition still
 /// grows.
 pub(crate) fn after_enlarge(overlay: &mut Overlay, report: &EnlargeReport, args: &GrowArgs) {

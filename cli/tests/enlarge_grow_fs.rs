@@ -1,10 +1,10 @@
 //! `cowdisk enlarge` grows the filesystem in the grown partition by
 //! default and says so; `--no-grow-fs` leaves it at its old size; a
-//! filesystem it cannot grow (ext for now) gets a warning and the
+//! filesystem it cannot grow (a dirty ext4) gets a warning and the
 //! partition still grows. Judged by the real tools on the written clone:
 //! `sfdisk --json` for the partition, `fsck.fat -n -v` / `ntfsinfo -m` /
-//! `ntfsfix -n` / `dumpe2fs -h` for the filesystem, mtools / ntfscat for
-//! the files.
+//! `ntfsfix -n` / `dumpe2fs -h` and `e2fsck -fn` for the filesystem,
+//! mtools / ntfscat / debugfs for the files.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -187,10 +187,69 @@ fn enlarge_grows_ntfs_by_default() {
 }
 
 #[test]
-fn enlarge_warns_that_ext4_is_not_grown_yet_and_grows_the_partition() {
+fn enlarge_grows_ext4_by_default() {
     let dir = support::temp_dir();
     let d = dir.path();
-    let src = disk(d, 24, "mkfs.ext4 -q -F \"$1\"", "true");
+    let src = disk(
+        d,
+        24,
+        "mkfs.ext4 -q -F \"$1\"",
+        "debugfs -w -R \"write $2 file.bin\" \"$1\" >/dev/null 2>&1",
+    );
+    let big = d.join("big.raw");
+    let (out, _) = cowdisk(&[
+        "enlarge",
+        &src.display().to_string(),
+        &big.display().to_string(),
+        "--size",
+        "100M",
+        "--partition",
+        "1",
+    ]);
+    assert!(
+        out.contains("filesystem: partition 1: ext4 grown") && out.contains(" blocks of "),
+        "{out}"
+    );
+    let (p1, size) = partition_1(d, &big);
+    assert_eq!(size, 49152 + 66 * 2048);
+    let header = sh_ok(&format!("dumpe2fs -h '{}' 2>/dev/null", p1.display()));
+    let number = |key: &str| -> u64 {
+        header
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(number("Block count:") * number("Block size:"), size * 512);
+    let check = sh_ok(&format!("e2fsck -fn '{}' 2>&1", p1.display()));
+    assert!(
+        check
+            .lines()
+            .all(|l| l.starts_with("Pass ") || l.starts_with("e2fsck ") || l.contains(" files (")),
+        "{check}"
+    );
+    let back = d.join("back.bin");
+    sh_ok(&format!(
+        "debugfs -R 'dump /file.bin {}' '{}' 2>/dev/null && cmp '{}' '{}'",
+        back.display(),
+        p1.display(),
+        back.display(),
+        d.join("file.bin").display()
+    ));
+}
+
+#[test]
+fn enlarge_warns_that_a_dirty_ext4_is_not_grown_and_grows_the_partition() {
+    let dir = support::temp_dir();
+    let d = dir.path();
+    let src = disk(
+        d,
+        24,
+        "mkfs.ext4 -q -F \"$1\"",
+        "debugfs -w -R \"ssv state 0\" \"$1\" >/dev/null 2>&1",
+    );
     let big = d.join("big.raw");
     let (_, err) = cowdisk(&[
         "enlarge",
@@ -201,23 +260,18 @@ fn enlarge_warns_that_ext4_is_not_grown_yet_and_grows_the_partition() {
         "--partition",
         "1",
     ]);
-    assert!(err.contains("not supported yet"), "{err}");
+    assert!(err.contains("not cleanly unmounted"), "{err}");
     let (p1, size) = partition_1(d, &big);
     assert_eq!(size, 49152 + 66 * 2048);
     let header = sh_ok(&format!("dumpe2fs -h '{}' 2>/dev/null", p1.display()));
-    let blocks: u64 = header
-        .lines()
-        .find_map(|l| l.strip_prefix("Block count:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let block_size: u64 = header
-        .lines()
-        .find_map(|l| l.strip_prefix("Block size:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert_eq!(blocks * block_size, 24 * MIB);
+    let number = |key: &str| -> u64 {
+        header
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(number("Block count:") * number("Block size:"), 24 * MIB);
 }

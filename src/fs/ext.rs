@@ -49,6 +49,7 @@ pub const SUPERBLOCK_BYTES: usize = 1024;
 
 pub mod compat {
     pub const HAS_JOURNAL: u32 = 0x4;
+    pub const RESIZE_INODE: u32 = 0x10;
     pub const SPARSE_SUPER2: u32 = 0x200;
 }
 

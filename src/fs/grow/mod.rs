@@ -2,12 +2,13 @@
 //! through the overlay (the source is never written).
 //!
 //! [`grow_filesystem`] recognises the filesystem at the start of the
-//! partition and makes it fill the partition's new size: FAT12/16/32
-//! ([`fat`]) and NTFS ([`ntfs`]); ext2/3/4 is refused for now. Every
+//! partition and makes it fill the partition's new size: ext2/3/4
+//! ([`ext`]), FAT12/16/32 ([`fat`]) and NTFS ([`ntfs`]). Every
 //! grower reads and checks everything it needs before its first write, so
 //! a refusal (a dirty or inconsistent volume, a size the format cannot
 //! take) leaves the overlay untouched.
 
+pub mod ext;
 pub mod fat;
 pub mod ntfs;
 
@@ -76,10 +77,9 @@ pub fn grow_filesystem_with(
             fat::grow(overlay, part_start, new_sectors, options.dry_run)
         }
         Some(FsKind::Ntfs) => ntfs::grow(overlay, part_start, new_sectors, options.dry_run),
-        Some(k @ (FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4)) => Err(Error::unsupported(format!(
-            "growing {} is not supported yet (grow it with resize2fs after cloning)",
-            k.name()
-        ))),
+        Some(FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4) => {
+            ext::grow(overlay, part_start, new_sectors, options.dry_run)
+        }
         Some(k) => Err(Error::unsupported(format!(
             "the partition holds {}, which has no filesystem to grow",
             k.name()
