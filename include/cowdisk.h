@@ -1241,9 +1241,11 @@ HVDDR COW_OpenFilesystemView(HVDDR src, uint32_t flags, struct COW_FS_REPORT *re
 /**
  * Grows the filesystem of the partition that starts at sector
  * `part_start_lba` of overlay `h` to fill `new_sectors` sectors (the
- * partition's size; enlarge the partition first). FAT12/16/32 and NTFS
- * are grown; ext2/3/4 is refused for now (COW_ERR_UNSUPPORTED). The FAT
- * type never changes: a size that would need another type is refused.
+ * partition's size; enlarge the partition first). FAT12/16/32, NTFS and
+ * ext2/3/4 are grown. The FAT type never changes: a size that would need
+ * another type is refused; ext growth that would need more group
+ * descriptor blocks than are reserved (without meta_bg) is refused
+ * (COW_ERR_UNSUPPORTED, naming the largest size that fits).
  * Everything is checked before the first write, so a refusal leaves the
  * overlay unchanged: a dirty or hibernated volume (COW_ERR_UNSUPPORTED),
  * an inconsistent one such as FAT copies that differ (COW_ERR_CORRUPT).
