@@ -38,6 +38,12 @@ done
 for header in "${!package_of_header[@]}"; do
   [ -e "$header" ] || missing+=("${package_of_header[$header]}")
 done
+# The thread checker (scripts/race-check.sh) rebuilds the standard library
+# instrumented: it needs the nightly toolchain with rust-src.
+if ! rustup +nightly component list --installed 2>/dev/null | grep -q '^rust-src'; then
+  echo "installing: the nightly toolchain's rust-src (for ThreadSanitizer)"
+  rustup toolchain install nightly --profile minimal --component rust-src >/dev/null
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -3,7 +3,8 @@
 # formatting, lints (the whole workspace: the library and cli/), checks
 # the committed C headers are what the build generates, runs the Rust
 # tests, then builds the C harness with CMake and runs the C tests with
-# ctest (each also under valgrind memcheck).
+# ctest (each also under valgrind memcheck), the README's recipes, and the
+# race tests under ThreadSanitizer (scripts/race-check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,3 +36,6 @@ cmake --build "$build" -j "$(nproc)"
 
 echo "== the README's linking recipes, as written"
 bash scripts/test-readme.sh
+
+echo "== the race tests under ThreadSanitizer"
+bash scripts/race-check.sh 100

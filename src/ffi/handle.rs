@@ -32,13 +32,18 @@ impl Object {
         }
     }
 
+    /// The object as an overlay, for reading its map.
+    pub(crate) fn overlay_ref(&self) -> Result<&Overlay> {
+        match self {
+            Object::Overlay(o) => Ok(o.as_ref()),
+            Object::Disk(_) => Err(not_an_overlay()),
+        }
+    }
+
     pub(crate) fn overlay(&mut self) -> Result<&mut Overlay> {
         match self {
             Object::Overlay(o) => Ok(o.as_mut()),
-            Object::Disk(_) => Err(Error::not_overlay(
-                "this handle is a disk, not an overlay (create one with COW_CreateCowOverlay)"
-                    .into(),
-            )),
+            Object::Disk(_) => Err(not_an_overlay()),
         }
     }
 
@@ -63,6 +68,12 @@ impl Object {
             Err(_) => unreachable!("checked to be an Overlay just above"),
         }
     }
+}
+
+fn not_an_overlay() -> Error {
+    Error::not_overlay(
+        "this handle is a disk, not an overlay (create one with COW_CreateCowOverlay)".into(),
+    )
 }
 
 /// The memory a handle points at: the method table first (the legacy

@@ -14,6 +14,12 @@ pub(super) fn with_overlay<T>(h: HCOW, f: impl FnOnce(&mut Overlay) -> Result<T>
     handle::with_object(hcow(h), |o| f(o.overlay()?))
 }
 
+/// Runs `f` on overlay `h` for reading, sharing the handle with other
+/// readers.
+pub(super) fn read_overlay<T>(h: HCOW, f: impl FnOnce(&Overlay) -> Result<T>) -> Result<T> {
+    handle::read_object(hcow(h), |o| f(o.overlay_ref()?))
+}
+
 /// Inserts `nSectors` unallocated sectors before `LBA` (LBA == drive size
 /// appends); the drive grows. They read as zeros with VDDR_RSLT_NOTALLOC.
 /// Works at any time, also after writes and at LBA 0. Returns a COW_ERR_*

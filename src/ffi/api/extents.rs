@@ -2,7 +2,7 @@
 
 use std::os::raw::c_int;
 
-use super::edit::with_overlay;
+use super::edit::read_overlay;
 use crate::error::Error;
 use crate::ffi::types::*;
 use crate::ffi::{guard_code, non_null};
@@ -29,7 +29,7 @@ pub(super) fn c_extent(start: u64, e: Extent) -> COW_EXTENT {
 #[no_mangle]
 pub unsafe extern "C" fn COW_GetExtentCount(h: HCOW, count: *mut u64) -> c_int {
     guard_code(|| {
-        let n = with_overlay(h, |ov| Ok(ov.extents().extent_count()))?;
+        let n = read_overlay(h, |ov| Ok(ov.extents().extent_count()))?;
         non_null(count, "count")?;
         // SAFETY: non-NULL out pointer.
         unsafe { count.write(n) };
@@ -43,7 +43,7 @@ pub unsafe extern "C" fn COW_GetExtentCount(h: HCOW, count: *mut u64) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn COW_GetExtent(h: HCOW, index: u64, extent: *mut COW_EXTENT) -> c_int {
     guard_code(|| {
-        let found = with_overlay(h, |ov| {
+        let found = read_overlay(h, |ov| {
             ov.extents().nth(index).ok_or_else(|| {
                 Error::invalid_argument(format!(
                     "extent index {index} of {}",
@@ -64,7 +64,7 @@ pub unsafe extern "C" fn COW_GetExtent(h: HCOW, index: u64, extent: *mut COW_EXT
 #[no_mangle]
 pub unsafe extern "C" fn COW_GetExtentAt(h: HCOW, LBA: u64, extent: *mut COW_EXTENT) -> c_int {
     guard_code(|| {
-        let found = with_overlay(h, |ov| {
+        let found = read_overlay(h, |ov| {
             ov.extents().find(LBA).ok_or_else(|| {
                 Error::invalid_block(format!(
                     "sector {LBA} is past the end of a drive of {} sectors",
