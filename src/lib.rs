@@ -22,6 +22,7 @@ pub mod newfile;
 pub mod numbers;
 pub mod overlay;
 pub mod partition;
+pub mod read_ahead;
 pub mod store;
 
 pub mod ffi;
