@@ -22,9 +22,15 @@
 //! 8. a clone of a sparse raw image with 10% and with 90% data into every
 //!    writable format vs `qemu-img convert -O <format>`
 //!    (`clone_formats.rs`; target: at least 1.0x, 1.5x for compressed
-//!    qcow2). `--only clone-formats` runs this part alone.
+//!    qcow2). `--only clone-formats` runs this part alone;
+//! 9. a clone of a fully written and of a 10%-written VDI to raw with the
+//!    reader on a thread ahead of the writer, on one thread, and by
+//!    `qemu-img convert -O raw` (`clone_pipeline.rs`; target: at least
+//!    1.2x qemu-img fully written, never slower than one thread at 10%).
+//!    `--only clone-pipeline` runs this part alone.
 
 mod clone_formats;
+mod clone_pipeline;
 mod formats;
 mod store;
 
@@ -58,7 +64,7 @@ pub enum Scale {
 }
 
 /// The parts `--only` can pick.
-pub const PARTS: [&str; 1] = ["clone-formats"];
+pub const PARTS: [&str; 2] = ["clone-formats", "clone-pipeline"];
 
 pub fn run(scale: Scale, dir: Option<&Path>, only: Option<&str>) -> Bench<()> {
     let pick = |full: u64, quick: u64, tiny: u64| match scale {
@@ -89,8 +95,12 @@ pub fn run(scale: Scale, dir: Option<&Path>, only: Option<&str>) -> Bench<()> {
             dir,
         )
     };
-    if only.is_some() {
-        return clone_formats();
+    let clone_pipeline =
+        || clone_pipeline::run_clone_pipeline(pick(2048, 512, 16), pick(3, 2, 1) as u32, dir);
+    match only {
+        Some("clone-formats") => return clone_formats(),
+        Some(_) => return clone_pipeline(),
+        None => {}
     }
     // Memory first: peak RSS growth is only meaningful before the other
     // cases have raised the peak.
@@ -298,7 +308,11 @@ pub fn run(scale: Scale, dir: Option<&Path>, only: Option<&str>) -> Bench<()> {
     println!();
 
     // 8. A clone into every format.
-    clone_formats()
+    clone_formats()?;
+    println!();
+
+    // 9. A clone reading ahead of its writer.
+    clone_pipeline()
 }
 
 fn make_source(path: &Path, size_mib: usize) -> Bench<()> {
