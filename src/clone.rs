@@ -1052,6 +1052,44 @@ mod tests {
     }
 
     #[test]
+    fn a_clone_through_several_early_syncs_is_the_disk() {
+        // 70 pages and 9 sectors of data: more than two early syncs.
+        let sectors = 70 * PAGE_SECTORS + 9;
+        let mut rng = 0x0DDB_1A5E_5BAD_5EEDu64;
+        let data: Vec<u8> = (0..sectors * 512)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng as u8 | 1
+            })
+            .collect();
+        assert!(data.len() as u64 > 2 * EARLY_SYNC_BYTES);
+        let disk =
+            MemDisk::new(data.clone(), vec![SectorStatus::Normal; sectors as usize]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for (name, clone) in BOTH {
+            let path = dir.path().join(format!("{name}.raw"));
+            let stats = clone(
+                &mut disk.clone(),
+                &path,
+                &CloneOptions::default(),
+                &mut no_progress(),
+            )
+            .unwrap();
+            assert_eq!(
+                (stats.pages_written, stats.pages_skipped),
+                (71, 0),
+                "{name}"
+            );
+            assert!(
+                std::fs::read(&path).unwrap() == data,
+                "{name}: not the disk"
+            );
+        }
+    }
+
+    #[test]
     fn an_empty_disk_and_a_disk_of_one_short_page_clone_alike() {
         let dir = tempfile::tempdir().unwrap();
         for sectors in [0u64, 1, 7] {
