@@ -1373,7 +1373,10 @@ int COW_UmlCowCreate(const char *path, const char *backing, uint32_t version);
  * or unknown flags or a flag of another format, COW_ERR_UNSUPPORTED for
  * another format or a disk the format cannot hold, COW_ERR_OPEN when
  * `path` exists or its folder is not writable). `disk` stays open and
- * owned by the caller; its lock is held for the whole clone.
+ * owned by the caller; its lock is held for the whole clone. The disk is
+ * read on a thread of the library ahead of the writer (the calling
+ * thread, which also calls `progress`): a caller's own object or backend
+ * table is called from that thread, one call at a time.
  */
 int COW_CloneToFile(HVDDR disk,
                     const char *path,

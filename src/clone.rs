@@ -9,6 +9,25 @@
 //! zero block in VHDX). [`clone_overlay_to_file`] can also write a qcow2
 //! delta over the overlay's source.
 //!
+//! [`clone_to_file`] reads ahead of its writer: a scoped thread that
+//! borrows the disk reads the pages in order and zero-detects them, and
+//! hands them to the calling thread over a bounded channel
+//! ([`READ_AHEAD_PAGES`] deep; the page buffers come back through a return
+//! channel, so at most that many plus two exist; runs of pages not stored
+//! go as one message); the calling thread writes them, reports progress
+//! page by page and finishes the image. A third thread syncs the data
+//! written so far every [`EARLY_SYNC_BYTES`], so the write-back runs during
+//! the clone instead of all in its final sync. The reader stops at its
+//! first error, which the writer returns once it has written every page
+//! before it, as one thread would; it also stops when the writer does (an
+//! error, a cancellation: the writer drops its end of the channel). A panic
+//! in the reader is raised again on the calling thread.
+//! [`clone_to_file_sequential`] is the same clone on one thread (for
+//! measurement): both write the same bytes, count the same
+//! [`CloneStats`], report the same progress and return the same errors.
+//! The differencing clone (`write_delta`) stays on one thread: it reads
+//! two disks per page and was not measured pipelined.
+//!
 //! The finish is atomic: the image is written to a temporary file in the
 //! destination's folder and renamed to the destination only once it is
 //! complete and synced. A clone that fails or is cancelled removes its
@@ -19,6 +38,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use crate::disk::{Disk, SectorStatus, SECTOR_BYTES};
 use crate::error::{Error, Result};
@@ -36,6 +56,15 @@ use crate::store::extents::ExtentKind;
 /// Sectors per page read and per VDI block (1 MiB).
 pub const PAGE_SECTORS: u64 = 2048;
 const PAGE_BYTES: u64 = PAGE_SECTORS * SECTOR_BYTES;
+
+/// Pages the reader may have read ahead of the writer and not yet handed
+/// over (besides the one each side holds).
+pub const READ_AHEAD_PAGES: usize = 8;
+
+/// Bytes of data a read-ahead clone writes between two syncs started on a
+/// thread of their own, so the write-back runs during the clone instead
+/// of all in its final sync.
+pub const EARLY_SYNC_BYTES: u64 = 32 << 20;
 
 /// The image formats the clone writer produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,6 +278,37 @@ pub fn clone_to_file(
     options: &CloneOptions,
     progress: &mut dyn Progress,
 ) -> Result<CloneStats> {
+    clone_with(disk, path, options, progress, Pipeline::ReadAhead)
+}
+
+/// [`clone_to_file`] on the calling thread alone: each page is read, then
+/// written, then the next is read. The result, the statistics and the
+/// errors are the same; this is the reference the read-ahead clone is
+/// measured against (`cowdisk bench --only clone-pipeline`).
+pub fn clone_to_file_sequential(
+    disk: &mut dyn Disk,
+    path: &Path,
+    options: &CloneOptions,
+    progress: &mut dyn Progress,
+) -> Result<CloneStats> {
+    clone_with(disk, path, options, progress, Pipeline::Sequential)
+}
+
+/// Whether the pages are read on a thread of their own, ahead of the
+/// writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pipeline {
+    Sequential,
+    ReadAhead,
+}
+
+fn clone_with(
+    disk: &mut dyn Disk,
+    path: &Path,
+    options: &CloneOptions,
+    progress: &mut dyn Progress,
+    pipeline: Pipeline,
+) -> Result<CloneStats> {
     let what = path.display().to_string();
     if options.backing.is_some() {
         return Err(Error::invalid_argument(format!(
@@ -263,7 +323,12 @@ pub fn clone_to_file(
         progress,
         |file, tracker| {
             let mut writer = writer_with_options(options, disk.byte_size(), &what)?;
-            write_pages(disk, file, writer.as_mut(), tracker)
+            match pipeline {
+                Pipeline::Sequential => write_pages(disk, file, writer.as_mut(), tracker),
+                Pipeline::ReadAhead => {
+                    write_pages_ahead(disk, file, writer.as_mut(), tracker, &what)
+                }
+            }
         },
     )
 }
@@ -473,6 +538,169 @@ fn write_pages(
     Ok(stats)
 }
 
+/// [`write_pages`] with the pages read on a scoped thread ahead of the
+/// writer, and the data written so far synced by a third thread every
+/// [`EARLY_SYNC_BYTES`] (see the module documentation). Every disk access
+/// of the reader goes through [`read_page`]. `what` names the file.
+fn write_pages_ahead(
+    disk: &mut dyn Disk,
+    file: &File,
+    writer: &mut dyn ImageWriter,
+    tracker: &mut Tracker<'_>,
+    what: &str,
+) -> Result<CloneStats> {
+    let sectors = disk.sector_count();
+    let mut stats = CloneStats {
+        virtual_bytes: disk.byte_size(),
+        ..CloneStats::default()
+    };
+    std::thread::scope(|scope| {
+        // The pages in order, or the error that stopped the reader.
+        let (piece_tx, piece_rx) = mpsc::sync_channel::<Result<Piece>>(READ_AHEAD_PAGES);
+        // Buffers the writer is done with, back to the reader: at most
+        // READ_AHEAD_PAGES + 2 ever exist.
+        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        let reader = scope.spawn(move || read_ahead(disk, sectors, &piece_tx, &free_rx));
+        // Each message asks for one more sync of what is written (several
+        // waiting are served by one).
+        let (sync_tx, sync_rx) = mpsc::channel::<()>();
+        let syncer = scope.spawn(move || -> io::Result<()> {
+            while sync_rx.recv().is_ok() {
+                while sync_rx.try_recv().is_ok() {}
+                file.sync_data()?;
+            }
+            Ok(())
+        });
+        let written = (|| {
+            let (mut done, mut unsynced) = (0, 0);
+            while done < sectors {
+                let Ok(piece) = piece_rx.recv() else {
+                    // The reader ended without handing over every page or
+                    // an error: it panicked. Its panic is raised below.
+                    return Ok(false);
+                };
+                match piece? {
+                    Piece::Data { start, buf } => {
+                        writer.write_data(file, start * SECTOR_BYTES, &buf)?;
+                        stats.pages_written += 1;
+                        done = start + buf.len() as u64 / SECTOR_BYTES;
+                        tracker.report(done)?;
+                        unsynced += buf.len() as u64;
+                        if unsynced >= EARLY_SYNC_BYTES {
+                            unsynced = 0;
+                            // The syncer may have stopped on an error,
+                            // returned below.
+                            let _ = sync_tx.send(());
+                        }
+                        // The reader may be gone (it read the last page).
+                        let _ = free_tx.send(buf);
+                    }
+                    Piece::Skip { start, len } => {
+                        // Page by page, as the sequential clone reports.
+                        for (page, n) in pages(len) {
+                            stats.pages_skipped += 1;
+                            done = start + page + n;
+                            tracker.report(done)?;
+                        }
+                    }
+                }
+            }
+            Ok(true)
+        })();
+        // Unblocks a reader waiting to hand over a page, and ends the
+        // syncer.
+        drop(piece_rx);
+        drop(sync_tx);
+        if let Err(panic) = reader.join() {
+            std::panic::resume_unwind(panic);
+        }
+        let synced = match syncer.join() {
+            Ok(synced) => synced,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        match written {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Error::internal(
+                    "the clone's reader stopped before its last page".to_string(),
+                ))
+            }
+            Err(e) => return Err(e),
+        }
+        // A failed write-back is reported once: to this sync, not the
+        // final one.
+        synced.map_err(|e| Error::write(&format!("{what} (sync)"), 0, e))?;
+        writer.finish(file)?;
+        Ok(stats)
+    })
+}
+
+/// What the reader hands to the writer: one page holding data, or a run
+/// of pages (at most [`SKIP_RUN_PAGES`]) that are not stored.
+enum Piece {
+    Data { start: u64, buf: Vec<u8> },
+    Skip { start: u64, len: u64 },
+}
+
+/// Pages not stored that the reader hands over in one message.
+const SKIP_RUN_PAGES: u64 = 64;
+
+/// The reader's side of [`write_pages_ahead`]: reads the pages of `disk`
+/// in order and sends them, until the last page, its first error, or the
+/// writer hanging up. Buffers come back through `free`.
+fn read_ahead(
+    disk: &mut dyn Disk,
+    sectors: u64,
+    out: &mpsc::SyncSender<Result<Piece>>,
+    free: &mpsc::Receiver<Vec<u8>>,
+) {
+    let mut spare: Option<Vec<u8>> = None;
+    // The pages not stored, not yet sent: (first sector, sectors).
+    let mut skipped: Option<(u64, u64)> = None;
+    for (start, len) in pages(sectors) {
+        let mut buf = spare
+            .take()
+            .or_else(|| free.try_recv().ok())
+            .unwrap_or_else(|| Vec::with_capacity(PAGE_BYTES as usize));
+        let data = match read_page(disk, start, len, &mut buf) {
+            Ok(data) => data,
+            Err(e) => {
+                // The pages before it first, as the sequential clone
+                // reports them before it fails. The writer may be gone.
+                if let Some((s, l)) = skipped {
+                    let _ = out.send(Ok(Piece::Skip { start: s, len: l }));
+                }
+                let _ = out.send(Err(e));
+                return;
+            }
+        };
+        if !data {
+            spare = Some(buf);
+            let run = skipped.get_or_insert((start, 0));
+            run.1 += len;
+            if run.1 >= SKIP_RUN_PAGES * PAGE_SECTORS {
+                let (s, l) = *run;
+                skipped = None;
+                if out.send(Ok(Piece::Skip { start: s, len: l })).is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
+        if let Some((s, l)) = skipped.take() {
+            if out.send(Ok(Piece::Skip { start: s, len: l })).is_err() {
+                return;
+            }
+        }
+        if out.send(Ok(Piece::Data { start, buf })).is_err() {
+            return;
+        }
+    }
+    if let Some((s, l)) = skipped {
+        let _ = out.send(Ok(Piece::Skip { start: s, len: l }));
+    }
+}
+
 /// Streams the clusters of `overlay` that differ from its source at the
 /// same place into `writer` (see [`clone_overlay_to_file`]), then lets it
 /// finish the image. Pages are at least one cluster long so every cluster
@@ -679,6 +907,373 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("already exists"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"keep");
+    }
+
+    /// A disk of `pages` pages plus `tail` sectors (an odd last page), of
+    /// page kinds chosen by the page's index: random data; `Normal` but
+    /// all zeros; `NotAlloc`; `Blank`; one data byte in the last sector
+    /// with the rest `NotAlloc`; and a run of 70 `NotAlloc` pages (longer
+    /// than a skip run) from page 40. The last page holds data.
+    fn patterned_disk(pages: u64, tail: u64) -> MemDisk {
+        let sectors = pages * PAGE_SECTORS + tail;
+        let mut data = vec![0u8; (sectors * SECTOR_BYTES) as usize];
+        let mut status = vec![SectorStatus::NotAlloc; sectors as usize];
+        let mut rng = 0x1234_5678_9ABC_DEF1u64;
+        for (page, (start, len)) in pages_of(sectors).into_iter().enumerate() {
+            let page = page as u64;
+            let bytes = (start * SECTOR_BYTES) as usize..((start + len) * SECTOR_BYTES) as usize;
+            let sectors_range = start as usize..(start + len) as usize;
+            let last = start + len == sectors;
+            let kind = if (40..110).contains(&page) {
+                2
+            } else if last {
+                0
+            } else {
+                page % 5
+            };
+            match kind {
+                0 => {
+                    for b in &mut data[bytes] {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        *b = rng as u8;
+                    }
+                    status[sectors_range].fill(SectorStatus::Normal);
+                }
+                1 => status[sectors_range].fill(SectorStatus::Normal),
+                2 => {}
+                3 => status[sectors_range].fill(SectorStatus::Blank),
+                _ => {
+                    let s = (start + len - 1) as usize;
+                    status[s] = SectorStatus::Normal;
+                    data[s * SECTOR_BYTES as usize + 7] = 0x5A;
+                }
+            }
+        }
+        MemDisk::new(data, status).unwrap()
+    }
+
+    /// The pages of a disk of `sectors` sectors, computed here on their
+    /// own: 2048-sector pieces, the last one shorter.
+    fn pages_of(sectors: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < sectors {
+            out.push((at, 2048.min(sectors - at)));
+            at += 2048;
+        }
+        out
+    }
+
+    /// The naive model of a clone of `disk`: pages with a non-zero byte
+    /// are written, the others skipped; the progress reported is each new
+    /// whole percentage of sectors done, after each page, from 0.
+    fn model(disk: &MemDisk) -> (u64, u64, Vec<u32>) {
+        let sectors = disk.sector_count();
+        let (mut written, mut skipped) = (0, 0);
+        let mut percents = vec![0u32];
+        for (start, len) in pages_of(sectors) {
+            let bytes = &disk.data()[(start * 512) as usize..((start + len) * 512) as usize];
+            if bytes.iter().any(|&b| b != 0) {
+                written += 1;
+            } else {
+                skipped += 1;
+            }
+            let p = ((start + len) * 100 / sectors) as u32;
+            if *percents.last().unwrap() < p {
+                percents.push(p);
+            }
+        }
+        (written, skipped, percents)
+    }
+
+    /// Runs `f` on a thread of its own and fails the test if it takes
+    /// more than a minute (a clone that hangs).
+    fn within_a_minute<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(Ok(value)) => value,
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(_) => panic!("the clone did not finish within a minute"),
+        }
+    }
+
+    type CloneFn = fn(&mut dyn Disk, &Path, &CloneOptions, &mut dyn Progress) -> Result<CloneStats>;
+
+    const BOTH: [(&str, CloneFn); 2] = [
+        ("read-ahead", clone_to_file),
+        ("sequential", clone_to_file_sequential),
+    ];
+
+    #[test]
+    fn the_read_ahead_clone_writes_what_the_model_and_the_sequential_clone_do() {
+        let disk = patterned_disk(150, 100);
+        let (written, skipped, percents) = model(&disk);
+        assert!(written > 20 && skipped > 90, "{written} {skipped}");
+        let dir = tempfile::tempdir().unwrap();
+        for format in [CloneFormat::Raw, CloneFormat::Vdi, CloneFormat::Qcow2] {
+            let mut outputs = Vec::new();
+            for (name, clone) in BOTH {
+                let path = dir.path().join(format!("{name}.{}", format.name()));
+                let mut seen = Vec::new();
+                let options = CloneOptions {
+                    format,
+                    ..CloneOptions::default()
+                };
+                let stats = clone(&mut disk.clone(), &path, &options, &mut |p: u32| {
+                    seen.push(p);
+                    true
+                })
+                .unwrap();
+                assert_eq!(
+                    (stats.pages_written, stats.pages_skipped),
+                    (written, skipped),
+                    "{name} {format:?}"
+                );
+                assert_eq!(stats.virtual_bytes, disk.byte_size(), "{name}");
+                assert_eq!(seen, percents, "{name} {format:?}");
+                outputs.push(std::fs::read(&path).unwrap());
+            }
+            // A VDI header holds random UUIDs: the rest must be equal.
+            let from = if format == CloneFormat::Vdi { 512 } else { 0 };
+            assert_eq!(outputs[0].len(), outputs[1].len(), "{format:?}");
+            assert!(
+                outputs[0][from..] == outputs[1][from..],
+                "{format:?}: the two clones differ"
+            );
+            if format == CloneFormat::Raw {
+                assert!(outputs[0] == disk.data(), "the raw clone is not the disk");
+            }
+        }
+    }
+
+    #[test]
+    fn a_clone_through_several_early_syncs_is_the_disk() {
+        // 70 pages and 9 sectors of data: more than two early syncs.
+        let sectors = 70 * PAGE_SECTORS + 9;
+        let mut rng = 0x0DDB_1A5E_5BAD_5EEDu64;
+        let data: Vec<u8> = (0..sectors * 512)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng as u8 | 1
+            })
+            .collect();
+        assert!(data.len() as u64 > 2 * EARLY_SYNC_BYTES);
+        let disk =
+            MemDisk::new(data.clone(), vec![SectorStatus::Normal; sectors as usize]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for (name, clone) in BOTH {
+            let path = dir.path().join(format!("{name}.raw"));
+            let stats = clone(
+                &mut disk.clone(),
+                &path,
+                &CloneOptions::default(),
+                &mut no_progress(),
+            )
+            .unwrap();
+            assert_eq!(
+                (stats.pages_written, stats.pages_skipped),
+                (71, 0),
+                "{name}"
+            );
+            assert!(
+                std::fs::read(&path).unwrap() == data,
+                "{name}: not the disk"
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_disk_and_a_disk_of_one_short_page_clone_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        for sectors in [0u64, 1, 7] {
+            let mut data = vec![0u8; (sectors * 512) as usize];
+            if let Some(b) = data.last_mut() {
+                *b = 1;
+            }
+            let disk =
+                MemDisk::new(data.clone(), vec![SectorStatus::Normal; sectors as usize]).unwrap();
+            for (name, clone) in BOTH {
+                let path = dir.path().join(format!("{name}-{sectors}.raw"));
+                let stats = clone(
+                    &mut disk.clone(),
+                    &path,
+                    &CloneOptions::default(),
+                    &mut no_progress(),
+                )
+                .unwrap();
+                assert_eq!(stats.pages_written, sectors.min(1), "{name} {sectors}");
+                assert_eq!(std::fs::read(&path).unwrap(), data, "{name} {sectors}");
+            }
+        }
+    }
+
+    /// A disk that fails (or panics) when page `at` is read, or its status
+    /// asked.
+    struct FailingDisk {
+        inner: MemDisk,
+        at: u64,
+        in_status: bool,
+        panic: bool,
+    }
+
+    impl FailingDisk {
+        fn check(&self, lba: u64, status: bool) -> Result<()> {
+            if lba / PAGE_SECTORS == self.at && status == self.in_status {
+                if self.panic {
+                    panic!("the test disk panics at page {}", self.at);
+                }
+                return Err(Error::read_failed(format!(
+                    "the test disk fails at page {}",
+                    self.at
+                )));
+            }
+            Ok(())
+        }
+    }
+
+    impl Disk for FailingDisk {
+        fn drive_type(&self) -> crate::disk::DriveType {
+            self.inner.drive_type()
+        }
+        fn sector_count(&self) -> u64 {
+            self.inner.sector_count()
+        }
+        fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
+            self.check(lba, false)?;
+            self.inner.read_sectors(lba, buf)
+        }
+        fn block_status(&self, lba: u64, count: u64) -> Result<SectorStatus> {
+            self.check(lba, true)?;
+            self.inner.block_status(lba, count)
+        }
+    }
+
+    #[test]
+    fn a_read_error_at_page_k_comes_back_as_itself_and_leaves_no_file() {
+        // Page 0 holds data, so `read_sectors` is called on it; page 45
+        // is in the long NotAlloc run (40 to 109), so only its status is
+        // asked; at page 105 one skipped page (104) is waiting to be
+        // handed over after a full skip run (40 to 103); page 110 is the
+        // first data page after the run; page 150 is the odd last page.
+        for (at, in_status) in [
+            (0, false),
+            (45, true),
+            (105, true),
+            (110, false),
+            (150, false),
+        ] {
+            let mut errors = Vec::new();
+            for (name, clone) in BOTH {
+                let (err, seen, files) = within_a_minute(move || {
+                    let dir = tempfile::tempdir().unwrap();
+                    let mut disk = FailingDisk {
+                        inner: patterned_disk(150, 100),
+                        at,
+                        in_status,
+                        panic: false,
+                    };
+                    let mut seen = Vec::new();
+                    let err = clone(
+                        &mut disk,
+                        &dir.path().join("out.raw"),
+                        &CloneOptions::default(),
+                        &mut |p: u32| {
+                            seen.push(p);
+                            true
+                        },
+                    )
+                    .unwrap_err();
+                    (err, seen, std::fs::read_dir(dir.path()).unwrap().count())
+                });
+                assert_eq!(
+                    err.message(),
+                    format!("the test disk fails at page {at}"),
+                    "{name}"
+                );
+                assert_eq!(err.kind(), crate::error::ErrorCode::Read, "{name}");
+                assert_eq!(files, 0, "{name}: a file was left");
+                // Progress up to the page before the failing one.
+                let sectors = 150 * PAGE_SECTORS + 100;
+                let expected: Vec<u32> = {
+                    let mut v = vec![0u32];
+                    for page in 0..at {
+                        let p = ((page + 1) * PAGE_SECTORS * 100 / sectors) as u32;
+                        if *v.last().unwrap() < p {
+                            v.push(p);
+                        }
+                    }
+                    v
+                };
+                assert_eq!(seen, expected, "{name} at {at}");
+                errors.push(err.to_string());
+            }
+            assert_eq!(errors[0], errors[1]);
+        }
+    }
+
+    #[test]
+    fn a_panic_in_the_reader_comes_back_as_a_panic_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.raw");
+        let outcome = within_a_minute(move || {
+            std::panic::catch_unwind(move || {
+                let mut disk = FailingDisk {
+                    inner: patterned_disk(20, 0),
+                    at: 10,
+                    in_status: true,
+                    panic: true,
+                };
+                clone_to_file(
+                    &mut disk,
+                    &path,
+                    &CloneOptions::default(),
+                    &mut no_progress(),
+                )
+            })
+        });
+        assert!(outcome.is_err(), "the panic was swallowed");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn cancelling_while_the_reader_waits_stops_both_and_leaves_no_file() {
+        // Every page holds data: the reader fills the channel and waits
+        // on it when the writer cancels.
+        for stop_at in [1u32, 30, 99] {
+            for (name, clone) in BOTH {
+                let (err, seen, files) = within_a_minute(move || {
+                    let dir = tempfile::tempdir().unwrap();
+                    let sectors = 100 * PAGE_SECTORS;
+                    let mut disk = MemDisk::new(
+                        (0..sectors * 512).map(|i| (i % 251) as u8 | 1).collect(),
+                        vec![SectorStatus::Normal; sectors as usize],
+                    )
+                    .unwrap();
+                    let mut seen = Vec::new();
+                    let err = clone(
+                        &mut disk,
+                        &dir.path().join("out.raw"),
+                        &CloneOptions::default(),
+                        &mut |p: u32| {
+                            seen.push(p);
+                            p < stop_at
+                        },
+                    )
+                    .unwrap_err();
+                    (err, seen, std::fs::read_dir(dir.path()).unwrap().count())
+                });
+                assert_eq!(err.kind(), crate::error::ErrorCode::Cancelled, "{name}");
+                assert_eq!(seen, (0..=stop_at).collect::<Vec<_>>(), "{name}");
+                assert_eq!(files, 0, "{name}: a file was left");
+            }
+        }
     }
 
     #[test]

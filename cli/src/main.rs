@@ -154,7 +154,8 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Run one part only (clone-formats: a clone into every format vs
-        /// qemu-img convert).
+        /// qemu-img convert; clone-pipeline: a clone reading ahead of its
+        /// writer vs one thread vs qemu-img convert -O raw).
         #[arg(long, value_name = "PART")]
         only: Option<String>,
     },

@@ -45,7 +45,10 @@ use crate::formats::writer::BackingFile;
 /// or unknown flags or a flag of another format, COW_ERR_UNSUPPORTED for
 /// another format or a disk the format cannot hold, COW_ERR_OPEN when
 /// `path` exists or its folder is not writable). `disk` stays open and
-/// owned by the caller; its lock is held for the whole clone.
+/// owned by the caller; its lock is held for the whole clone. The disk is
+/// read on a thread of the library ahead of the writer (the calling
+/// thread, which also calls `progress`): a caller's own object or backend
+/// table is called from that thread, one call at a time.
 #[no_mangle]
 pub unsafe extern "C" fn COW_CloneToFile(
     disk: HVDDR,

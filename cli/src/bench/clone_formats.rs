@@ -6,8 +6,9 @@
 //! reader and writer into raw, VDI, qcow2, compressed qcow2, VHD (dynamic
 //! and fixed), VHDX and VMDK (monolithicSparse and streamOptimized), and
 //! converted by `qemu-img convert` into the same format and variant. Our
-//! clone syncs its output before it returns (its atomic finish); qemu-img
-//! does not, so its output is fsynced after it, inside the timing. Each
+//! clone syncs its output before it returns (its atomic finish); qemu-img's
+//! output is fsynced after it, inside the timing, in case it did not sync
+//! (qemu-img 10 calls fdatasync itself; older ones may not). Each
 //! timing starts with nothing dirty in the page cache; best of N rounds.
 
 use std::fs::File;

@@ -29,8 +29,14 @@
 //!    page, vs `qemu-img bench` (target 1.2x) and this machine's `pread`
 //!    and `memcpy` ceilings (target: within 1.2x); two threads reading one
 //!    overlay handle vs one (target 1.8x) (`reads.rs`; `--only reads`).
+//! 10. a clone of a fully written and of a 10%-written VDI to raw with the
+//!     reader on a thread ahead of the writer, on one thread, and by
+//!     `qemu-img convert -O raw` (`clone_pipeline.rs`; target: at least
+//!     1.2x qemu-img fully written, never slower than one thread at 10%).
+//!     `--only clone-pipeline` runs this part alone.
 
 mod clone_formats;
+mod clone_pipeline;
 mod formats;
 mod reads;
 mod store;
@@ -65,7 +71,7 @@ pub enum Scale {
 }
 
 /// The parts `--only` can pick.
-pub const PARTS: [&str; 2] = ["clone-formats", "reads"];
+pub const PARTS: [&str; 3] = ["clone-formats", "clone-pipeline", "reads"];
 
 pub fn run(scale: Scale, dir: Option<&Path>, only: Option<&str>) -> Bench<()> {
     let pick = |full: u64, quick: u64, tiny: u64| match scale {
@@ -102,8 +108,11 @@ pub fn run(scale: Scale, dir: Option<&Path>, only: Option<&str>) -> Bench<()> {
         make_source(&raw, size_mib)?;
         reads::run_reads(dir, &raw, size_mib, pick(3, 3, 1) as u32)
     };
+    let clone_pipeline =
+        || clone_pipeline::run_clone_pipeline(pick(2048, 512, 16), pick(3, 2, 1) as u32, dir);
     match only {
         Some("clone-formats") => return clone_formats(),
+        Some("clone-pipeline") => return clone_pipeline(),
         Some(_) => return read_speeds(),
         None => {}
     }
@@ -213,8 +222,8 @@ pub fn run(scale: Scale, dir: Option<&Path>, only: Option<&str>) -> Bench<()> {
     make_qcow2_overlay(&big, &qcow, &writes)?;
     println!(
         "clone of a {clone_mib} MiB image with 10% written through an overlay \
-         (both outputs synced; qemu-img \
-         convert does not sync, so its output is fsynced after it, inside the timing)"
+         (both outputs synced; qemu-img convert's output is also fsynced after it, \
+         inside the timing, in case it did not sync)"
     );
     for (format, qemu_format) in [(CloneFormat::Raw, "raw"), (CloneFormat::Vdi, "vdi")] {
         let (mut best_ours, mut best_qemu) = (Duration::MAX, Duration::MAX);
@@ -317,7 +326,11 @@ pub fn run(scale: Scale, dir: Option<&Path>, only: Option<&str>) -> Bench<()> {
     println!();
 
     // 9. Reads with every buffer placement, and parallel readers.
-    read_speeds()
+    read_speeds()?;
+    println!();
+
+    // 10. A clone reading ahead of its writer.
+    clone_pipeline()
 }
 
 fn make_source(path: &Path, size_mib: usize) -> Bench<()> {
