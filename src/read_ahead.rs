@@ -68,9 +68,33 @@ static QUEUED: Condvar = Condvar::new();
 /// Wakes callers (a piece is ready or failed).
 static FINISHED: Condvar = Condvar::new();
 
+/// Files per thread whose last read's end is remembered (a qcow2 chain or
+/// a multi-extent VMDK reads several files in turn).
+const STREAMS: usize = 4;
+
 thread_local! {
-    /// Where this thread's last read-ahead candidate ended.
-    static LAST_END: std::cell::Cell<Option<(FileKey, u64)>> = const { std::cell::Cell::new(None) };
+    /// Where this thread's last reads of its last few files ended, most
+    /// recent first.
+    static LAST_ENDS: std::cell::RefCell<[Option<(FileKey, u64)>; STREAMS]> =
+        const { std::cell::RefCell::new([None; STREAMS]) };
+}
+
+/// Whether this thread's last read of `key` ended at `offset`; records
+/// that its read now ends at `end`.
+fn continues(key: FileKey, offset: u64, end: u64) -> bool {
+    LAST_ENDS.with(|cell| {
+        let Ok(mut ends) = cell.try_borrow_mut() else {
+            return false;
+        };
+        let at = ends
+            .iter()
+            .position(|e| matches!(e, Some((k, _)) if *k == key))
+            .unwrap_or(STREAMS - 1);
+        let was = ends[at];
+        ends.copy_within(0..at, 1);
+        ends[0] = Some((key, end));
+        was == Some((key, offset))
+    })
 }
 
 fn lock() -> MutexGuard<'static, Shared> {
@@ -110,8 +134,7 @@ pub fn read_source_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()
             false
         }
     };
-    let sequential = served || LAST_END.get() == Some((key, offset));
-    LAST_END.set(Some((key, end)));
+    let sequential = continues(key, offset, end) || served;
     if sequential && end < meta.len() {
         if let Ok(copy) = file.try_clone() {
             request(key, copy, end, len);
@@ -250,5 +273,86 @@ fn work() {
             };
         }
         FINISHED.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const MIB: usize = 1 << 20;
+
+    fn file_of(bytes: &[u8]) -> File {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(bytes).unwrap();
+        file
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i / 512) as u8 ^ (i as u8).wrapping_mul(7) ^ seed).collect()
+    }
+
+    /// A 1 MiB buffer 16 bytes past a page boundary (where malloc puts one).
+    fn misplaced(backing: &mut Vec<u8>) -> &mut [u8] {
+        backing.resize(MIB + 2 * PAGE, 0);
+        let start = (PAGE - backing.as_ptr() as usize % PAGE) % PAGE + 16;
+        &mut backing[start..start + MIB]
+    }
+
+    #[test]
+    fn sequential_misplaced_reads_are_served_ahead_with_the_files_bytes() {
+        let a = pattern(12 * MIB, 1);
+        let b = pattern(12 * MIB, 2);
+        let (fa, fb) = (file_of(&a), file_of(&b));
+        let mut backing = Vec::new();
+        let before = served_count();
+        // Two files read front to back in turn, at the same offsets: each
+        // gets its own bytes.
+        for page in 0..12 {
+            for (file, bytes) in [(&fa, &a), (&fb, &b)] {
+                let buf = misplaced(&mut backing);
+                read_source_at(file, buf, (page * MIB) as u64).unwrap();
+                assert!(buf == &bytes[page * MIB..(page + 1) * MIB], "page {page}");
+            }
+        }
+        assert!(served_count() - before >= 10, "read-ahead never served a read");
+    }
+
+    #[test]
+    fn a_file_truncated_after_its_piece_was_read_ahead_reads_like_a_plain_read() {
+        let bytes = pattern(4 * MIB, 3);
+        let file = file_of(&bytes);
+        let mut backing = Vec::new();
+        for page in 0..2 {
+            let buf = misplaced(&mut backing);
+            read_source_at(&file, buf, (page * MIB) as u64).unwrap();
+        }
+        // Page 2 is (being) read ahead; the file now loses its last half.
+        file.set_len(2 * MIB as u64 + 100).unwrap();
+        let buf = misplaced(&mut backing);
+        let got = read_source_at(&file, buf, 2 * MIB as u64);
+        // Either the piece read ahead before the truncation (the bytes the
+        // file had) or the plain read's error; never other bytes.
+        match got {
+            Ok(()) => assert!(buf == &bytes[2 * MIB..3 * MIB]),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
+        }
+        let buf = misplaced(&mut backing);
+        let err = read_source_at(&file, buf, 3 * MIB as u64).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn short_and_well_placed_reads_go_straight_in() {
+        let bytes = pattern(2 * MIB, 4);
+        let file = file_of(&bytes);
+        let mut backing = vec![0u8; MIB + 2 * PAGE];
+        let start = (PAGE - backing.as_ptr() as usize % PAGE) % PAGE;
+        let aligned = &mut backing[start..start + MIB];
+        read_source_at(&file, aligned, 0).unwrap();
+        assert!(aligned == &bytes[..MIB]);
+        read_source_at(&file, &mut aligned[..4096], MIB as u64).unwrap();
+        assert!(aligned[..4096] == bytes[MIB..MIB + 4096]);
     }
 }
