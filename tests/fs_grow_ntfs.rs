@@ -12,6 +12,7 @@
 mod support;
 
 use std::fs;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -185,6 +186,21 @@ fn grow_case_at(
     let image = make_ntfs(dir, fs_mib, cluster);
     let (old_clusters, old_free, _) = counts(&image);
     let disk = disk_with_at(dir, disk_mib, table, &image, at);
+    // The other data partitions hold a pattern, to find it where they move.
+    let others: Vec<(u32, Vec<u8>)> = partition::read_table(open(&disk).as_mut(), "disk")
+        .unwrap()
+        .unwrap()
+        .partitions()
+        .iter()
+        .filter(|p| !p.container && p.number != number)
+        .map(|p| {
+            let bytes = pattern((p.sectors * 512) as usize, 40 + u64::from(p.number));
+            let mut f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+            f.seek(SeekFrom::Start(p.start * 512)).unwrap();
+            f.write_all(&bytes).unwrap();
+            (p.number, bytes)
+        })
+        .collect();
     let mut overlay = Overlay::new(open(&disk), OverlayOptions::default()).unwrap();
     let enlarged = partition::enlarge(
         &mut overlay,
@@ -198,9 +214,10 @@ fn grow_case_at(
     .unwrap();
     let part = enlarged
         .after
-        .into_iter()
+        .iter()
         .find(|p| p.number == number)
-        .unwrap();
+        .unwrap()
+        .clone();
     assert_eq!(part.start, at);
     let report = grow_filesystem(&mut overlay, part.start, part.sectors).unwrap();
     assert_eq!(report.filesystem, FsKind::Ntfs);
@@ -227,6 +244,13 @@ fn grow_case_at(
         part.start, part.sectors
     );
     assert!(dump.contains(&line), "no {line:?} in\n{dump}");
+    for (n, bytes) in others {
+        let p = enlarged.after.iter().find(|p| p.number == n).unwrap();
+        assert!(
+            support::read_sectors_of(&cloned, p.start, p.sectors) == bytes,
+            "partition {n} changed"
+        );
+    }
     assert_clean(&grown);
     let (clusters, free, cb) = counts(&grown);
     assert_eq!(clusters, (part.sectors - 1) * 512 / cb);
@@ -307,6 +331,22 @@ fn ntfs_grows_from_64_mib_to_two_tebibytes_on_gpt() {
         66,
         "label: gpt\\nstart=2048, size=131072, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\\n",
         new_mib,
+    );
+}
+
+/// NTFS in logical partition 5 with logical partition 6 after it (which
+/// moves intact), inside an extended partition that is not the last.
+#[test]
+fn ntfs_in_a_logical_partition_grows_with_partitions_after_it() {
+    grow_case_at(
+        24,
+        4096,
+        40,
+        "label: dos\\nstart=2048, size=61440, type=5\\nstart=63488, size=8192, type=83\\n\
+         start=4096, size=49152, type=7\\nstart=55296, size=8192, type=83\\n",
+        72,
+        5,
+        4096,
     );
 }
 
