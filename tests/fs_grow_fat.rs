@@ -57,16 +57,19 @@ fn make_fat(dir: &Path, mkfs_args: &str, kib: u64) -> PathBuf {
 /// A disk of `mib` MiB partitioned by sfdisk with `script`, the image
 /// placed at sector P1, and partition 2 (if any) filled with a pattern.
 fn disk_with(dir: &Path, mib: u64, script: &str, image: &Path) -> PathBuf {
+    disk_with_at(dir, mib, script, image, P1)
+}
+
+/// [`disk_with`] with the image placed at sector `at` (sparse, so a
+/// gigabyte-sized image stays cheap).
+fn disk_with_at(dir: &Path, mib: u64, script: &str, image: &Path, at: u64) -> PathBuf {
     let disk = dir.join("disk.raw");
     fs::File::create(&disk).unwrap().set_len(mib * MIB).unwrap();
     sh_ok(&format!(
         "printf '{script}' | sfdisk --quiet '{}'",
         disk.display()
     ));
-    let bytes = fs::read(image).unwrap();
-    let mut f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
-    f.seek(SeekFrom::Start(P1 * 512)).unwrap();
-    f.write_all(&bytes).unwrap();
+    support::place_sparse(&disk, at, image);
     disk
 }
 
@@ -83,14 +86,10 @@ fn clone_raw(disk: &mut dyn Disk, path: &Path) {
     clone_to_file(disk, path, &options, &mut no_progress()).unwrap();
 }
 
-fn extract(dir: &Path, image: &Path, start: u64, sectors: u64, name: &str) -> PathBuf {
-    let bytes = fs::read(image).unwrap();
+/// The partition `start..start + sectors` of `disk` as a sparse file.
+fn extract(dir: &Path, disk: &dyn Disk, start: u64, sectors: u64, name: &str) -> PathBuf {
     let out = dir.join(name);
-    fs::write(
-        &out,
-        &bytes[(start * 512) as usize..((start + sectors) * 512) as usize],
-    )
-    .unwrap();
+    support::extract_sparse(disk, start, sectors, &out);
     out
 }
 
@@ -169,33 +168,79 @@ struct Case {
     kib: u64,
     kind: FsKind,
     disk_mib: u64,
-    /// The sfdisk script; partition 1 at P1 of `kib` KiB.
+    /// The sfdisk script; the grown partition at `fs_at` of `kib` KiB.
     table: &'static str,
     new_mib: u64,
     fat_must_grow: bool,
+    /// The partition to grow (1, or 5 for a logical one) and its first
+    /// sector.
+    number: u32,
+    fs_at: u64,
+    /// The most bytes the new file may take beyond the old free space
+    /// (writing half a terabyte is not the point of the huge cases).
+    big_extra_cap: u64,
+    /// Fill the volume with a file of zeros but 8 MiB before growing it,
+    /// so a modest new file must use the added space.
+    fill: bool,
 }
+
+const SMALL: Case = Case {
+    mkfs: "",
+    kib: 0,
+    kind: FsKind::Fat16,
+    disk_mib: 0,
+    table: "",
+    new_mib: 0,
+    fat_must_grow: true,
+    number: 1,
+    fs_at: P1,
+    big_extra_cap: u64::MAX,
+    fill: false,
+};
 
 fn grow_case(case: Case) {
     let dir = support::temp_dir();
     let dir = dir.path();
     let image = make_fat(dir, case.mkfs, case.kib);
+    if case.fill {
+        let free = fsck_fat(&image);
+        let host = dir.join("fill.in");
+        fs::File::create(&host)
+            .unwrap()
+            .set_len(free.free_clusters * free.cluster_bytes - 8 * MIB)
+            .unwrap();
+        sh_ok(&format!(
+            "mcopy -i '{}' '{}' ::/FILL.BIN",
+            image.display(),
+            host.display()
+        ));
+        fs::remove_file(&host).unwrap();
+    }
     let before = fsck_fat(&image);
-    let disk = disk_with(dir, case.disk_mib, case.table, &image);
-    let second_before = {
+    let disk = disk_with_at(dir, case.disk_mib, case.table, &image, case.fs_at);
+    let others_before: Vec<(u32, Vec<u8>)> = {
         let table = partition::read_table(open(&disk).as_mut(), "disk")
             .unwrap()
             .unwrap();
-        table.partitions().get(1).map(|p| {
-            let bytes = fs::read(&disk).unwrap();
-            bytes[(p.start * 512) as usize..(p.end() * 512) as usize].to_vec()
-        })
+        let parts = table.partitions();
+        let grown = parts.iter().find(|p| p.number == case.number).unwrap();
+        assert_eq!(grown.start, case.fs_at);
+        parts
+            .iter()
+            .filter(|p| !p.container && p.number != case.number)
+            .map(|p| {
+                let bytes = pattern((p.sectors * 512) as usize, 40 + u64::from(p.number));
+                poke(&disk, p.start * 512, &bytes);
+                (p.number, bytes)
+            })
+            .collect()
     };
     let mut overlay = Overlay::new(open(&disk), OverlayOptions::default()).unwrap();
     let enlarged = partition::enlarge(
         &mut overlay,
         &EnlargeOptions {
             new_sectors: case.new_mib * MIB / 512,
-            partition: Some(1),
+            partition: Some(case.number),
             alignment: Alignment::MiB,
         },
         "disk",
@@ -204,22 +249,31 @@ fn grow_case(case: Case) {
     let part = enlarged
         .after
         .iter()
-        .find(|p| p.number == 1)
+        .find(|p| p.number == case.number)
         .unwrap()
         .clone();
+    assert_eq!(part.start, case.fs_at);
     let report = grow_filesystem(&mut overlay, part.start, part.sectors).unwrap();
     assert_eq!(report.filesystem, case.kind);
     assert_eq!(report.new_sectors, part.sectors);
     let cloned = dir.join("grown.raw");
     clone_raw(&mut overlay, &cloned);
-    let fs_img = extract(dir, &cloned, part.start, part.sectors, "part.img");
+    let fs_img = extract(dir, &overlay, part.start, part.sectors, "part.img");
     // The partition table around it is still sound (sfdisk checks MBR and
-    // GPT, both GPT headers and arrays included).
+    // GPT, both GPT headers and arrays included, and the EBR chain).
     let verify = sh_ok(&format!("sfdisk --verify '{}' 2>&1", cloned.display()));
     assert!(verify.contains("No errors detected"), "{verify}");
+    // sfdisk reads the grown partition where it is, at its new size.
+    let dump = sh_ok(&format!("sfdisk -d '{}'", cloned.display()));
+    let line = format!(
+        "grown.raw{} : start={:>12}, size={:>12}",
+        case.number, part.start, part.sectors
+    );
+    assert!(dump.contains(&line), "no {line:?} in\n{dump}");
 
     assert_fsck_clean(&fs_img);
     let after = fsck_fat(&fs_img);
+    eprintln!("before {before:?}\nafter  {after:?}\n{report:?}");
     assert_eq!(after.total_sectors, part.sectors, "{after:?}");
     assert_eq!(after.cluster_bytes, before.cluster_bytes);
     assert_eq!(after.clusters, report.new_clusters);
@@ -255,15 +309,18 @@ fn grow_case(case: Case) {
     );
     assert_files_intact(dir, &fs_img);
 
-    // The partition after the grown one moved intact.
-    if let Some(bytes) = second_before {
-        let p2 = enlarged.after.iter().find(|p| p.number == 2).unwrap();
-        let all = fs::read(&cloned).unwrap();
-        assert!(all[(p2.start * 512) as usize..(p2.end() * 512) as usize] == bytes[..]);
+    // The other partitions are intact where the table now puts them.
+    for (number, bytes) in others_before {
+        let p = enlarged.after.iter().find(|p| p.number == number).unwrap();
+        assert!(
+            support::read_sectors_of(&cloned, p.start, p.sectors) == bytes,
+            "partition {number} changed"
+        );
     }
 
     // A file larger than the old free space fits now.
-    let big_len = (before.free_clusters * before.cluster_bytes + gained / 2) as usize;
+    let big_len = (before.free_clusters * before.cluster_bytes
+        + (gained / 2).min(case.big_extra_cap)) as usize;
     let big = pattern(big_len, 9);
     let host = dir.join("big.in");
     fs::write(&host, &big).unwrap();
@@ -293,6 +350,7 @@ fn fat12_grows_with_its_fat_and_stays_clean() {
         table: "label: dos\\nstart=2048, size=4096, type=1\\n",
         new_mib: 6,
         fat_must_grow: true,
+        ..SMALL
     });
 }
 
@@ -306,6 +364,7 @@ fn fat16_grows_with_a_partition_after_it() {
         table: "label: dos\\nstart=2048, size=49152, type=6\\nstart=53248, size=8192, type=83\\n",
         new_mib: 62,
         fat_must_grow: true,
+        ..SMALL
     });
 }
 
@@ -319,6 +378,7 @@ fn fat32_grows_on_gpt_with_fsinfo_and_backup_boot_sector() {
         table: "label: gpt\\nstart=2048, size=81920, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\\n",
         new_mib: 100,
         fat_must_grow: true,
+        ..SMALL
     });
 }
 
@@ -332,7 +392,218 @@ fn fat16_grown_by_one_mib_keeps_its_fat_when_it_is_large_enough() {
         table: "label: dos\\nstart=2048, size=49152, type=6\\n",
         new_mib: 27,
         fat_must_grow: false,
+        ..SMALL
     });
+}
+
+/// A 2.25 GiB FAT32 of 32 KiB clusters (73,000 clusters, just above the
+/// FAT32 minimum of 65525), nearly full, grown through the overlay to the
+/// largest partition an MBR describes: 2 TiB less the first MiB, 67
+/// million clusters and a FAT of 256 MiB per copy inserted without moving
+/// a byte. The source is a sparse file, the partition is extracted
+/// sparse, and `fsck.fat` reads both FATs whole (half a gigabyte), so
+/// this runs in tens of seconds.
+#[test]
+fn fat32_grows_to_two_tebibytes_on_mbr() {
+    grow_case(Case {
+        mkfs: "-F 32 -s 64",
+        kib: 2304 * 1024,
+        kind: FsKind::Fat32,
+        disk_mib: 2306,
+        table: "label: dos\\nstart=2048, size=4718592, type=c\\n",
+        // 2^32 sectors: the partition ends 2048 sectors short of it.
+        new_mib: 2 * 1024 * 1024,
+        big_extra_cap: 16 * MIB,
+        fill: true,
+        ..SMALL
+    });
+}
+
+/// A FAT16 in logical partition 5 of an extended partition, with logical
+/// partition 6 after it: the extended partition, partition 5 and the EBR
+/// chain grow, partition 6 moves intact.
+#[test]
+fn fat16_in_a_logical_partition_grows_with_a_logical_partition_after_it() {
+    grow_case(Case {
+        mkfs: "-F 16",
+        kib: 24 * 1024,
+        kind: FsKind::Fat16,
+        disk_mib: 32,
+        table: "label: dos\\nstart=2048, size=61440, type=5\\n\
+                start=4096, size=49152, type=6\\nstart=55296, size=8192, type=83\\n",
+        new_mib: 70,
+        number: 5,
+        fs_at: 4096,
+        ..SMALL
+    });
+}
+
+/// The boot sector fields the FAT specification sizes a FAT from.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    reserved: u64,
+    fats: u64,
+    root_sectors: u64,
+    per_cluster: u64,
+    fat_sectors: u64,
+    total_sectors: u64,
+    bits: u64,
+}
+
+/// Read by hand from the boot sector (offsets of the FAT specification).
+fn geometry(image: &Path, bits: u64) -> Geometry {
+    let raw = fs::read(image).unwrap();
+    let le16 = |at: usize| u64::from(u16::from_le_bytes([raw[at], raw[at + 1]]));
+    let fat16 = le16(0x16);
+    Geometry {
+        reserved: le16(0x0E),
+        fats: u64::from(raw[0x10]),
+        root_sectors: (le16(0x11) * 32).div_ceil(512),
+        per_cluster: u64::from(raw[0x0D]),
+        fat_sectors: if fat16 != 0 {
+            fat16
+        } else {
+            u64::from(u32::from_le_bytes(raw[0x24..0x28].try_into().unwrap()))
+        },
+        total_sectors: match le16(0x13) {
+            0 => u64::from(u32::from_le_bytes(raw[0x20..0x24].try_into().unwrap())),
+            n => n,
+        },
+        bits,
+    }
+}
+
+impl Geometry {
+    /// Clusters of a volume of `total` sectors with FATs of `fat` sectors.
+    fn clusters(&self, total: u64, fat: u64) -> u64 {
+        (total - self.reserved - self.fats * fat - self.root_sectors) / self.per_cluster
+    }
+
+    /// True when a FAT of `fat` sectors holds an entry for every cluster
+    /// (and the two reserved entries).
+    fn holds(&self, total: u64, fat: u64) -> bool {
+        (self.clusters(total, fat) + 2) * self.bits <= fat * 512 * 8
+    }
+
+    /// The smallest FAT, not smaller than the volume's, that holds every
+    /// entry of a volume of `total` sectors: tried one sector at a time.
+    fn fat_for(&self, total: u64) -> u64 {
+        (self.fat_sectors..)
+            .find(|&fat| self.holds(total, fat))
+            .unwrap()
+    }
+
+    /// The smallest size above `from` whose FAT needs more than `fat`
+    /// sectors, tried one sector at a time.
+    fn boundary_above(&self, from: u64, fat: u64) -> u64 {
+        (from..).find(|&total| self.fat_for(total) > fat).unwrap()
+    }
+}
+
+/// Grows the volume of partition 1 of `disk` to `total` sectors inside a
+/// partition enlarged to `new_mib`, and checks it with fsck.fat; returns
+/// what fsck.fat says.
+fn grow_to(dir: &Path, disk: &Path, new_mib: u64, total: u64) -> Fsck {
+    let mut overlay = Overlay::new(open(disk), OverlayOptions::default()).unwrap();
+    let part = enlarge_to(&mut overlay, new_mib);
+    assert!(total <= part.sectors);
+    let report = grow_filesystem(&mut overlay, part.start, total).unwrap();
+    let fs_img = extract(dir, &overlay, part.start, total, "part.img");
+    assert_fsck_clean(&fs_img);
+    let after = fsck_fat(&fs_img);
+    assert_eq!(after.total_sectors, total, "{after:?}");
+    assert_eq!(after.clusters, report.new_clusters, "{after:?}");
+    assert_files_intact(dir, &fs_img);
+    after
+}
+
+/// Grows to the sizes just below and at two FAT-size boundaries found
+/// with the specification's formula, one sector at a time: the first size
+/// whose clusters no longer fit the volume's FAT, and the first whose
+/// clusters no longer fit one sector more.
+fn fat_size_boundaries(mkfs: &str, kib: u64, bits: u64, table: &str, disk_mib: u64) {
+    let dir = support::temp_dir();
+    let dir = dir.path();
+    let image = make_fat(dir, mkfs, kib);
+    let g = geometry(&image, bits);
+    let first = g.boundary_above(g.total_sectors, g.fat_sectors);
+    let second = g.boundary_above(first, g.fat_sectors + 1);
+    let disk = disk_with(dir, disk_mib, table, &image);
+    let new_mib = (P1 + second).div_ceil(2048) + 1;
+    for (n, fat_below) in [(first, g.fat_sectors), (second, g.fat_sectors + 1)] {
+        // At n - 1 the FAT of `fat_below` sectors holds every cluster; at
+        // n, with as many FAT sectors, one cluster more would not fit, and
+        // one more FAT sector is needed.
+        assert!(g.holds(n - 1, fat_below));
+        assert!(!g.holds(n, fat_below));
+        assert!(g.holds(n, fat_below + 1));
+        let below = grow_to(dir, &disk, new_mib, n - 1);
+        let at = grow_to(dir, &disk, new_mib, n);
+        eprintln!("{mkfs}: {} sectors: {below:?}\n{n} sectors: {at:?}", n - 1);
+        assert_eq!(below.fat_sectors, fat_below, "{below:?}");
+        assert_eq!(at.fat_sectors, fat_below + 1, "{at:?}");
+        assert_eq!(below.clusters, g.clusters(n - 1, fat_below));
+        assert_eq!(at.clusters, g.clusters(n, fat_below + 1));
+    }
+}
+
+#[test]
+fn fat16_grows_to_just_below_and_at_fat_size_boundaries() {
+    fat_size_boundaries(
+        "-F 16",
+        24 * 1024,
+        16,
+        "label: dos\\nstart=2048, size=49152, type=6\\n",
+        26,
+    );
+}
+
+#[test]
+fn fat32_grows_to_just_below_and_at_fat_size_boundaries() {
+    fat_size_boundaries(
+        "-F 32 -s 1",
+        40 * 1024,
+        32,
+        "label: dos\\nstart=2048, size=81920, type=c\\n",
+        42,
+    );
+}
+
+/// FAT16's type limit: 512-byte clusters, so 65524 clusters (the most
+/// FAT16 has) are about 32 MiB; one sector more is refused.
+#[test]
+fn fat16_grows_to_exactly_65524_clusters_the_largest_size_it_names() {
+    let dir = support::temp_dir();
+    let dir = dir.path();
+    let image = make_fat(dir, "-F 16 -s 1", 16 * 1024);
+    let disk = disk_with(
+        dir,
+        18,
+        "label: dos\\nstart=2048, size=32768, type=6\\n",
+        &image,
+    );
+    let err = refused(&disk, 40);
+    assert_eq!(err.kind(), ErrorCode::Unsupported, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("FAT16") && text.contains("65525"), "{text}");
+    let max: u64 = text
+        .rsplit("grow to at most ")
+        .next()
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {text}"));
+    let mut overlay = Overlay::new(open(&disk), OverlayOptions::default()).unwrap();
+    let part = enlarge_to(&mut overlay, 40);
+    assert!(max < part.sectors);
+    assert_eq!(
+        grow_filesystem(&mut overlay, part.start, max + 1)
+            .unwrap_err()
+            .kind(),
+        ErrorCode::Unsupported
+    );
+    let after = grow_to(dir, &disk, 40, max);
+    // fsck.fat counts 65524 clusters: the most FAT16 can have.
+    assert_eq!(after.clusters, 65524, "{after:?}");
 }
 
 /// Enlarges `disk` to `new_mib` and asks to grow partition 1's filesystem;
@@ -483,7 +754,7 @@ fn fat12_grows_to_exactly_4084_clusters_the_largest_size_it_names() {
     assert_eq!(report.new_clusters, 4084);
     let cloned = dir.join("grown.raw");
     clone_raw(&mut overlay, &cloned);
-    let fs_img = extract(dir, &cloned, part.start, max, "part.img");
+    let fs_img = extract(dir, &overlay, part.start, max, "part.img");
     assert_fsck_clean(&fs_img);
     let after = fsck_fat(&fs_img);
     // fsck.fat counts 4084 clusters: the most FAT12 can have.

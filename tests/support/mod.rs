@@ -285,3 +285,52 @@ pub fn sh_ok(script: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Writes sectors `start..start + sectors` of `disk` to a new file at
+/// `out`, sparse: 1 MiB pages that the disk says are unallocated or blank,
+/// or that read as zeros, are left as holes. A terabyte-sized partition
+/// of an overlay is extracted in seconds this way.
+pub fn extract_sparse(disk: &dyn cowdisk::Disk, start: u64, sectors: u64, out: &Path) {
+    use cowdisk::disk::SectorStatus;
+    use std::io::{Seek, SeekFrom, Write};
+    const PAGE: u64 = 2048;
+    let mut file = std::fs::File::create(out).unwrap();
+    let mut buf = Vec::new();
+    let mut at = 0;
+    while at < sectors {
+        let n = PAGE.min(sectors - at);
+        let status = disk.block_status(start + at, n).unwrap();
+        if status == SectorStatus::Normal {
+            buf.resize((n * 512) as usize, 0);
+            disk.read_sectors(start + at, &mut buf).unwrap();
+            if buf.iter().any(|&b| b != 0) {
+                file.seek(SeekFrom::Start(at * 512)).unwrap();
+                file.write_all(&buf).unwrap();
+            }
+        }
+        at += n;
+    }
+    file.set_len(sectors * 512).unwrap();
+}
+
+/// Copies `image` into `disk` (a file) at sector `at`, leaving holes where
+/// the image is zero (`dd conv=sparse`), so a gigabyte-sized sparse image
+/// stays cheap.
+pub fn place_sparse(disk: &Path, at: u64, image: &Path) {
+    sh_ok(&format!(
+        "dd if='{}' of='{}' bs=1M seek={} oflag=seek_bytes conv=sparse,notrunc status=none",
+        image.display(),
+        disk.display(),
+        at * 512
+    ));
+}
+
+/// Bytes `start..start + sectors` (in sectors) of the file at `path`.
+pub fn read_sectors_of(path: &Path, start: u64, sectors: u64) -> Vec<u8> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).unwrap();
+    file.seek(SeekFrom::Start(start * 512)).unwrap();
+    let mut buf = vec![0u8; (sectors * 512) as usize];
+    file.read_exact(&mut buf).unwrap();
+    buf
+}
