@@ -22,7 +22,6 @@ pub mod newfile;
 pub mod numbers;
 pub mod overlay;
 pub mod partition;
-pub mod read_ahead;
 pub mod store;
 
 pub mod ffi;

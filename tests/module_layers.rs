@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["numbers"],
     &["error"],
-    &["disk", "file_io", "read_ahead", "newfile"],
+    &["disk", "file_io", "newfile"],
     &["formats", "store"],
     &["overlay"],
     &["partition"],

@@ -327,15 +327,14 @@ impl MappedImage for ParallelsDisk {
 
     fn read_mapped(&self, mapping: Mapping, _lba: u64, buf: &mut [u8]) -> Result<()> {
         match mapping {
-            Mapping::Data { offset, .. } => {
-                crate::read_ahead::read_source_at(&self.file, buf, offset).map_err(|e| {
+            Mapping::Data { offset, .. } => crate::file_io::read_exact_at(&self.file, buf, offset)
+                .map_err(|e| {
                     Error::read(
                         &format!("{}: Parallels cluster", self.path.display()),
                         offset,
                         e,
                     )
-                })
-            }
+                }),
             other => Err(Error::internal(format!(
                 "Parallels reader asked to read a {other:?} run"
             ))),

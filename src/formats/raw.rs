@@ -178,7 +178,7 @@ impl Disk for RawDisk {
         // The last sector of an odd-sized file is zero-padded.
         let available = self.bytes.saturating_sub(offset).min(buf.len() as u64) as usize;
         let (data, tail) = buf.split_at_mut(available);
-        crate::read_ahead::read_source_at(&self.file, data, offset)
+        crate::file_io::read_exact_at(&self.file, data, offset)
             .map_err(|e| Error::read(&self.path.display().to_string(), offset, e))?;
         tail.fill(0);
         self.block_status(lba, n)

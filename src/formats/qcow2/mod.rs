@@ -226,7 +226,7 @@ impl Qcow2Disk {
         }
         let available = (self.file_len - offset).min(buf.len() as u64) as usize;
         let (head, tail) = buf.split_at_mut(available);
-        crate::read_ahead::read_source_at(&self.file, head, offset)
+        crate::file_io::read_exact_at(&self.file, head, offset)
             .map_err(|e| Error::read(&self.describe(), offset, e))?;
         tail.fill(0);
         Ok(())

@@ -588,15 +588,14 @@ impl MappedImage for VdiDisk {
 
     fn read_mapped(&self, mapping: Mapping, _lba: u64, buf: &mut [u8]) -> Result<()> {
         match mapping {
-            Mapping::Data { offset, .. } => {
-                crate::read_ahead::read_source_at(&self.file, buf, offset).map_err(|e| {
+            Mapping::Data { offset, .. } => crate::file_io::read_exact_at(&self.file, buf, offset)
+                .map_err(|e| {
                     Error::read(
                         &format!("{}: VDI data block", self.path.display()),
                         offset,
                         e,
                     )
-                })
-            }
+                }),
             other => Err(Error::internal(format!(
                 "VDI reader asked to read a {other:?} run"
             ))),

@@ -252,7 +252,7 @@ impl VhdDisk {
     }
 
     fn read_exact(&self, what: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        crate::read_ahead::read_source_at(&self.file, buf, offset)
+        crate::file_io::read_exact_at(&self.file, buf, offset)
             .map_err(|e| Error::read(&format!("{}: {what}", self.name()), offset, e))
     }
 }

@@ -117,7 +117,7 @@ impl FileView {
         let in_file = self.file_len.saturating_sub(offset).min(buf.len() as u64) as usize;
         let (head, tail) = buf.split_at_mut(in_file);
         if !head.is_empty() {
-            crate::read_ahead::read_source_at(&self.file, head, offset)
+            crate::file_io::read_exact_at(&self.file, head, offset)
                 .map_err(|e| Error::read(&format!("{}: {what}", self.name), offset, e))?;
         }
         tail.fill(0);

@@ -163,7 +163,7 @@ pub(super) fn read_extent_bytes(
     }
     let available = (len - offset).min(buf.len() as u64) as usize;
     let (head, tail) = buf.split_at_mut(available);
-    crate::read_ahead::read_source_at(file, head, offset)
+    crate::file_io::read_exact_at(file, head, offset)
         .map_err(|e| Error::read(&name(path), offset, e))?;
     tail.fill(0);
     Ok(())
