@@ -195,7 +195,7 @@ pub fn open_boxed(path: &Path, _options: &OpenOptions, _depth: usize) -> Result<
 /// A Parallels image opened read-only, with its BAT cached as byte offsets.
 #[derive(Debug)]
 pub struct ParallelsDisk {
-    file: File,
+    file: crate::file_io::SourceFile,
     path: PathBuf,
     header: ParallelsHeader,
     /// Byte offset of each cluster of the virtual disk, 0 when unallocated
@@ -223,7 +223,7 @@ impl ParallelsDisk {
         let header = parse_header(&header_bytes, &what)?;
         let cluster_offsets = read_bat(&file, &what, &header, file_bytes)?;
         Ok(ParallelsDisk {
-            file,
+            file: file.into(),
             path: path.to_path_buf(),
             header,
             cluster_offsets,
@@ -327,14 +327,13 @@ impl MappedImage for ParallelsDisk {
 
     fn read_mapped(&self, mapping: Mapping, _lba: u64, buf: &mut [u8]) -> Result<()> {
         match mapping {
-            Mapping::Data { offset, .. } => crate::file_io::read_exact_at(&self.file, buf, offset)
-                .map_err(|e| {
-                    Error::read(
-                        &format!("{}: Parallels cluster", self.path.display()),
-                        offset,
-                        e,
-                    )
-                }),
+            Mapping::Data { offset, .. } => self.file.read_exact_at(buf, offset).map_err(|e| {
+                Error::read(
+                    &format!("{}: Parallels cluster", self.path.display()),
+                    offset,
+                    e,
+                )
+            }),
             other => Err(Error::internal(format!(
                 "Parallels reader asked to read a {other:?} run"
             ))),

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 /// A raw image file opened read-only.
 #[derive(Debug)]
 pub struct RawDisk {
-    file: File,
+    file: crate::file_io::SourceFile,
     path: PathBuf,
     bytes: u64,
     /// Whether holes are looked up (regular files only).
@@ -47,7 +47,7 @@ impl RawDisk {
             device_size(&file, path)?
         };
         Ok(RawDisk {
-            file,
+            file: file.into(),
             path: path.to_path_buf(),
             bytes,
             sparse: meta.is_file(),
@@ -178,7 +178,8 @@ impl Disk for RawDisk {
         // The last sector of an odd-sized file is zero-padded.
         let available = self.bytes.saturating_sub(offset).min(buf.len() as u64) as usize;
         let (data, tail) = buf.split_at_mut(available);
-        crate::file_io::read_exact_at(&self.file, data, offset)
+        self.file
+            .read_exact_at(data, offset)
             .map_err(|e| Error::read(&self.path.display().to_string(), offset, e))?;
         tail.fill(0);
         self.block_status(lba, n)

@@ -1,7 +1,6 @@
 //! Compressed clusters: finding a compressed cluster's stored bytes and
 //! inflating it, one cluster cached.
 
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use super::layout::{compressed_offset_bits, COPIED, L2_COMPRESSED};

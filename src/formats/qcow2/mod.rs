@@ -91,7 +91,7 @@ pub fn open_boxed(path: &Path, options: &OpenOptions, depth: usize) -> Result<Bo
 
 /// A qcow2 image opened read-only.
 pub struct Qcow2Disk {
-    file: File,
+    file: crate::file_io::SourceFile,
     path: PathBuf,
     file_len: u64,
     virtual_size: u64,
@@ -189,7 +189,7 @@ impl Qcow2Disk {
         )?;
         let table_bytes = cluster_size as usize;
         Ok(Qcow2Disk {
-            file,
+            file: file.into(),
             path: path.to_path_buf(),
             file_len,
             virtual_size: header.virtual_size,
@@ -226,7 +226,8 @@ impl Qcow2Disk {
         }
         let available = (self.file_len - offset).min(buf.len() as u64) as usize;
         let (head, tail) = buf.split_at_mut(available);
-        crate::file_io::read_exact_at(&self.file, head, offset)
+        self.file
+            .read_exact_at(head, offset)
             .map_err(|e| Error::read(&self.describe(), offset, e))?;
         tail.fill(0);
         Ok(())

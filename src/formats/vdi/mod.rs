@@ -263,7 +263,7 @@ enum Block {
 
 /// A VDI image opened read-only, with its block map cached.
 pub struct VdiDisk {
-    file: File,
+    file: crate::file_io::SourceFile,
     path: PathBuf,
     header: VdiHeader,
     /// One entry per block of the virtual disk, validated at open.
@@ -338,7 +338,7 @@ impl VdiDisk {
         let header = read_header(&file, &what)?;
         let block_map = read_block_map(&file, &what, &header, file_bytes)?;
         Ok(VdiDisk {
-            file,
+            file: file.into(),
             path: path.to_path_buf(),
             header,
             block_map,
@@ -588,14 +588,13 @@ impl MappedImage for VdiDisk {
 
     fn read_mapped(&self, mapping: Mapping, _lba: u64, buf: &mut [u8]) -> Result<()> {
         match mapping {
-            Mapping::Data { offset, .. } => crate::file_io::read_exact_at(&self.file, buf, offset)
-                .map_err(|e| {
-                    Error::read(
-                        &format!("{}: VDI data block", self.path.display()),
-                        offset,
-                        e,
-                    )
-                }),
+            Mapping::Data { offset, .. } => self.file.read_exact_at(buf, offset).map_err(|e| {
+                Error::read(
+                    &format!("{}: VDI data block", self.path.display()),
+                    offset,
+                    e,
+                )
+            }),
             other => Err(Error::internal(format!(
                 "VDI reader asked to read a {other:?} run"
             ))),

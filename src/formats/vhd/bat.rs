@@ -1,7 +1,6 @@
 //! The block allocation table and sector bitmaps: mapping a sparse
 //! image's sectors to its blocks.
 
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use super::{Layout, VhdDisk};

@@ -79,7 +79,7 @@ pub struct VhdParentInfo {
 
 /// A VHD image opened read-only.
 pub struct VhdDisk {
-    file: File,
+    file: crate::file_io::SourceFile,
     path: PathBuf,
     file_len: u64,
     footer: Footer,
@@ -210,7 +210,7 @@ impl VhdDisk {
             )));
         }
         let mut disk = VhdDisk {
-            file,
+            file: file.into(),
             path: path.to_path_buf(),
             file_len,
             footer: footer.clone(),
@@ -252,7 +252,8 @@ impl VhdDisk {
     }
 
     fn read_exact(&self, what: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        crate::file_io::read_exact_at(&self.file, buf, offset)
+        self.file
+            .read_exact_at(buf, offset)
             .map_err(|e| Error::read(&format!("{}: {what}", self.name()), offset, e))
     }
 }

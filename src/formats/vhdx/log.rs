@@ -29,7 +29,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 
 use byteorder::{ByteOrder, LittleEndian};
 
@@ -62,7 +61,7 @@ struct Extent {
 /// replayed pages on top.
 #[derive(Debug)]
 pub(super) struct FileView {
-    file: File,
+    file: crate::file_io::SourceFile,
     name: String,
     file_len: u64,
     view_len: u64,
@@ -73,7 +72,7 @@ pub(super) struct FileView {
 impl FileView {
     pub(super) fn new(file: File, name: String, file_len: u64) -> FileView {
         FileView {
-            file,
+            file: file.into(),
             name,
             file_len,
             view_len: file_len,
@@ -117,7 +116,8 @@ impl FileView {
         let in_file = self.file_len.saturating_sub(offset).min(buf.len() as u64) as usize;
         let (head, tail) = buf.split_at_mut(in_file);
         if !head.is_empty() {
-            crate::file_io::read_exact_at(&self.file, head, offset)
+            self.file
+                .read_exact_at(head, offset)
                 .map_err(|e| Error::read(&format!("{}: {what}", self.name), offset, e))?;
         }
         tail.fill(0);

@@ -2,7 +2,6 @@
 //! files found (inside the descriptor's folder unless allowed otherwise)
 //! and opened, and flat data read.
 
-use std::fs::File;
 use std::path::{Component, Path, PathBuf};
 
 use super::descriptor::ExtentLine;
@@ -13,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::formats::{open_read_only, OpenOptions};
 
 pub(super) struct FlatExtent {
-    pub(super) file: File,
+    pub(super) file: crate::file_io::SourceFile,
     pub(super) path: PathBuf,
     pub(super) len: u64,
     /// Byte offset in the file of the extent's first sector.
@@ -100,7 +99,7 @@ pub(super) fn open_extent(
             let end = base.and_then(|b| b.checked_add(line.sectors.checked_mul(SECTOR_BYTES)?));
             match (base, end) {
                 (Some(base), Some(end)) if end <= len => Ok(ExtentKind::Flat(FlatExtent {
-                    file,
+                    file: file.into(),
                     path,
                     len,
                     base,
@@ -136,7 +135,10 @@ pub(super) fn open_extent(
                 )));
             }
             Ok(ExtentKind::Sparse(Box::new(SparseExtent::new(
-                file, &path, len, header,
+                file.into(),
+                &path,
+                len,
+                header,
             )?)))
         }
         other => Err(Error::unsupported(format!(
@@ -149,7 +151,7 @@ pub(super) fn open_extent(
 /// Reads file bytes for a data run; bytes past the end of the file read as
 /// zeros, but a run that starts past the end is corruption.
 pub(super) fn read_extent_bytes(
-    file: &File,
+    file: &crate::file_io::SourceFile,
     path: &Path,
     len: u64,
     offset: u64,
@@ -163,7 +165,7 @@ pub(super) fn read_extent_bytes(
     }
     let available = (len - offset).min(buf.len() as u64) as usize;
     let (head, tail) = buf.split_at_mut(available);
-    crate::file_io::read_exact_at(file, head, offset)
+    file.read_exact_at(head, offset)
         .map_err(|e| Error::read(&name(path), offset, e))?;
     tail.fill(0);
     Ok(())

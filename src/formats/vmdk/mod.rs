@@ -203,7 +203,7 @@ impl VmdkDisk {
         let header = read_sparse_header(&file, path, file_len)?;
         let descriptor = read_embedded_descriptor(&file, path, file_len, &header)?;
         let capacity = header.capacity;
-        let sparse = SparseExtent::new(file, path, file_len, header)?;
+        let sparse = SparseExtent::new(file.into(), path, file_len, header)?;
         Ok(VmdkDisk {
             path: path.to_path_buf(),
             extents: vec![Extent {

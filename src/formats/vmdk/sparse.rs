@@ -87,7 +87,7 @@ pub(super) struct SparseHeader {
 }
 
 pub(super) struct SparseExtent {
-    pub(super) file: File,
+    pub(super) file: crate::file_io::SourceFile,
     pub(super) path: PathBuf,
     pub(super) file_len: u64,
     pub(super) capacity: u64,
@@ -237,7 +237,7 @@ pub(super) fn validate_sparse_header(
 
 impl SparseExtent {
     pub(super) fn new(
-        file: File,
+        file: crate::file_io::SourceFile,
         path: &Path,
         file_len: u64,
         header: SparseHeader,

@@ -13,10 +13,13 @@
 //! from the file offset's place in its page, so neither the kernel's copy
 //! into it nor the copy out of it has the slow placement; the chunks are
 //! small enough to stay in the cache between the two copies. Every other
-//! read goes straight into the caller's buffer. (A memory map of the file
-//! was measured too: its page faults cost more than the kernel's copy on a
-//! single pass, and a file truncated underneath would kill the caller with
-//! SIGBUS; see docs/ARCHITECTURE.md.)
+//! read goes straight into the caller's buffer. Source images do better
+//! still when their bytes are in the page cache: [`SourceFile`] copies
+//! those from a read-only map of the file (`source.rs`).
+
+mod source;
+
+pub use source::SourceFile;
 
 use std::cell::RefCell;
 use std::fs::File;
