@@ -9,13 +9,18 @@
 //! lines instead of dozens of scattered nodes.
 //!
 //! The index is built lazily, once the lookups since the last change reach
-//! an eighth of the extent count (so building it, O(n), never costs more
-//! than a few lookups' worth each), and dropped by any change to the map.
-//! It costs 12 bytes per extent (and 8 per 64) while it exists. Reads share it between
+//! a 64th of the extent count, and dropped by any change to the map.
+//! Building it costs about 30 ns per extent and a lookup in the tree up to
+//! a few microseconds with a million extents, so the lookups made before it
+//! exists cost more than building it; a map that changes between every
+//! few lookups never builds it. It costs 32 bytes per extent (and 8 per
+//! 64) while it exists. Reads share it between
 //! threads (`OnceLock`); changes hold the map exclusively and reset it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+
+use super::extents::Extent;
 
 /// Below this many extents the treap is shallow enough.
 const MIN_EXTENTS: u64 = 1024;
@@ -24,13 +29,15 @@ const MIN_EXTENTS: u64 = 1024;
 /// span eight cache lines.
 const BLOCK: usize = 64;
 
-/// The extents in order: the first sector of each and its node, plus the
-/// first sector of every `BLOCK`-th extent, a summary small enough to stay
-/// in the cache (128 KiB for a million extents), searched first.
+/// The extents in order: the first sector of each and the extent itself
+/// (a read's pieces are then neighbours in memory, not nodes scattered
+/// through the arena), plus the first sector of every `BLOCK`-th extent, a
+/// summary small enough to stay in the cache (128 KiB for a million
+/// extents), searched first.
 #[derive(Debug, Default)]
 pub(crate) struct FlatIndex {
     starts: Vec<u64>,
-    nodes: Vec<u32>,
+    extents: Vec<Extent>,
     summary: Vec<u64>,
 }
 
@@ -38,17 +45,17 @@ impl FlatIndex {
     pub(crate) fn with_capacity(extents: usize) -> FlatIndex {
         FlatIndex {
             starts: Vec::with_capacity(extents),
-            nodes: Vec::with_capacity(extents),
+            extents: Vec::with_capacity(extents),
             summary: Vec::with_capacity(extents / BLOCK + 1),
         }
     }
 
-    pub(crate) fn push(&mut self, start: u64, node: u32) {
+    pub(crate) fn push(&mut self, start: u64, extent: Extent) {
         if self.starts.len().is_multiple_of(BLOCK) {
             self.summary.push(start);
         }
         self.starts.push(start);
-        self.nodes.push(node);
+        self.extents.push(extent);
     }
 
     /// The position (in order) of the extent holding sector `pos`, given
@@ -65,13 +72,14 @@ impl FlatIndex {
         (first + within).saturating_sub(1)
     }
 
-    /// The first sector and node of the extent at `position`, if any.
-    pub(crate) fn entry(&self, position: usize) -> Option<(u64, u32)> {
-        Some((*self.starts.get(position)?, *self.nodes.get(position)?))
+    /// The first sector of the extent at `position` and the extent, if any.
+    pub(crate) fn entry(&self, position: usize) -> Option<(u64, Extent)> {
+        Some((*self.starts.get(position)?, *self.extents.get(position)?))
     }
 
     fn heap_bytes(&self) -> usize {
-        (self.starts.capacity() + self.summary.capacity()) * 8 + self.nodes.capacity() * 4
+        (self.starts.capacity() + self.summary.capacity()) * 8
+            + self.extents.capacity() * std::mem::size_of::<Extent>()
     }
 }
 
@@ -97,7 +105,7 @@ impl ReadIndex {
             return None;
         }
         let seen = self.lookups.fetch_add(1, Ordering::Relaxed) + 1;
-        if seen < extents / 8 {
+        if seen < extents / 64 {
             return None;
         }
         Some(self.built.get_or_init(build))

@@ -336,8 +336,7 @@ impl ExtentMap {
             return None;
         }
         if let Some(index) = self.read_index() {
-            let (start, node) = index.entry(index.position_of(pos))?;
-            return Some((start, self.nodes[node as usize].extent));
+            return index.entry(index.position_of(pos));
         }
         let mut t = self.root;
         let mut start = 0u64;
@@ -396,11 +395,10 @@ impl ExtentMap {
             return out;
         };
         let mut position = index.position_of(start);
-        while let Some((node_start, node)) = index.entry(position) {
+        while let Some((node_start, extent)) = index.entry(position) {
             if node_start >= end {
                 break;
             }
-            let extent = self.nodes[node as usize].extent;
             let from = start.max(node_start);
             let to = end.min(node_start + extent.len);
             out.push((from, extent.slice(from - node_start, to - from)));
@@ -429,7 +427,7 @@ impl ExtentMap {
             }
             let Some(top) = stack.pop() else { break };
             let n = &self.nodes[top as usize];
-            index.push(start, top);
+            index.push(start, n.extent);
             start += n.extent.len;
             t = n.right;
         }
