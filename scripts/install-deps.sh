@@ -40,7 +40,7 @@ for header in "${!package_of_header[@]}"; do
 done
 # The thread checker (scripts/race-check.sh) rebuilds the standard library
 # instrumented: it needs the nightly toolchain with rust-src.
-if ! rustup +nightly component list --installed 2>/dev/null | grep -q '^rust-src'; then
+if ! rustup +nightly component list --installed 2>/dev/null | grep '^rust-src' >/dev/null; then
   echo "installing: the nightly toolchain's rust-src (for ThreadSanitizer)"
   rustup toolchain install nightly --profile minimal --component rust-src >/dev/null
 fi

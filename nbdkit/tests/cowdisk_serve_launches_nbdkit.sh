@@ -86,7 +86,9 @@ mkdir -p "$work/prefix/bin"
 cp "$COWDISK" "$work/prefix/bin/cowdisk"
 installed=$(find "$work/prefix" -name nbdkit-cowdisk-plugin.so)
 [ -n "$installed" ] || fail "cmake --install did not install the plugin"
-ldd "$installed" | grep -q "libcowdisk.so.1 => $work/prefix" ||
+# grep reads all of ldd's output (with -q it would stop at the match, and
+# ldd, writing on, would die of SIGPIPE and fail the pipeline).
+ldd "$installed" | grep "libcowdisk.so.1 => $work/prefix" >/dev/null ||
   fail "the installed plugin does not load the installed library: $(ldd "$installed")"
 (
   unset COWDISK_NBDKIT_PLUGIN
