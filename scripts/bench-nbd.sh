@@ -9,9 +9,8 @@
 # (a) runs twice: with the plugin's default copy-on-write unit (64 KiB, the
 # size of (b)'s blocks and (c)'s clusters) and with granularity=2048 (the
 # library's legacy 1 MiB, column a1M). Measures sequential 1 MiB reads at queue depth 1 and 16, a
-# whole-disk read by nbdcopy over 1 and 4 connections (multi-conn; while
-# the library serialises the requests on one overlay, more connections
-# cannot help), and 4 KiB writes (sequential, and one per MiB so each lands in a fresh
+# whole-disk read by nbdcopy over 1 and 4 connections (multi-conn; reads
+# of one overlay run in parallel in the library), and 4 KiB writes (sequential, and one per MiB so each lands in a fresh
 # copy-on-write unit/cluster); every server starts fresh three times and
 # the best run counts (the machine may be shared). Prints MiB/s or IOPS
 # and the ratios of (a) to (b) and (c).
@@ -142,7 +141,7 @@ row "4 KiB writes, sequential, depth 16" seqw "$seq_writes" IOPS
 row "4 KiB writes, 1 per MiB, depth 16" sparsew "$sparse_writes" IOPS
 echo
 echo "(a) nbdkit + nbdkit-cowdisk-plugin.so, persistent store, 64 KiB units (PARALLEL"
-echo "    thread model; the library serialises the requests on one overlay today)"
+echo "    thread model; reads of one overlay run in parallel, writes one at a time)"
 echo "(a1M) the same with granularity=2048 (1 MiB units, the library's default)"
 echo "(b) nbdkit file --filter=cow (its overlay is a temporary file, never synced)"
 echo "(c) qemu-nbd -e 8 on a qcow2 overlay over the raw base (it does not offer"
