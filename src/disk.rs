@@ -62,8 +62,9 @@ impl std::fmt::Debug for Rejected {
 
 /// A readable disk of `sector_count()` sectors.
 ///
-/// Methods take `&mut self` so implementations may keep caches without
-/// locks; the C layer serialises calls on one handle. `Any` lets a layer
+/// Reads take `&self` and a disk is `Sync`, so several threads may read
+/// one disk at once (the C layer lets reads of a handle run in parallel);
+/// implementations keep their caches behind short locks. `Any` lets a layer
 /// that handed a disk away and got it back (a failed constructor) recover
 /// its concrete type.
 pub trait Disk: Send + Sync + std::any::Any {

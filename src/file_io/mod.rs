@@ -47,6 +47,19 @@ pub fn needs_bounce(address: usize, offset: u64, len: usize) -> bool {
     len >= BOUNCE_MIN && (1..SLOW_BELOW).contains(&placement)
 }
 
+/// A `len`-byte slice of `space` (grown as needed) placed half a page from
+/// file `offset`'s place in its page: where the kernel's copy of a read at
+/// `offset` into it is fast, and a copy out of it to a slowly placed
+/// buffer too.
+pub fn well_placed(space: &mut Vec<u8>, offset: u64, len: usize) -> &mut [u8] {
+    if space.len() < len + PAGE {
+        space.resize(len + PAGE, 0);
+    }
+    let wanted = (offset as usize).wrapping_add(PAGE / 2) % PAGE;
+    let skip = (wanted + PAGE - space.as_ptr() as usize % PAGE) % PAGE;
+    &mut space[skip..skip + len]
+}
+
 /// `FileExt::read_exact_at`, fast for any placement of `buf`.
 pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     if !needs_bounce(buf.as_ptr() as usize, offset, buf.len()) {
@@ -58,17 +71,11 @@ pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()>
         let Ok(mut bounce) = cell.try_borrow_mut() else {
             return file.read_exact_at(buf, offset);
         };
-        if bounce.len() < BOUNCE_CHUNK + PAGE {
-            bounce.resize(BOUNCE_CHUNK + PAGE, 0);
-        }
-        let base = bounce.as_ptr() as usize;
         let mut done = 0;
         while done < buf.len() {
             let at = offset + done as u64;
             let n = (buf.len() - done).min(BOUNCE_CHUNK);
-            let wanted = (at as usize).wrapping_add(PAGE / 2) % PAGE;
-            let skip = (wanted + PAGE - base % PAGE) % PAGE;
-            let part = &mut bounce[skip..skip + n];
+            let part = well_placed(&mut bounce, at, n);
             file.read_exact_at(part, at)?;
             buf[done..done + n].copy_from_slice(part);
             done += n;

@@ -5,9 +5,6 @@ use super::extents::{Extent, ExtentKind};
 use super::{byte_index, Overlay, COPY_CHUNK_SECTORS};
 use crate::disk::{check_range, is_zero, sectors_in, Disk, SectorStatus, SECTOR_SIZE};
 
-/// A memory page, for placing the scratch buffer.
-const PAGE_BYTES: usize = 4096;
-
 thread_local! {
     /// The scratch buffer of grouped source reads.
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -137,12 +134,7 @@ impl Overlay {
                 Ok(space) => space,
                 Err(_) => &mut own,
             };
-            if space.len() < len + PAGE_BYTES {
-                space.resize(len + PAGE_BYTES, 0);
-            }
-            let wanted = (from as usize * SECTOR_SIZE + PAGE_BYTES / 2) % PAGE_BYTES;
-            let skip = (wanted + PAGE_BYTES - space.as_ptr() as usize % PAGE_BYTES) % PAGE_BYTES;
-            let scratch = &mut space[skip..skip + len];
+            let scratch = crate::file_io::well_placed(space, from * SECTOR_SIZE as u64, len);
             let mut status = self.source.read_sectors(from, scratch)?;
             for (start, extent) in group {
                 let part = &mut buf[byte_index(start - lba)..byte_index(start - lba + extent.len)];
