@@ -106,7 +106,7 @@ pub fn run(scale: Scale, dir: Option<&Path>, only: Option<&str>) -> Bench<()> {
         let size_mib = pick(1024, 256, 16) as usize;
         let raw = dir.join("reads.raw");
         make_source(&raw, size_mib)?;
-        reads::run_reads(dir, &raw, size_mib, pick(3, 3, 1) as u32)
+        reads::run_reads(dir, &raw, size_mib, pick(5, 3, 1) as u32)
     };
     let clone_pipeline =
         || clone_pipeline::run_clone_pipeline(pick(2048, 512, 16), pick(3, 2, 1) as u32, dir);
