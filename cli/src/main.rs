@@ -155,7 +155,10 @@ enum Command {
         dir: Option<PathBuf>,
         /// Run one part only (clone-formats: a clone into every format vs
         /// qemu-img convert; clone-pipeline: a clone reading ahead of its
-        /// writer vs one thread vs qemu-img convert -O raw).
+        /// writer vs one thread vs qemu-img convert -O raw; extents: random
+        /// reads through overlays with up to 1,000,000 extents; reads:
+        /// reads through the C ABI into buffers placed five ways, and
+        /// parallel readers).
         #[arg(long, value_name = "PART")]
         only: Option<String>,
     },

@@ -472,6 +472,26 @@ fn bench_only_runs_one_part_and_refuses_an_unknown_one() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("vmdk-stream"), "{text}");
     assert!(!text.contains("plain pread"), "{text}");
+    // The random-read rows alone: every extent count, no other part.
+    let out = cowdisk()
+        .args(["bench", "--tiny", "--dir", d, "--only", "extents"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for extents in ["10", "1000", "10000", "100000", "1000000"] {
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{extents} extents"))),
+            "no {extents}-extent row in:\n{text}"
+        );
+    }
+    assert!(!text.contains("plain pread"), "{text}");
+    assert!(!text.contains("vmdk-stream"), "{text}");
     let out = cowdisk()
         .args(["bench", "--tiny", "--dir", d, "--only", "nothing"])
         .output()

@@ -68,7 +68,18 @@ impl Overlay {
     pub(super) fn read_unfiltered(&self, lba: u64, buf: &mut [u8]) -> Result<SectorStatus> {
         let count = sectors_in(buf.len())?;
         check_range(lba, count, self.map.len())?;
-        let pieces = self.map.range(lba, lba + count);
+        self.map.with_range(lba, lba + count, |pieces| {
+            self.read_pieces(lba, pieces, buf)
+        })
+    }
+
+    /// Reads `pieces` (the map's pieces of a read from `lba`) into `buf`.
+    fn read_pieces(
+        &self,
+        lba: u64,
+        pieces: &[(u64, Extent)],
+        buf: &mut [u8],
+    ) -> Result<SectorStatus> {
         let mut status = SectorStatus::NotAlloc;
         let mut i = 0;
         while i < pieces.len() {

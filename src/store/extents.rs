@@ -407,6 +407,39 @@ impl ExtentMap {
         out
     }
 
+    /// Calls `f` with what [`range`](Self::range) returns, without
+    /// allocating when the flat index answers and the range has at most
+    /// `PIECES_ON_STACK` pieces (a read's usual case, made many times a
+    /// second).
+    pub fn with_range<R>(&self, start: u64, end: u64, f: impl FnOnce(&[(u64, Extent)]) -> R) -> R {
+        const PIECES_ON_STACK: usize = 8;
+        let index = if start < end && start < self.len() {
+            self.read_index()
+        } else {
+            None
+        };
+        let Some(index) = index else {
+            return f(&self.range(start, end));
+        };
+        let mut pieces = [(0u64, Extent::none(0)); PIECES_ON_STACK];
+        let mut count = 0;
+        let mut position = index.position_of(start);
+        while let Some((node_start, extent)) = index.entry(position) {
+            if node_start >= end {
+                break;
+            }
+            if count == PIECES_ON_STACK {
+                return f(&self.range(start, end));
+            }
+            let from = start.max(node_start);
+            let to = end.min(node_start + extent.len);
+            pieces[count] = (from, extent.slice(from - node_start, to - from));
+            count += 1;
+            position += 1;
+        }
+        f(&pieces[..count])
+    }
+
     /// The flat index when it exists or a lookup now makes it worth
     /// building (see `extent_index`).
     fn read_index(&self) -> Option<&FlatIndex> {
@@ -431,7 +464,7 @@ impl ExtentMap {
             start += n.extent.len;
             t = n.right;
         }
-        index
+        index.finish()
     }
 
     fn collect(&self, t: Tree, base: u64, start: u64, end: u64, out: &mut Vec<(u64, Extent)>) {
@@ -853,9 +886,17 @@ mod tests {
                 e.base + (pos - start)
             };
             assert_eq!((e.kind, got), model[pos as usize], "find({pos})");
-            let end = (pos + 1 + rng % 50).min(map.len());
+            // Up to 200 sectors: past the pieces `with_range` keeps on
+            // the stack.
+            let end = (pos + 1 + rng % 200).min(map.len());
             let mut at = pos;
-            for (from, piece) in map.range(pos, end) {
+            let pieces = map.range(pos, end);
+            assert_eq!(
+                map.with_range(pos, end, <[_]>::to_vec),
+                pieces,
+                "with_range({pos}, {end})"
+            );
+            for (from, piece) in pieces {
                 assert_eq!(from, at, "range({pos}, {end}) is not contiguous");
                 for k in 0..piece.len {
                     let base = if piece.kind == ExtentKind::None {
