@@ -266,7 +266,9 @@ mod tests {
 
     #[test]
     fn reads_across_inserted_sectors_equal_a_per_sector_model() {
-        let sectors = 1000u64;
+        // 1200 inserted sectors: 2400 extents, enough for the flat index
+        // (1024), which the reads below build and then read through.
+        let sectors = 6000u64;
         let (disk, statuses) = source(sectors);
         let expected_source = disk.data().to_vec();
         let options = OverlayOptions {
@@ -294,9 +296,10 @@ mod tests {
             ov.write(at, &data).unwrap();
             model[at as usize] = (data, SectorStatus::Normal);
         }
+        assert!(!ov.map.has_flat_index());
         let mut grouped = 0;
         for lba in 0..model.len() as u64 {
-            for count in 1..=(model.len() as u64 - lba).min(40) {
+            for count in 1..=(model.len() as u64 - lba).min(24) {
                 let pieces = ov.map.range(lba, lba + count);
                 if pieces
                     .first()
@@ -318,5 +321,6 @@ mod tests {
             }
         }
         assert!(grouped > 1000, "only {grouped} reads took the grouped path");
+        assert!(ov.map.has_flat_index(), "the reads never built the index");
     }
 }

@@ -189,6 +189,13 @@ impl ExtentMap {
             + self.index.heap_bytes()
     }
 
+    /// Whether the flat read index exists now (for tests that must reach
+    /// it).
+    #[cfg(test)]
+    pub(crate) fn has_flat_index(&self) -> bool {
+        self.index.heap_bytes() > 0
+    }
+
     fn sectors(&self, t: Tree) -> u64 {
         if t == NIL {
             0
