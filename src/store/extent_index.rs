@@ -4,9 +4,10 @@
 //! scattered through the arena: with 100,000 extents a random lookup misses
 //! the cache at nearly every level and costs as much as the 4 KiB read it
 //! serves. Once a map has been looked up many times without changing (a
-//! clone, an NBD export being read), the extents' first sectors are laid
-//! out in one sorted array and looked up by binary search: a few cache
-//! lines instead of dozens of scattered nodes.
+//! clone, an NBD export being read), the extents and their first sectors
+//! are laid out in one sorted array under a static search tree: a few
+//! cache lines, fetched a block at a time, instead of dozens of scattered
+//! nodes.
 //!
 //! The index is built lazily, once the lookups since the last change reach
 //! a 64th of the extent count, and dropped by any change to the map.
@@ -63,15 +64,14 @@ impl FlatIndex {
     /// Builds the search levels once every extent is pushed.
     pub(crate) fn finish(mut self) -> FlatIndex {
         let mut levels: Vec<Vec<u64>> = Vec::new();
-        let mut level: Vec<u64> = self.entries.iter().step_by(BLOCK).map(|e| e.0).collect();
-        while self.entries.len() > BLOCK {
-            let more = level.len() > BLOCK;
-            let next = more.then(|| level.iter().step_by(BLOCK).copied().collect());
+        let mut below = self.entries.len();
+        while below > BLOCK {
+            let level: Vec<u64> = match levels.last() {
+                None => self.entries.iter().step_by(BLOCK).map(|e| e.0).collect(),
+                Some(lower) => lower.iter().step_by(BLOCK).copied().collect(),
+            };
+            below = level.len();
             levels.push(level);
-            match next {
-                Some(next) => level = next,
-                None => break,
-            }
         }
         self.levels = levels;
         self
