@@ -24,9 +24,9 @@
  *    change it (writes, edits, flush, clone, close) wait for them and run
  *    alone; different handles run in parallel;
  *  - reads into any buffer are fast (a malloc'ed one too); source image
- *    bytes already in the page cache may be copied from a read-only map of
- *    the file (COWDISK_NO_MMAP=1 in the environment turns that off;
- *    docs/C-API.md);
+ *    bytes may be copied from a read-only map of the file, after the
+ *    pages are faulted in with I/O errors reported, not signalled
+ *    (COWDISK_NO_MMAP=1 in the environment turns that off; docs/C-API.md);
  *  - NULL, closed or foreign handles fail with COW_ERR_INVHANDLE;
  *  - all sector positions are 64-bit; sector size is 512 bytes.
  *
