@@ -12,7 +12,6 @@
 //! timing starts with nothing dirty in the page cache; best of N rounds.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,8 +19,6 @@ use cowdisk::clone::{clone_to_file, no_progress, CloneFormat, CloneOptions};
 use cowdisk::formats::raw::RawDisk;
 
 use super::{err, run_quiet, settle, Bench};
-
-const MIB: u64 = 1 << 20;
 
 /// Our format, whether compressed, qemu-img's format name and its extra
 /// convert arguments; the row's label.
@@ -110,34 +107,13 @@ pub fn run_clone_formats(
     Ok(())
 }
 
-/// Whether MiB `index` of an image with `percent`% data holds data: the
-/// pieces are spread evenly (deterministically) through the image.
-fn holds_data(index: u64, percent: u64) -> bool {
-    (index * 7 + index / 10) % 10 < percent / 10
-}
-
 /// A sparse raw image of `size_mib` MiB whose MiB pieces chosen by
-/// [`holds_data`] hold data (moderately compressible: 4 random bits a
-/// byte) and the rest are holes; synced and left in the page cache.
+/// [`super::holds_data`] hold data (moderately compressible: 4 random bits
+/// a byte) and the rest are holes; synced and left in the page cache.
 fn make_sparse_source(path: &Path, size_mib: u64, percent: u64) -> Bench<()> {
-    let file = File::create(path).map_err(err)?;
-    let mut piece = vec![0u8; MIB as usize];
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ percent;
-    for index in 0..size_mib {
-        if !holds_data(index, percent) {
-            continue;
-        }
-        for chunk in piece.chunks_mut(8) {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            chunk.copy_from_slice(
-                &(rng & 0x0F0F_0F0F_0F0F_0F0F | 0x4040_4040_4040_4040).to_le_bytes(),
-            );
-        }
-        file.write_all_at(&piece, index * MIB).map_err(err)?;
-    }
-    file.set_len(size_mib * MIB).map_err(err)?;
+    let file = super::make_sparse_raw(path, size_mib, percent, 0x9E37_79B9_7F4A_7C15, |word| {
+        word & 0x0F0F_0F0F_0F0F_0F0F | 0x4040_4040_4040_4040
+    })?;
     file.sync_all().map_err(err)
 }
 

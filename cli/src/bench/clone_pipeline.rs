@@ -16,7 +16,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -108,31 +107,11 @@ pub fn run_clone_pipeline(size_mib: u64, rounds: u32, dir: &Path) -> Bench<()> {
     Ok(())
 }
 
-/// Whether MiB `index` of an image with `percent`% data holds data (spread
-/// evenly and deterministically).
-fn holds_data(index: u64, percent: u64) -> bool {
-    percent >= 100 || (index * 7 + index / 10) % 10 < percent / 10
-}
-
 /// A raw image of `size_mib` MiB whose MiB pieces chosen by
-/// [`holds_data`] hold random bytes and the rest are holes.
+/// [`super::holds_data`] hold random bytes and the rest are holes.
 fn make_raw(path: &Path, size_mib: u64, percent: u64) -> Bench<()> {
-    let file = File::create(path).map_err(err)?;
-    let mut piece = vec![0u8; MIB as usize];
-    let mut rng = 0x2545_F491_4F6C_DD1Du64 ^ percent;
-    for index in 0..size_mib {
-        if !holds_data(index, percent) {
-            continue;
-        }
-        for chunk in piece.chunks_mut(8) {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            chunk.copy_from_slice(&rng.to_le_bytes());
-        }
-        file.write_all_at(&piece, index * MIB).map_err(err)?;
-    }
-    file.set_len(size_mib * MIB).map_err(err)
+    super::make_sparse_raw(path, size_mib, percent, 0x2545_F491_4F6C_DD1D, |word| word)?;
+    Ok(())
 }
 
 fn read_through(path: &Path) -> Bench<()> {

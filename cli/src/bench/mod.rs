@@ -358,6 +358,41 @@ fn make_source(path: &Path, size_mib: usize) -> Bench<()> {
     Ok(())
 }
 
+/// Whether MiB `index` of an image with `percent`% data holds data: the
+/// pieces are spread evenly (deterministically) through the image.
+fn holds_data(index: u64, percent: u64) -> bool {
+    percent >= 100 || (index * 7 + index / 10) % 10 < percent / 10
+}
+
+/// A raw image of `size_mib` MiB whose MiB pieces chosen by [`holds_data`]
+/// hold the words of a xorshift stream (seeded with `seed ^ percent`) as
+/// `word` shapes them, and the rest are holes.
+fn make_sparse_raw(
+    path: &Path,
+    size_mib: u64,
+    percent: u64,
+    seed: u64,
+    word: impl Fn(u64) -> u64,
+) -> Bench<File> {
+    let file = File::create(path).map_err(err)?;
+    let mut piece = vec![0u8; MIB];
+    let mut rng = seed ^ percent;
+    for index in 0..size_mib {
+        if !holds_data(index, percent) {
+            continue;
+        }
+        for chunk in piece.chunks_mut(8) {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            chunk.copy_from_slice(&word(rng).to_le_bytes());
+        }
+        file.write_all_at(&piece, index * MIB as u64).map_err(err)?;
+    }
+    file.set_len(size_mib * MIB as u64).map_err(err)?;
+    Ok(file)
+}
+
 /// 1 MiB pieces covering a tenth of a disk of `size_mib` MiB, at evenly
 /// spread (deterministic) positions: their MiB indices.
 fn ten_percent_writes(size_mib: u64) -> Vec<u64> {
@@ -495,14 +530,21 @@ fn time_overlay_written_sequential(
 /// `qemu-img bench` reading the whole image sequentially in 1 MiB
 /// requests at queue depth 1; the time it reports.
 fn time_qemu_bench(image: &Path, size_mib: usize) -> Bench<Duration> {
+    qemu_bench(image, "qcow2", size_mib)
+}
+
+/// `qemu-img bench -f FORMAT` reading the first `mib` MiB of `image`
+/// sequentially in 1 MiB requests at queue depth 1 through the host's page
+/// cache; the time it reports.
+fn qemu_bench(image: &Path, format: &str, mib: usize) -> Bench<Duration> {
     let out = run_quiet(
         "qemu-img",
         &[
             "bench",
             "-f",
-            "qcow2",
+            format,
             "-c",
-            &size_mib.to_string(),
+            &mib.to_string(),
             "-d",
             "1",
             "-s",

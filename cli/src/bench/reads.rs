@@ -166,32 +166,7 @@ fn time_handle(path: &Path, pages: u32, buf: &mut [u8]) -> Bench<Duration> {
 }
 
 fn time_qemu_bench(image: &Path, format: &str, pages: u32) -> Bench<Duration> {
-    let out = run_quiet(
-        "qemu-img",
-        &[
-            "bench",
-            "-f",
-            format,
-            "-c",
-            &pages.to_string(),
-            "-d",
-            "1",
-            "-s",
-            "1M",
-            "-S",
-            "1M",
-            "-t",
-            "writeback",
-            &image.display().to_string(),
-        ],
-    )?;
-    let text = String::from_utf8_lossy(&out);
-    text.split("Run completed in")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|s| s.parse::<f64>().ok())
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| format!("bench: cannot read qemu-img bench's output: {text}"))
+    super::qemu_bench(image, format, pages as usize)
 }
 
 fn time_pread(path: &Path, pages: u32, buf: &mut [u8]) -> Bench<Duration> {
