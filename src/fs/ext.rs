@@ -465,6 +465,27 @@ pub struct GroupDesc {
     pub checksum: u16,
 }
 
+/// The checksum descriptor `g` (`raw` its bytes, checksum field
+/// included and skipped) should carry, or `None` without `metadata_csum`
+/// / `gdt_csum`.
+pub(crate) fn desc_checksum(sb: &Superblock, g: u64, raw: &[u8]) -> Option<u16> {
+    let group = (g as u32).to_le_bytes();
+    if sb.has_ro(ro_compat::METADATA_CSUM) {
+        let crc = crc32c_raw(sb.checksum_seed, &group);
+        let crc = crc32c_raw(crc, &raw[..0x1E]);
+        let crc = crc32c_raw(crc, &[0, 0]);
+        let crc = crc32c_raw(crc, &raw[0x20..]);
+        Some((crc & 0xFFFF) as u16)
+    } else if sb.has_ro(ro_compat::GDT_CSUM) {
+        let crc = crc16(0xFFFF, &sb.uuid);
+        let crc = crc16(crc, &group);
+        let crc = crc16(crc, &raw[..0x1E]);
+        Some(crc16(crc, &raw[0x20..]))
+    } else {
+        None
+    }
+}
+
 impl GroupDesc {
     /// Parses descriptor `g` (`raw` is `desc_size` bytes) and checks its
     /// checksum when the filesystem has one.
@@ -492,22 +513,7 @@ impl GroupDesc {
             flags: le16(raw, 0x12),
             checksum: le16(raw, 0x1E),
         };
-        let group = (g as u32).to_le_bytes();
-        let expected = if sb.has_ro(ro_compat::METADATA_CSUM) {
-            let crc = crc32c_raw(sb.checksum_seed, &group);
-            let crc = crc32c_raw(crc, &raw[..0x1E]);
-            let crc = crc32c_raw(crc, &[0, 0]);
-            let crc = crc32c_raw(crc, &raw[0x20..]);
-            Some((crc & 0xFFFF) as u16)
-        } else if sb.has_ro(ro_compat::GDT_CSUM) {
-            let crc = crc16(0xFFFF, &sb.uuid);
-            let crc = crc16(crc, &group);
-            let crc = crc16(crc, &raw[..0x1E]);
-            Some(crc16(crc, &raw[0x20..]))
-        } else {
-            None
-        };
-        if let Some(expected) = expected {
+        if let Some(expected) = desc_checksum(sb, g, raw) {
             if expected != desc.checksum {
                 return Err(Error::corrupt(format!(
                     "group descriptor {g}: checksum {:#06x}, its bytes give {expected:#06x}",

@@ -64,8 +64,8 @@ use super::GrowReport;
 use crate::disk::{Disk, SECTOR_BYTES};
 use crate::error::{Error, Result};
 use crate::fs::ext::{
-    compat, crc16, crc32c_raw, incompat, ro_compat, ExtFs, GroupDesc, Superblock, SUPERBLOCK_AT,
-    SUPERBLOCK_BYTES,
+    compat, crc32c_raw, desc_checksum, incompat, ro_compat, ExtFs, GroupDesc, Superblock,
+    SUPERBLOCK_AT, SUPERBLOCK_BYTES,
 };
 use crate::fs::volume::{le16, le32, Volume};
 use crate::overlay::Overlay;
@@ -130,26 +130,6 @@ fn split_get(desc: &[u8], lo: usize, hi: usize, bits: u32) -> u64 {
             } else {
                 0
             }
-    }
-}
-
-/// The descriptor checksum of group `g` (`raw` its bytes), or `None`
-/// without `metadata_csum` / `gdt_csum`.
-fn desc_checksum(sb: &Superblock, g: u64, raw: &[u8]) -> Option<u16> {
-    let group = (g as u32).to_le_bytes();
-    if sb.has_ro(ro_compat::METADATA_CSUM) {
-        let crc = crc32c_raw(sb.checksum_seed, &group);
-        let crc = crc32c_raw(crc, &raw[..0x1E]);
-        let crc = crc32c_raw(crc, &[0, 0]);
-        let crc = crc32c_raw(crc, &raw[0x20..]);
-        Some((crc & 0xFFFF) as u16)
-    } else if sb.has_ro(ro_compat::GDT_CSUM) {
-        let crc = crc16(0xFFFF, &sb.uuid);
-        let crc = crc16(crc, &group);
-        let crc = crc16(crc, &raw[..0x1E]);
-        Some(crc16(crc, &raw[0x20..]))
-    } else {
-        None
     }
 }
 
