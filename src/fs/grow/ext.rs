@@ -235,6 +235,14 @@ fn bitmap_csum(sb: &Superblock, bitmap: &[u8], bits: u64) -> u32 {
     crc32c_raw(sb.checksum_seed, &bitmap[..(bits / 8) as usize])
 }
 
+/// Stores the block bitmap checksum of `bitmap` in descriptor `d` (32 bits
+/// in a 64-byte descriptor, the low 16 in a 32-byte one).
+fn put_block_bitmap_csum(d: &mut [u8], sb: &Superblock, bitmap: &[u8]) -> Result<()> {
+    let c = u64::from(bitmap_csum(sb, bitmap, sb.blocks_per_group));
+    let kept = if d.len() >= 64 { 0xFFFF_FFFF } else { 0xFFFF };
+    put_split(d, 0x18, 0x38, 16, c & kept, "checksum")
+}
+
 /// Grows the ext filesystem at `part_start` to fill `new_sectors` sectors
 /// as the module doc describes.
 pub fn grow(
@@ -558,15 +566,7 @@ fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
         let free = desc.free_blocks + gained;
         put_split(d, 0x0C, 0x2C, 16, free, "free block count")?;
         if csum {
-            let c = u64::from(bitmap_csum(&new, &bitmap, new.blocks_per_group));
-            put_split(
-                d,
-                0x18,
-                0x38,
-                16,
-                c & if ds >= 64 { 0xFFFF_FFFF } else { 0xFFFF },
-                "checksum",
-            )?;
+            put_block_bitmap_csum(d, &new, &bitmap)?;
         }
         seal_desc(&new, last, d);
         new_free_blocks += gained;
@@ -599,19 +599,7 @@ fn plan(vol: &mut Volume, new_sectors: u64) -> Result<Plan> {
             put16(d, 0x12, flags);
             put_split(d, 0x1C, 0x32, 16, ipg, "unused inode count")?;
             if csum && last_new {
-                let c = u64::from(bitmap_csum(
-                    &new,
-                    &new_block_bitmap(&new, g),
-                    new.blocks_per_group,
-                ));
-                put_split(
-                    d,
-                    0x18,
-                    0x38,
-                    16,
-                    c & if ds >= 64 { 0xFFFF_FFFF } else { 0xFFFF },
-                    "checksum",
-                )?;
+                put_block_bitmap_csum(d, &new, &new_block_bitmap(&new, g))?;
             }
         }
         seal_desc(&new, g, d);
