@@ -88,6 +88,19 @@ impl FlatIndex {
         last_at_or_below(&self.entries, block, pos, |e| e.0)
     }
 
+    /// The extents overlapping `[start, end)` (`start` inside the drive),
+    /// clipped to it, each with its first sector.
+    pub(crate) fn pieces(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, Extent)> + '_ {
+        self.entries[self.position_of(start)..]
+            .iter()
+            .take_while(move |(node_start, _)| *node_start < end)
+            .map(move |&(node_start, extent)| {
+                let from = start.max(node_start);
+                let to = end.min(node_start + extent.len);
+                (from, extent.slice(from - node_start, to - from))
+            })
+    }
+
     /// The first sector of the extent at `position` and the extent, if any.
     pub(crate) fn entry(&self, position: usize) -> Option<(u64, Extent)> {
         self.entries.get(position).copied()

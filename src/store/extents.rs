@@ -388,30 +388,16 @@ impl ExtentMap {
     /// The extents overlapping `[start, end)`, clipped to it, each with its
     /// first virtual sector. O(log n + k).
     pub fn range(&self, start: u64, end: u64) -> Vec<(u64, Extent)> {
-        let mut out = Vec::new();
-        if start >= end {
-            return out;
-        }
-        let index = if start < self.len() {
-            self.read_index()
-        } else {
-            None
-        };
-        let Some(index) = index else {
-            self.collect(self.root, 0, start, end, &mut out);
-            return out;
-        };
-        let mut position = index.position_of(start);
-        while let Some((node_start, extent)) = index.entry(position) {
-            if node_start >= end {
-                break;
+        match self.index_for(start, end) {
+            Some(index) => index.pieces(start, end).collect(),
+            None => {
+                let mut out = Vec::new();
+                if start < end {
+                    self.collect(self.root, 0, start, end, &mut out);
+                }
+                out
             }
-            let from = start.max(node_start);
-            let to = end.min(node_start + extent.len);
-            out.push((from, extent.slice(from - node_start, to - from)));
-            position += 1;
         }
-        out
     }
 
     /// Calls `f` with what [`range`](Self::range) returns, without
@@ -420,31 +406,29 @@ impl ExtentMap {
     /// second).
     pub fn with_range<R>(&self, start: u64, end: u64, f: impl FnOnce(&[(u64, Extent)]) -> R) -> R {
         const PIECES_ON_STACK: usize = 8;
-        let index = if start < end && start < self.len() {
-            self.read_index()
-        } else {
-            None
-        };
-        let Some(index) = index else {
+        let Some(index) = self.index_for(start, end) else {
             return f(&self.range(start, end));
         };
         let mut pieces = [(0u64, Extent::none(0)); PIECES_ON_STACK];
         let mut count = 0;
-        let mut position = index.position_of(start);
-        while let Some((node_start, extent)) = index.entry(position) {
-            if node_start >= end {
-                break;
-            }
+        for piece in index.pieces(start, end) {
             if count == PIECES_ON_STACK {
-                return f(&self.range(start, end));
+                return f(&index.pieces(start, end).collect::<Vec<_>>());
             }
-            let from = start.max(node_start);
-            let to = end.min(node_start + extent.len);
-            pieces[count] = (from, extent.slice(from - node_start, to - from));
+            pieces[count] = piece;
             count += 1;
-            position += 1;
         }
         f(&pieces[..count])
+    }
+
+    /// The flat index for a range lookup, when the range is not empty and
+    /// starts inside the map (see `read_index`).
+    fn index_for(&self, start: u64, end: u64) -> Option<&FlatIndex> {
+        if start < end && start < self.len() {
+            self.read_index()
+        } else {
+            None
+        }
     }
 
     /// The flat index when it exists or a lookup now makes it worth
